@@ -1,0 +1,230 @@
+"""NumPy implementation of the hot primitives of mean-field inference.
+
+This module is the specification the CUDA kernels are tested against. Every function works on
+whole batches and is vectorised over pixels and classes; the only Python loops run over the
+``k*k - 1`` window offsets and the two image axes.
+
+Array layout: class maps are ``(B, C, H, W)``, feature maps ``(B, F, H, W)``; a stack of pairwise
+kernels on the (coarse) grid is ``(S, B, K, h, w)`` with ``S`` kernels (1 merged, or 2 when
+each kernel is normalised on its own), ``K`` window offsets and ``[.., o, y, x]`` the kernel value
+between cell ``(y, x)`` and cell ``(y + dy_o, x + dx_o)`` (0 where that cell is outside the grid).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._geometry import axis_geometry, window_offsets
+
+xp = np
+name = "numpy"
+
+
+def _valid(n, d):
+    """Slices (centre, neighbour) of an axis of ``n`` cells for offset ``d``."""
+    return slice(max(0, -d), min(n, n - d)), slice(max(0, d), min(n, n + d))
+
+
+# ---------------------------------------------------------------------------------------------
+# blur: average pooling and bilinear upsampling
+# ---------------------------------------------------------------------------------------------
+def pool(x, blur):
+    """Average-pool the last two axes in ``blur`` x ``blur`` cells (real pixels only).
+
+    Parameters
+    ----------
+    x : ndarray, shape (..., H, W)
+    blur : int
+
+    Returns
+    -------
+    ndarray, shape (..., ceil(H / blur), ceil(W / blur)), dtype of ``x``
+    """
+    if blur == 1:
+        return x
+    gy = axis_geometry(x.shape[-2], blur)
+    gx = axis_geometry(x.shape[-1], blur)
+    lead = x.shape[:-2]
+    padded = np.zeros(lead + (gy.coarse * blur, gx.coarse * blur), dtype=x.dtype)
+    padded[..., gy.pad:gy.pad + gy.size, gx.pad:gx.pad + gx.size] = x
+    sums = padded.reshape(lead + (gy.coarse, blur, gx.coarse, blur)).sum(axis=(-3, -1))
+    inv_counts = (1.0 / np.outer(gy.counts, gx.counts)).astype(x.dtype)
+    sums *= inv_counts
+    return sums
+
+
+def pool_backward(grad, blur, size):
+    """Vector-Jacobian product of :func:`pool`: ``grad`` (..., h, w) to (..., H, W)."""
+    if blur == 1:
+        return grad
+    gy = axis_geometry(size[0], blur)
+    gx = axis_geometry(size[1], blur)
+    scaled = grad * (1.0 / np.outer(gy.counts, gx.counts)).astype(grad.dtype)
+    full = np.repeat(np.repeat(scaled, blur, axis=-2), blur, axis=-1)
+    return np.ascontiguousarray(full[..., gy.pad:gy.pad + gy.size, gx.pad:gx.pad + gx.size])
+
+
+def upsample(x, blur, size):
+    """Bilinearly upsample the last two axes by ``blur`` and crop to ``size`` = (H, W).
+
+    Parameters
+    ----------
+    x : ndarray, shape (..., h, w)
+    blur : int
+    size : tuple of int
+
+    Returns
+    -------
+    ndarray, shape (..., H, W), dtype of ``x``
+    """
+    if blur == 1:
+        return x
+    gy = axis_geometry(size[0], blur)
+    gx = axis_geometry(size[1], blur)
+    dt = x.dtype
+    fy = gy.frac.astype(dt)[:, None]
+    rows = np.take(x, gy.lo, axis=-2)
+    rows *= 1 - fy
+    rows += np.take(x, gy.hi, axis=-2) * fy
+    fx = gx.frac.astype(dt)
+    out = np.take(rows, gx.lo, axis=-1)
+    out *= 1 - fx
+    out += np.take(rows, gx.hi, axis=-1) * fx
+    return out
+
+
+def upsample_backward(grad, blur, coarse_size):
+    """Vector-Jacobian product of :func:`upsample`: ``grad`` (..., H, W) to (..., h, w)."""
+    if blur == 1:
+        return grad
+    H, W = grad.shape[-2:]
+    uy = axis_geometry(H, blur).upsample_matrix().astype(grad.dtype)
+    ux = axis_geometry(W, blur).upsample_matrix().astype(grad.dtype)
+    assert uy.shape[1] == coarse_size[0] and ux.shape[1] == coarse_size[1]
+    return np.matmul(np.matmul(uy.T, grad), ux)
+
+
+# ---------------------------------------------------------------------------------------------
+# pairwise kernels and message passing on the (coarse) grid
+# ---------------------------------------------------------------------------------------------
+def pairwise_kernels(pos_y, pos_x, features, inv_theta_beta, inv_theta_alpha2, inv_theta_gamma2,
+                     filter_size, weights, keep_centre=False):
+    """Kernel values between every cell and every other cell of its window.
+
+    Parameters
+    ----------
+    pos_y : ndarray of float, shape (h,)
+        Row coordinate of each cell, in full-resolution pixels.
+    pos_x : ndarray of float, shape (w,)
+        Column coordinate of each cell.
+    features : ndarray, shape (B, F, h, w)
+        Image features of each cell, in image units.
+    inv_theta_beta : ndarray, shape (F,)
+        ``1 / theta_beta`` per channel.
+    inv_theta_alpha2, inv_theta_gamma2 : float
+        ``1 / theta_alpha**2`` and ``1 / theta_gamma**2``.
+    filter_size : int
+        Odd window width ``k``.
+    weights : sequence of (float, float)
+        One ``(appearance, smoothness)`` weight pair per output kernel: ``((wa, ws),)`` merges the
+        two kernels into one; ``((1, 0), (0, 1))`` keeps them apart.
+    keep_centre : bool
+        Include the centre of the window (the cell itself).
+
+    Returns
+    -------
+    ndarray, shape (S, B, K, h, w), dtype of ``features``
+    """
+    B, F, h, w = features.shape
+    dt = features.dtype
+    offsets = window_offsets(filter_size, keep_centre)
+    scaled = features * inv_theta_beta.astype(dt)[None, :, None, None]
+    out = np.zeros((len(weights), B, len(offsets), h, w), dtype=dt)
+    py = pos_y.astype(np.float64)
+    px = pos_x.astype(np.float64)
+    for o, (dy, dx) in enumerate(offsets):
+        ys, yn = _valid(h, dy)
+        xs, xn = _valid(w, dx)
+        if ys.start >= ys.stop or xs.start >= xs.stop:
+            continue
+        d2 = ((py[yn] - py[ys]) ** 2)[:, None] + ((px[xn] - px[xs]) ** 2)[None, :]
+        spatial_a = (d2 * inv_theta_alpha2).astype(dt)
+        spatial_s = np.exp(-0.5 * d2 * inv_theta_gamma2).astype(dt)
+        diff = scaled[:, :, yn, xn] - scaled[:, :, ys, xs]
+        colour = np.einsum("bfyx,bfyx->byx", diff, diff)
+        appearance = np.exp(-0.5 * (colour + spatial_a))
+        for s, (wa, ws) in enumerate(weights):
+            val = out[s, :, o, ys, xs]
+            if wa:
+                val += dt.type(wa) * appearance
+            if ws:
+                val += dt.type(ws) * spatial_s
+    return out
+
+
+def message(kernels, q, filter_size, keep_centre=False):
+    """Pass messages: ``out[b, c, i] = sum_o kernels[b, o, i] * q[b, c, i + offset_o]``.
+
+    Parameters
+    ----------
+    kernels : ndarray, shape (B, K, h, w)
+    q : ndarray, shape (B, C, h, w)
+    filter_size : int
+    keep_centre : bool
+
+    Returns
+    -------
+    ndarray, shape (B, C, h, w)
+    """
+    B, C, h, w = q.shape
+    r = filter_size // 2
+    padded = np.zeros((B, C, h + 2 * r, w + 2 * r), dtype=q.dtype)
+    padded[:, :, r:r + h, r:r + w] = q
+    out = np.zeros_like(q)
+    tmp = np.empty_like(q)
+    for o, (dy, dx) in enumerate(window_offsets(filter_size, keep_centre)):
+        np.multiply(kernels[:, o, None], padded[:, :, r + dy:r + dy + h, r + dx:r + dx + w], out=tmp)
+        out += tmp
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# update: compatibility, unary and softmax
+# ---------------------------------------------------------------------------------------------
+def compatibility_transform(msg, compat):
+    """Return ``-Phi = -sum_l' mu(l, l') M(l')``; ``compat`` None means Potts."""
+    if compat is None:
+        return msg - msg.sum(axis=1, keepdims=True)
+    B, C = msg.shape[:2]
+    out = np.matmul(compat.astype(msg.dtype), msg.reshape(B, C, -1))
+    return np.negative(out, out=out).reshape(msg.shape)
+
+
+def softmax(logits, out=None):
+    """Softmax over axis 1, computed stably."""
+    out = np.subtract(logits, logits.max(axis=1, keepdims=True), out=out)
+    np.exp(out, out=out)
+    out /= out.sum(axis=1, keepdims=True)
+    return out
+
+
+def update(scaled_unary, msg, compat, return_logits=False, out=None):
+    """One mean-field update: ``softmax(a * U - Phi)`` (or the logits themselves).
+
+    Parameters
+    ----------
+    scaled_unary : ndarray, shape (B, C, H, W)
+        ``a * U``.
+    msg : ndarray, shape (B, C, H, W)
+        Messages ``M``.
+    compat : ndarray of shape (C, C) or None
+        ``mu``; None for Potts.
+    """
+    if compat is None and not return_logits:
+        # For Potts, -Phi = M - sum(M) and the sum is constant over classes: softmax drops it.
+        logits = np.add(scaled_unary, msg, out=out)
+    else:
+        logits = np.add(scaled_unary, compatibility_transform(msg, compat), out=out)
+    if return_logits:
+        return logits
+    return softmax(logits, out=logits)

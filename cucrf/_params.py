@@ -1,0 +1,212 @@
+"""CRF parameters: an immutable, validated, JSON-serialisable record."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import numbers
+import os
+from typing import Optional, Tuple, Union
+
+import numpy as np
+
+__all__ = ["CRFParams"]
+
+_POTTS = "potts"
+
+
+def _as_positive_float(name, value):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+    return value
+
+
+def _as_finite_float(name, value):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return value
+
+
+def _as_theta_beta(value):
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
+        return _as_positive_float("theta_beta", value)
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+        raise TypeError(
+            "theta_beta must be a positive number or a sequence with one positive number per "
+            f"image channel, got {value!r} of type {type(value).__name__}"
+        )
+    values = tuple(np.asarray(value, dtype=object).ravel().tolist()) if hasattr(value, "shape") else tuple(value)
+    if len(values) == 0:
+        raise ValueError("theta_beta must not be an empty sequence")
+    return tuple(_as_positive_float(f"theta_beta[{i}]", v) for i, v in enumerate(values))
+
+
+def _as_compatibility(value):
+    if value is None or (isinstance(value, str) and value.lower() == _POTTS):
+        return _POTTS
+    if isinstance(value, str):
+        raise ValueError(f"compatibility must be 'potts' or a (C, C) matrix, got the string {value!r}")
+    try:
+        matrix = np.array(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"compatibility must be 'potts' or a (C, C) matrix of numbers, got {value!r}") from exc
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] < 2:
+        raise ValueError(
+            f"compatibility must be 'potts' or a square (C, C) matrix with C >= 2, got shape {matrix.shape}"
+        )
+    if not np.all(np.isfinite(matrix)):
+        raise ValueError("compatibility must contain only finite values")
+    return tuple(tuple(float(v) for v in row) for row in matrix)
+
+
+@dataclasses.dataclass(frozen=True)
+class CRFParams:
+    """Parameters of the ConvCRF model.
+
+    The pairwise energy between pixels ``i`` and ``j`` (``j`` in the window of ``i``) is
+    ``mu(x_i, x_j) * (appearance_weight * k_a(i, j) + smoothness_weight * k_s(i, j))`` with
+
+    * ``k_a = exp(-|p_i - p_j|^2 / (2 theta_alpha^2) - sum_f (I_if - I_jf)^2 / (2 theta_beta_f^2))``
+      (appearance, or bilateral, kernel: nearby pixels of similar colour want the same label);
+    * ``k_s = exp(-|p_i - p_j|^2 / (2 theta_gamma^2))`` (smoothness kernel: removes small
+      isolated regions).
+
+    Positions ``p`` are in pixels of the full-resolution image, image values ``I`` in the units of
+    the image given to :func:`cucrf.infer` (0..255 for uint8 images).
+
+    Parameters
+    ----------
+    theta_alpha : float
+        Spatial bandwidth of the appearance kernel, in pixels.
+    theta_beta : float or tuple of float
+        Colour bandwidth of the appearance kernel, in image units; one value for all channels or
+        one per image channel.
+    theta_gamma : float
+        Spatial bandwidth of the smoothness kernel, in pixels.
+    appearance_weight, smoothness_weight : float
+        Kernel weights ``w``; 0 switches a kernel off.
+    compatibility : 'potts' or (C, C) array_like
+        Label compatibility ``mu(l, l')``: the cost of giving label ``l`` to a pixel whose
+        neighbour has label ``l'``. ``'potts'`` is ``mu = 1 - identity``.
+    unary_weight : float
+        Factor ``a`` applied to the unary scores (the inverse of a softmax temperature).
+
+    Examples
+    --------
+    >>> p = CRFParams(theta_beta=(10.0, 12.0, 14.0))
+    >>> p.theta_beta
+    (10.0, 12.0, 14.0)
+    >>> CRFParams.from_json(p.to_json()) == p
+    True
+    """
+
+    theta_alpha: float = 80.0
+    theta_beta: Union[float, Tuple[float, ...]] = 13.0
+    theta_gamma: float = 3.0
+    appearance_weight: float = 10.0
+    smoothness_weight: float = 3.0
+    compatibility: Union[str, Tuple[Tuple[float, ...], ...]] = _POTTS
+    unary_weight: float = 1.0
+
+    def __post_init__(self):
+        set_ = object.__setattr__
+        set_(self, "theta_alpha", _as_positive_float("theta_alpha", self.theta_alpha))
+        set_(self, "theta_beta", _as_theta_beta(self.theta_beta))
+        set_(self, "theta_gamma", _as_positive_float("theta_gamma", self.theta_gamma))
+        set_(self, "appearance_weight", _as_finite_float("appearance_weight", self.appearance_weight))
+        set_(self, "smoothness_weight", _as_finite_float("smoothness_weight", self.smoothness_weight))
+        set_(self, "compatibility", _as_compatibility(self.compatibility))
+        set_(self, "unary_weight", _as_finite_float("unary_weight", self.unary_weight))
+
+    # -- derived values -------------------------------------------------------------------
+    @property
+    def is_potts(self) -> bool:
+        """True when the compatibility is the Potts model."""
+        return self.compatibility == _POTTS
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        """Number of classes fixed by a compatibility matrix, or None for Potts."""
+        return None if self.is_potts else len(self.compatibility)
+
+    def compatibility_matrix(self, num_classes: int) -> np.ndarray:
+        """Return ``mu`` as a float64 array of shape (C, C)."""
+        if self.is_potts:
+            return 1.0 - np.eye(num_classes)
+        matrix = np.array(self.compatibility, dtype=np.float64)
+        if matrix.shape[0] != num_classes:
+            raise ValueError(
+                f"params.compatibility has shape {matrix.shape} but the unary has {num_classes} classes; "
+                f"expected ({num_classes}, {num_classes})"
+            )
+        return matrix
+
+    def theta_beta_vector(self, num_channels: int) -> np.ndarray:
+        """Return the colour bandwidths as a float64 array of shape (F,)."""
+        if isinstance(self.theta_beta, float):
+            return np.full(num_channels, self.theta_beta)
+        if len(self.theta_beta) != num_channels:
+            raise ValueError(
+                f"params.theta_beta has {len(self.theta_beta)} values but the image has {num_channels} "
+                f"channels; give one value or {num_channels}"
+            )
+        return np.array(self.theta_beta, dtype=np.float64)
+
+    def replace(self, **changes) -> "CRFParams":
+        """Return a copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    # -- serialisation ----------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """Return the parameters as a JSON-compatible dict."""
+        out = dataclasses.asdict(self)
+        if isinstance(out["theta_beta"], tuple):
+            out["theta_beta"] = list(out["theta_beta"])
+        if out["compatibility"] != _POTTS:
+            out["compatibility"] = [list(row) for row in out["compatibility"]]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CRFParams":
+        """Build parameters from a dict such as :meth:`to_dict` returns; unknown keys are errors."""
+        if not isinstance(data, dict):
+            raise TypeError(f"CRF parameters must be a JSON object (dict), got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown CRF parameter(s) {unknown}; expected some of {sorted(known)}")
+        return cls(**data)
+
+    def to_json(self, path: Union[str, os.PathLike, None] = None) -> str:
+        """Return the parameters as JSON text; with ``path``, also write them to that file."""
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: Union[str, os.PathLike]) -> "CRFParams":
+        """Read parameters from JSON text or from a ``.json`` file path."""
+        text = os.fspath(text_or_path)
+        if not text.lstrip().startswith("{"):
+            try:
+                with open(text, encoding="utf-8") as f:
+                    text = f.read()
+            except OSError as exc:
+                raise ValueError(f"cannot read CRF parameters from {text_or_path!r}: {exc}") from exc
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"CRF parameters are not valid JSON: {exc}") from exc
+        return cls.from_dict(data)
+
+    save = to_json
+    load = from_json

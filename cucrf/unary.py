@@ -1,0 +1,127 @@
+"""Building unaries (class scores) from what segmentation pipelines produce.
+
+cucrf's unary is a *score* (larger = more likely), e.g. a network's logits. These helpers turn
+probabilities or label maps into log-probabilities, which are valid scores.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from ._validation import check_float_array, check_int
+
+__all__ = ["unary_from_probabilities", "unary_from_labels"]
+
+
+def _namespace(arr):
+    if type(arr).__module__.split(".")[0] == "cupy":
+        import cupy
+
+        return cupy
+    return np
+
+
+def unary_from_probabilities(probabilities, clip=1e-5):
+    """Log-probability unary from per-pixel class probabilities.
+
+    Parameters
+    ----------
+    probabilities : array_like, shape (C, H, W) or (B, C, H, W), values in [0, 1]
+        Class probabilities, e.g. a network's softmax output.
+    clip : float
+        Probabilities are clipped to ``[clip, 1]`` before the logarithm, so that a probability of
+        0 becomes a large finite penalty (``log(1e-5) = -11.5``) instead of ``-inf``.
+
+    Returns
+    -------
+    ndarray, same shape, float32 (float64 for float64 input)
+        ``log(clip(probabilities))``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> u = unary_from_probabilities(np.array([[[1.0]], [[0.0]]]))
+    >>> u[:, 0, 0].round(2).tolist()
+    [0.0, -11.51]
+    """
+    xp = _namespace(probabilities)
+    p = xp.asarray(probabilities)
+    check_float_array("probabilities", p, xp, ndims=(3, 4))
+    if not isinstance(clip, numbers.Real) or not 0 < float(clip) < 1:
+        raise ValueError(f"clip must be a number in (0, 1), got {clip!r}")
+    lo, hi = float(p.min()), float(p.max())
+    if lo < 0 or hi > 1 + 1e-6:
+        raise ValueError(
+            f"probabilities must lie in [0, 1], got values in [{lo:g}, {hi:g}]; "
+            "for logits or log-probabilities pass them to cucrf.infer directly"
+        )
+    dt = np.float64 if p.dtype == np.float64 else np.float32
+    return xp.log(xp.clip(p.astype(dt), clip, 1.0))
+
+
+def unary_from_labels(labels, num_classes, confidence=0.5, unknown_label=None):
+    """Log-probability unary from a label map, trusting each label with ``confidence``.
+
+    A pixel with label ``l`` gets probability ``confidence`` for ``l`` and
+    ``(1 - confidence) / (C - 1)`` for every other class; a pixel with ``unknown_label`` gets
+    ``1 / C`` everywhere, so the CRF fills it in from its neighbours.
+
+    Parameters
+    ----------
+    labels : array_like of int, shape (H, W) or (B, H, W)
+        Class ids in ``[0, num_classes)``, or ``unknown_label``.
+    num_classes : int
+        Number of classes ``C`` (>= 2).
+    confidence : float
+        Probability given to the labelled class, in ``(1 / C, 1)``.
+    unknown_label : int or None
+        Label value meaning "unknown" (e.g. 0 in pydensecrf's convention, 255 in VOC's).
+
+    Returns
+    -------
+    ndarray, shape (C, H, W) or (B, C, H, W), float32
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> u = unary_from_labels(np.array([[0, 1]]), num_classes=2, confidence=0.8)
+    >>> np.exp(u[:, 0, 0]).round(2).tolist()
+    [0.8, 0.2]
+    """
+    xp = _namespace(labels)
+    lab = xp.asarray(labels)
+    num_classes = check_int("num_classes", num_classes, minimum=2)
+    if lab.dtype.kind not in "iu":
+        raise TypeError(f"labels must be an integer array of class ids, got dtype {lab.dtype}")
+    if lab.ndim not in (2, 3):
+        raise ValueError(f"labels must have shape (H, W) or (B, H, W), got shape {tuple(lab.shape)}")
+    if lab.size == 0:
+        raise ValueError(f"labels must not be empty, got shape {tuple(lab.shape)}")
+    if not isinstance(confidence, numbers.Real) or not 1.0 / num_classes < float(confidence) < 1.0:
+        raise ValueError(
+            f"confidence must be a number in (1/num_classes, 1) = ({1.0 / num_classes:.3g}, 1), got {confidence!r}"
+        )
+    lab = lab.astype(np.int64)
+    unknown = xp.zeros(lab.shape, dtype=bool) if unknown_label is None else lab == int(unknown_label)
+    bad = (~unknown) & ((lab < 0) | (lab >= num_classes))
+    if bool(bad.any()):
+        values = sorted(set(int(v) for v in np.unique(_to_numpy(lab[bad]))[:5]))
+        raise ValueError(
+            f"labels contains value(s) {values} outside [0, {num_classes}); "
+            f"unknown_label is {unknown_label!r}"
+        )
+    confidence = float(confidence)
+    other = np.log((1.0 - confidence) / (num_classes - 1))
+    class_axis = 0 if lab.ndim == 2 else 1
+    classes = xp.arange(num_classes).reshape((num_classes, 1, 1) if class_axis == 0 else (1, num_classes, 1, 1))
+    lab_b = xp.expand_dims(lab, class_axis)
+    out = xp.where(lab_b == classes, np.float32(np.log(confidence)), np.float32(other)).astype(np.float32)
+    uniform = np.float32(-np.log(num_classes))
+    out = xp.where(xp.expand_dims(unknown, class_axis), uniform, out)
+    return out.astype(np.float32)
+
+
+def _to_numpy(a):
+    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
