@@ -10,7 +10,7 @@ from ._backends import get_backend, to_backend_array
 from ._geometry import axis_geometry
 from ._params import CRFParams
 from ._validation import (
-    ProblemTooLargeError, available_memory_bytes, check_float_array, check_image, check_int,
+    ProblemTooLargeError, available_memory_bytes, check_finite, check_float_array, check_image, check_int,
 )
 from .unary import unary_from_labels, unary_from_probabilities
 
@@ -139,14 +139,14 @@ def infer(unary, image, params=None, *, filter_size=DEFAULT_FILTER_SIZE, blur=DE
         unary = unary_from_labels(unary, num_classes, confidence, unknown_label)
     elif unary_kind == "probabilities":
         unary = unary_from_probabilities(unary, clip)
-    check_float_array("unary", unary, xp, ndims=(3, 4))
+    check_float_array("unary", unary, xp, ndims=(3, 4), finite=False)
 
     batched = unary.ndim == 4
     u4 = unary if batched else unary[None]
     B, C, H, W = u4.shape
     if C < 2:
         raise ValueError(f"unary must have at least 2 classes on axis {1 if batched else 0}, got shape {tuple(unary.shape)}")
-    image4 = check_image(image, xp, B, H, W, batched)
+    image4 = check_image(image, xp, B, H, W, batched, finite=False)
     F = image4.shape[-1]
     config = check_config(filter_size, blur, iterations, normalization, H, W)
     params = _check_params(params, C, F)
@@ -163,6 +163,9 @@ def infer(unary, image, params=None, *, filter_size=DEFAULT_FILTER_SIZE, blur=DE
             "use a larger blur or a smaller filter_size"
         )
 
+    # Scanned for NaN only now: a problem refused for its size is never read.
+    check_finite("unary", unary, xp)
+    check_finite("image", image4, xp)
     # astype copies: the caller's arrays are never modified.
     u = u4.astype(compute_dtype, copy=True)
     features = xp.ascontiguousarray(xp.moveaxis(image4, -1, 1).astype(compute_dtype))

@@ -1,8 +1,15 @@
 """Mean-field inference, written once for every backend.
 
-A *backend* is a module offering the primitives of :mod:`cucrf._numpy_backend` (``pool``,
-``upsample``, ``pairwise_kernels``, ``message``, ``update``, ``softmax``) for one array library;
-this module strings them together.
+A *backend* offers, for one array library ``backend.xp``, the primitives
+
+* ``prepare(features, params, config) -> setup``: everything message passing needs that does not
+  depend on ``Q`` (pooled features, kernels or normalisers), computed once per batch;
+* ``full_message(setup, q, config) -> M``: the full-resolution message of :func:`message`;
+* ``update(scaled_unary, msg, compat, return_logits, out)``: compatibility, unary and softmax;
+* ``softmax(x)``.
+
+:func:`prepare` and :func:`message` below are the reference versions, built from the NumPy
+backend's smaller primitives; :func:`mean_field` strings a backend's primitives together.
 """
 
 from __future__ import annotations
@@ -143,11 +150,11 @@ def mean_field(backend, unary, features, params, config: CRFConfig, return_logit
     scaled_unary = unary * dt.type(params.unary_weight)
     if config.iterations == 0:
         return scaled_unary if return_logits else backend.softmax(scaled_unary)
-    setup = prepare(backend, features, params, config)
+    setup = backend.prepare(features, params, config)
     q = backend.softmax(scaled_unary)
     for t in range(config.iterations):
         last = t == config.iterations - 1
-        msg = message(backend, setup, q, config)
+        msg = backend.full_message(setup, q, config)
         q = backend.update(scaled_unary, msg, compat, return_logits=last and return_logits, out=msg)
     return q
 

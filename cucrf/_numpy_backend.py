@@ -228,3 +228,20 @@ def update(scaled_unary, msg, compat, return_logits=False, out=None):
     if return_logits:
         return logits
     return softmax(logits, out=logits)
+
+
+# ---------------------------------------------------------------------------------------------
+# the interface used by cucrf._meanfield.mean_field
+# ---------------------------------------------------------------------------------------------
+def prepare(features, params, config):
+    """Pooled features, pairwise kernels and normalisers: see :func:`cucrf._meanfield.prepare`."""
+    from . import _meanfield, _numpy_backend
+
+    return _meanfield.prepare(_numpy_backend, features, params, config)
+
+
+def full_message(setup, q, config):
+    """Full-resolution message: see :func:`cucrf._meanfield.message`."""
+    from . import _meanfield, _numpy_backend
+
+    return _meanfield.message(_numpy_backend, setup, q, config)

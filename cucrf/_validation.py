@@ -8,7 +8,7 @@ import os
 import numpy as np
 
 __all__ = [
-    "ProblemTooLargeError", "array_library", "check_int", "check_float_array", "check_image",
+    "ProblemTooLargeError", "array_library", "check_int", "check_float_array", "check_image", "check_finite",
     "available_memory_bytes",
 ]
 
@@ -60,20 +60,26 @@ def _shape_text(shape):
     return "(" + ", ".join(str(s) for s in shape) + ")"
 
 
-def check_float_array(name, arr, xp, *, ndims, allow_int=False):
-    """Check dtype, ndim, emptiness and finiteness of an array already in namespace ``xp``."""
+def check_float_array(name, arr, xp, *, ndims, allow_int=False, finite=True):
+    """Check dtype, ndim, emptiness and (with ``finite``) finiteness of an array in namespace ``xp``."""
     _check_dtype(name, arr, allow_int=allow_int)
     if arr.ndim not in ndims:
         expected = " or ".join(str(n) for n in ndims)
         raise ValueError(f"{name} must have {expected} dimensions, got shape {_shape_text(arr.shape)}")
     if arr.size == 0:
         raise ValueError(f"{name} must not be empty, got shape {_shape_text(arr.shape)}")
+    if finite:
+        check_finite(name, arr, xp)
+
+
+def check_finite(name, arr, xp):
+    """Reject NaN and infinite values."""
     if arr.dtype.kind == "f" and not bool(xp.isfinite(arr).all()):
         bad = int((~xp.isfinite(arr)).sum())
         raise ValueError(f"{name} contains {bad} NaN or infinite value(s); all values must be finite")
 
 
-def check_image(image, xp, batch, height, width, batched):
+def check_image(image, xp, batch, height, width, batched, finite=True):
     """Validate ``image`` against the unary's (B, H, W); return it as (B, H, W, F)."""
     _check_dtype("image", image, allow_int=True)
     want = 4 if batched else 3
@@ -101,9 +107,8 @@ def check_image(image, xp, batch, height, width, batched):
         raise ValueError(f"image has batch size {image.shape[0]} but the unary has {batch}")
     if image.shape[-1] < 1 or image.size == 0:
         raise ValueError(f"image must not be empty, got shape {_shape_text(image.shape)}")
-    if image.dtype.kind == "f" and not bool(xp.isfinite(image).all()):
-        bad = int((~xp.isfinite(image)).sum())
-        raise ValueError(f"image contains {bad} NaN or infinite value(s); all values must be finite")
+    if finite:
+        check_finite("image", image, xp)
     return image if batched else image[None]
 
 

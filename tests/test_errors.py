@@ -1,0 +1,208 @@
+"""Bad input gets a clear ValueError/TypeError naming the argument and what was expected."""
+
+import json
+
+import numpy as np
+import pytest
+
+import cucrf
+from cucrf import _validation
+
+rng = np.random.default_rng(0)
+UNARY = rng.normal(size=(3, 10, 12)).astype(np.float32)
+IMAGE = rng.integers(0, 256, size=(10, 12, 3), dtype=np.uint8)
+
+
+def call(unary=UNARY, image=IMAGE, **kw):
+    kw.setdefault("filter_size", 3)
+    kw.setdefault("blur", 1)
+    return cucrf.infer(unary, image, **kw)
+
+
+@pytest.mark.parametrize("unary,match", [
+    (UNARY[0], "unary must have 3 or 4 dimensions, got shape \\(10, 12\\)"),
+    (UNARY[None, None], "unary must have 3 or 4 dimensions"),
+    (UNARY[:1], "at least 2 classes"),
+    (np.zeros((3, 0, 12), np.float32), "unary must not be empty"),
+])
+def test_unary_shape_errors(unary, match):
+    with pytest.raises(ValueError, match=match):
+        call(unary=unary)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_unary(bad):
+    u = UNARY.copy()
+    u[1, 2, 3] = bad
+    with pytest.raises(ValueError, match="unary contains 1 NaN or infinite"):
+        call(unary=u)
+
+
+def test_non_finite_image():
+    im = IMAGE.astype(np.float32)
+    im[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="image contains 1 NaN"):
+        call(image=im)
+
+
+@pytest.mark.parametrize("unary,exc,match", [
+    (UNARY.astype(np.complex64), TypeError, "unary must be real, got complex"),
+    (UNARY.astype(object), TypeError, "numeric array, got dtype object"),
+    (UNARY > 0, TypeError, "boolean"),
+    (UNARY.astype(np.int32), TypeError, "unary_kind='labels'"),
+])
+def test_unary_dtype_errors(unary, exc, match):
+    with pytest.raises(exc, match=match):
+        call(unary=unary)
+
+
+def test_image_channels_first_is_named():
+    with pytest.raises(ValueError, match="looks channels-first"):
+        call(image=IMAGE.transpose(2, 0, 1))
+
+
+def test_image_size_mismatch():
+    with pytest.raises(ValueError, match=r"image height and width \(10, 11\) differ from the unary's \(10, 12\)"):
+        call(image=IMAGE[:, :11])
+
+
+def test_grey_image_without_channel_axis_gets_hint():
+    with pytest.raises(ValueError, match=r"image\[..., None\]"):
+        call(image=IMAGE[..., 0])
+
+
+def test_batch_mismatch():
+    with pytest.raises(ValueError, match="image has batch size 3 but the unary has 2"):
+        call(unary=np.stack([UNARY, UNARY]), image=np.stack([IMAGE] * 3))
+
+
+def test_image_bool_and_complex():
+    with pytest.raises(TypeError, match="image must be numeric"):
+        call(image=IMAGE > 5)
+    with pytest.raises(TypeError, match="image must be real"):
+        call(image=IMAGE.astype(np.complex64))
+
+
+def test_empty_image_channels():
+    with pytest.raises(ValueError, match="image must not be empty"):
+        call(image=np.zeros((10, 12, 0), np.uint8))
+
+
+@pytest.mark.parametrize("kw,exc,match", [
+    (dict(filter_size=4), ValueError, "filter_size must be odd"),
+    (dict(filter_size=1), ValueError, "filter_size must be >= 3"),
+    (dict(filter_size=7.0), TypeError, "filter_size must be an integer, got 7.0"),
+    (dict(filter_size=True), TypeError, "filter_size must be an integer"),
+    (dict(filter_size=25), ValueError, "filter_size=25 is larger than the image allows"),
+    (dict(filter_size=7, blur=4), ValueError, "with blur=4 the 10x12 image is a 3x3 grid"),
+    (dict(blur=0), ValueError, "blur must be >= 1, got 0"),
+    (dict(blur=1.5), TypeError, "blur must be an integer"),
+    (dict(iterations=-1), ValueError, "iterations must be >= 0"),
+    (dict(normalization="sym"), ValueError, "normalization must be one of"),
+    (dict(output="labels"), ValueError, "output must be one of"),
+    (dict(unary_kind="energy"), ValueError, "unary_kind must be one of"),
+    (dict(device="tpu"), ValueError, "device must be one of"),
+    (dict(dtype=np.float16), TypeError, "dtype must be numpy.float32"),
+])
+def test_config_errors(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        call(**kw)
+
+
+@pytest.mark.parametrize("kw,exc,match", [
+    (dict(theta_alpha=0), ValueError, "theta_alpha must be finite and > 0, got 0.0"),
+    (dict(theta_alpha=-3), ValueError, "theta_alpha must be finite and > 0"),
+    (dict(theta_gamma=np.inf), ValueError, "theta_gamma must be finite"),
+    (dict(theta_beta=np.nan), ValueError, "theta_beta must be finite"),
+    (dict(theta_beta=(1.0, -2.0)), ValueError, r"theta_beta\[1\] must be finite and > 0"),
+    (dict(theta_beta=()), ValueError, "theta_beta must not be an empty"),
+    (dict(theta_beta="13"), TypeError, "theta_beta must be a positive number or a sequence"),
+    (dict(appearance_weight=np.nan), ValueError, "appearance_weight must be finite"),
+    (dict(smoothness_weight="3"), TypeError, "smoothness_weight must be a real number"),
+    (dict(unary_weight=np.inf), ValueError, "unary_weight must be finite"),
+    (dict(compatibility=np.ones((2, 3))), ValueError, r"square \(C, C\) matrix"),
+    (dict(compatibility="ising"), ValueError, "compatibility must be 'potts'"),
+    (dict(compatibility=[[0, np.nan], [1, 0]]), ValueError, "compatibility must contain only finite"),
+])
+def test_params_errors(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        cucrf.CRFParams(**kw)
+
+
+def test_params_mismatch_with_problem():
+    with pytest.raises(ValueError, match=r"compatibility has shape \(2, 2\) but the unary has 3 classes"):
+        call(params=cucrf.CRFParams(compatibility=np.eye(2)))
+    with pytest.raises(ValueError, match="theta_beta has 2 values but the image has 3 channels"):
+        call(params=cucrf.CRFParams(theta_beta=(1.0, 2.0)))
+    with pytest.raises(TypeError, match="params must be a cucrf.CRFParams"):
+        call(params=[1, 2])
+
+
+def test_params_are_immutable_and_roundtrip(tmp_path):
+    p = cucrf.CRFParams(theta_beta=(10, 11, 12), compatibility=np.eye(3))
+    with pytest.raises(Exception):
+        p.theta_alpha = 3.0
+    path = tmp_path / "p.json"
+    p.to_json(path)
+    assert cucrf.CRFParams.from_json(path) == p
+    assert cucrf.CRFParams.from_json(p.to_json()) == p
+    assert json.loads(p.to_json())["theta_beta"] == [10.0, 11.0, 12.0]
+    assert "theta_beta=(10.0, 11.0, 12.0)" in repr(p)
+    with pytest.raises(ValueError, match="unknown CRF parameter"):
+        cucrf.CRFParams.from_dict({"theta": 1})
+    with pytest.raises(ValueError, match="not valid JSON"):
+        cucrf.CRFParams.from_json("{bad json")
+
+
+def test_mixed_array_libraries():
+    class FakeCupy:  # an object that claims to live in cupy, without importing it
+        pass
+
+    FakeCupy.__module__ = "cupy._core.core"
+    assert _validation.array_library("unary", FakeCupy()) == "cupy"
+    assert _validation.array_library("unary", UNARY) == "numpy"
+
+
+def test_numpy_and_cupy_mixed_is_refused():
+    cupy = pytest.importorskip("cupy")
+    if not cupy.cuda.is_available():
+        pytest.skip("no GPU")
+    with pytest.raises(TypeError, match="unary is a cupy array but image is a numpy array"):
+        cucrf.infer(cupy.asarray(UNARY), IMAGE)
+
+
+def test_problem_too_large_is_refused_before_allocating(monkeypatch):
+    monkeypatch.setattr("cucrf._api.available_memory_bytes", lambda: 1000)
+    with pytest.raises(cucrf.ProblemTooLargeError, match=r"needs about .* GiB .* only 0.0 GiB is available"):
+        call()
+    # it is a ValueError as well as a MemoryError
+    assert issubclass(cucrf.ProblemTooLargeError, ValueError)
+
+
+def test_huge_problem_estimate_is_refused_without_allocation():
+    # A (2, 21, 30000, 30000) float32 unary needs ~150 GB just to exist: refused by the estimate.
+    unary = np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), (2, 21, 30000, 30000), (0, 0, 0, 0))
+    image = np.lib.stride_tricks.as_strided(np.zeros(1, np.uint8), (2, 30000, 30000, 3), (0, 0, 0, 0))
+    with pytest.raises(cucrf.ProblemTooLargeError):
+        cucrf.infer(unary, image, filter_size=7, blur=4)
+
+
+def test_labels_kind_errors():
+    labels = rng.integers(0, 3, size=(10, 12))
+    with pytest.raises(ValueError, match="needs num_classes"):
+        call(unary=labels, unary_kind="labels")
+    bad = labels.copy()
+    bad[0, 0] = 7
+    with pytest.raises(ValueError, match=r"labels contains value\(s\) \[7\] outside \[0, 3\)"):
+        call(unary=bad, unary_kind="labels", num_classes=3)
+    with pytest.raises(ValueError, match="confidence must be a number in"):
+        call(unary=labels, unary_kind="labels", num_classes=3, confidence=1.5)
+    with pytest.raises(TypeError, match="labels must be an integer array"):
+        cucrf.unary_from_labels(labels.astype(float), 3)
+
+
+def test_probabilities_kind_errors():
+    with pytest.raises(ValueError, match=r"probabilities must lie in \[0, 1\]"):
+        call(unary=UNARY, unary_kind="probabilities")
+    with pytest.raises(ValueError, match="clip must be a number in"):
+        cucrf.unary_from_probabilities(np.full((2, 3, 3), 0.5), clip=0)
