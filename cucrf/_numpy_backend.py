@@ -28,6 +28,32 @@ def _valid(n, d):
 # ---------------------------------------------------------------------------------------------
 # blur: average pooling and bilinear upsampling
 # ---------------------------------------------------------------------------------------------
+def _axis_index(ndim, axis, index):
+    """Index tuple selecting ``index`` along ``axis`` (negative) of an ``ndim``-d array."""
+    key = [slice(None)] * ndim
+    key[axis] = index
+    return tuple(key)
+
+
+def _pool_axis(x, g, axis):
+    """Sum ``x`` along ``axis`` over the cells of geometry ``g`` (real pixels only)."""
+    shape = list(x.shape)
+    shape[axis] = g.coarse
+    out = np.zeros(shape, dtype=x.dtype)
+    # One strided slice per position j inside a cell: much faster than a reduction over a
+    # short reshaped axis, and it needs no padded copy.
+    for j in range(g.blur):
+        first_pixel = j - g.pad
+        first_cell = 0 if first_pixel >= 0 else 1
+        first_pixel += first_cell * g.blur
+        if first_pixel >= g.size:
+            continue
+        n = len(range(first_pixel, g.size, g.blur))
+        out[_axis_index(x.ndim, axis, slice(first_cell, first_cell + n))] += \
+            x[_axis_index(x.ndim, axis, slice(first_pixel, g.size, g.blur))]
+    return out
+
+
 def pool(x, blur):
     """Average-pool the last two axes in ``blur`` x ``blur`` cells (real pixels only).
 
@@ -44,12 +70,8 @@ def pool(x, blur):
         return x
     gy = axis_geometry(x.shape[-2], blur)
     gx = axis_geometry(x.shape[-1], blur)
-    lead = x.shape[:-2]
-    padded = np.zeros(lead + (gy.coarse * blur, gx.coarse * blur), dtype=x.dtype)
-    padded[..., gy.pad:gy.pad + gy.size, gx.pad:gx.pad + gx.size] = x
-    sums = padded.reshape(lead + (gy.coarse, blur, gx.coarse, blur)).sum(axis=(-3, -1))
-    inv_counts = (1.0 / np.outer(gy.counts, gx.counts)).astype(x.dtype)
-    sums *= inv_counts
+    sums = _pool_axis(_pool_axis(x, gx, -1), gy, -2)
+    sums *= (1.0 / np.outer(gy.counts, gx.counts)).astype(x.dtype)
     return sums
 
 
@@ -62,6 +84,35 @@ def pool_backward(grad, blur, size):
     scaled = grad * (1.0 / np.outer(gy.counts, gx.counts)).astype(grad.dtype)
     full = np.repeat(np.repeat(scaled, blur, axis=-2), blur, axis=-1)
     return np.ascontiguousarray(full[..., gy.pad:gy.pad + gy.size, gx.pad:gx.pad + gx.size])
+
+
+def _upsample_axis(x, g, axis):
+    """Bilinear upsampling of ``x`` along ``axis`` from ``g.coarse`` cells to ``g.size`` pixels."""
+    nd = x.ndim
+    # Repeat the edge cells once on each side: the clamping at the borders then becomes an
+    # ordinary interpolation between two equal values, and every phase is a plain slice.
+    edged = np.concatenate([x[_axis_index(nd, axis, slice(0, 1))], x,
+                            x[_axis_index(nd, axis, slice(-1, None))]], axis=axis)
+    shape = list(x.shape)
+    shape[axis] = g.size
+    out = np.empty(shape, dtype=x.dtype)
+    b = g.blur
+    for phase in range(b):
+        # Padded output o = q * b + phase reads source coordinate q + delta.
+        delta = (phase + 0.5) / b - 0.5
+        shift, frac = (0, 1.0 + delta) if delta < 0 else (1, delta)
+        first = (phase - g.pad) % b
+        if first >= g.size:
+            continue
+        n = len(range(first, g.size, b))
+        q0 = (first + g.pad) // b + shift
+        lo = edged[_axis_index(nd, axis, slice(q0, q0 + n))]
+        hi = edged[_axis_index(nd, axis, slice(q0 + 1, q0 + 1 + n))]
+        view = out[_axis_index(nd, axis, slice(first, g.size, b))]
+        np.subtract(hi, lo, out=view)
+        view *= x.dtype.type(frac)
+        view += lo
+    return out
 
 
 def upsample(x, blur, size):
@@ -81,16 +132,7 @@ def upsample(x, blur, size):
         return x
     gy = axis_geometry(size[0], blur)
     gx = axis_geometry(size[1], blur)
-    dt = x.dtype
-    fy = gy.frac.astype(dt)[:, None]
-    rows = np.take(x, gy.lo, axis=-2)
-    rows *= 1 - fy
-    rows += np.take(x, gy.hi, axis=-2) * fy
-    fx = gx.frac.astype(dt)
-    out = np.take(rows, gx.lo, axis=-1)
-    out *= 1 - fx
-    out += np.take(rows, gx.hi, axis=-1) * fx
-    return out
+    return _upsample_axis(_upsample_axis(x, gy, -2), gx, -1)
 
 
 def upsample_backward(grad, blur, coarse_size):

@@ -1,0 +1,1 @@
+"""Test helpers: CPU CUDA kernel emulator and device-less NVRTC compile check."""
