@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Optional
 
 import numpy as np
 
@@ -14,9 +16,9 @@ from ._validation import (
 )
 from .unary import unary_from_labels, unary_from_probabilities
 
-__all__ = ["infer", "DEFAULT_FILTER_SIZE", "DEFAULT_BLUR", "DEFAULT_ITERATIONS"]
+__all__ = ["infer", "infer_vjp", "InferVJP", "DEFAULT_FILTER_SIZE", "DEFAULT_BLUR", "DEFAULT_ITERATIONS"]
 
-DEFAULT_FILTER_SIZE = 7
+DEFAULT_FILTER_SIZE = 5
 DEFAULT_BLUR = 4
 DEFAULT_ITERATIONS = 5
 
@@ -65,7 +67,7 @@ def _check_params(params, num_classes, num_channels):
 def infer(unary, image, params=None, *, filter_size=DEFAULT_FILTER_SIZE, blur=DEFAULT_BLUR,
           iterations=DEFAULT_ITERATIONS, unary_kind="logits", num_classes=None, confidence=0.5,
           unknown_label=None, clip=1e-5, normalization=None, output="probabilities", dtype=None,
-          device=None):
+          device=None, feature_transform=None):
     """Refine a segmentation with a convolutional CRF (mean-field inference).
 
     Parameters
@@ -101,6 +103,13 @@ def infer(unary, image, params=None, *, filter_size=DEFAULT_FILTER_SIZE, blur=DE
         Compute precision; None means float64 for a float64 unary and float32 otherwise.
     device : {None, 'cpu', 'gpu'}
         Where to compute; None computes where the unary is (CuPy arrays on the GPU).
+    feature_transform : optional
+        A linear map applied to every pixel's image channels before the appearance kernel,
+        ``f' = A @ f + c`` (the paper's "+T", learned by :func:`cucrf.fit`): a dict
+        ``{'matrix': (F', F), 'offset': (F',)}``, a ``(matrix, offset)`` pair, a bare (F', F)
+        matrix, or an object with ``matrix`` / ``offset`` attributes (such as
+        ``FitResult.feature_transform``). ``params.theta_beta`` is then in the units of ``f'``
+        (one value, or one per output channel). None (the default) uses the image as it is.
 
     Returns
     -------
@@ -117,6 +126,88 @@ def infer(unary, image, params=None, *, filter_size=DEFAULT_FILTER_SIZE, blur=DE
     >>> q.shape, q.dtype, bool(np.allclose(q.sum(axis=0), 1, atol=1e-5))
     ((4, 32, 48), dtype('float32'), True)
     """
+    prepared = _prepare_inputs(
+        unary, image, params, filter_size=filter_size, blur=blur, iterations=iterations,
+        unary_kind=unary_kind, num_classes=num_classes, confidence=confidence, unknown_label=unknown_label,
+        clip=clip, normalization=normalization, output=output, dtype=dtype, device=device,
+        feature_transform=feature_transform, training=False,
+    )
+    result = _meanfield.mean_field(prepared.backend, prepared.unary, prepared.features, prepared.params,
+                                   prepared.config, return_logits=output == "logits")
+    return result if prepared.batched else result[0]
+
+
+@dataclasses.dataclass
+class _Prepared:
+    backend: object
+    unary: object          # (B, C, H, W), compute dtype, a copy
+    image_features: object  # (B, F, H, W), compute dtype: the image before the feature transform
+    features: object       # (B, F', H, W): what the kernels see
+    params: CRFParams
+    config: _meanfield.CRFConfig
+    batched: bool
+    transform: object      # (matrix, offset) as float64 NumPy arrays, or None
+    library: str = "numpy"
+
+
+def check_feature_transform(feature_transform, num_channels):
+    """Validate a feature transform; return ``(matrix (F', F), offset (F',))`` float64 or None.
+
+    Accepted: None; a dict with ``matrix`` (and optionally ``offset``); a ``(matrix, offset)`` pair;
+    a bare (F', F) matrix; any object with ``matrix`` / ``offset`` attributes.
+    """
+    if feature_transform is None:
+        return None
+    if isinstance(feature_transform, dict):
+        unknown = sorted(set(feature_transform) - {"matrix", "offset"})
+        if unknown or "matrix" not in feature_transform:
+            raise ValueError("feature_transform must be a dict with keys 'matrix' and optionally 'offset', "
+                             f"got keys {sorted(feature_transform)}")
+        matrix, offset = feature_transform["matrix"], feature_transform.get("offset")
+    elif hasattr(feature_transform, "matrix"):
+        matrix, offset = feature_transform.matrix, getattr(feature_transform, "offset", None)
+    elif isinstance(feature_transform, (tuple, list)) and len(feature_transform) == 2 and \
+            np.ndim(feature_transform[0]) == 2:
+        matrix, offset = feature_transform
+    else:
+        matrix, offset = feature_transform, None
+    to_np = (lambda a: a.get() if type(a).__module__.split(".")[0] == "cupy" else a)
+    try:
+        matrix = np.array(to_np(matrix), dtype=np.float64)
+        offset = None if offset is None else np.array(to_np(offset), dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"feature_transform must hold numeric arrays: {exc}") from exc
+    if matrix.ndim != 2 or matrix.shape[1] != num_channels or matrix.shape[0] < 1:
+        raise ValueError(
+            f"feature_transform matrix must have shape (F', {num_channels}) for an image with "
+            f"{num_channels} channel(s), got shape {matrix.shape}"
+        )
+    if offset is None:
+        offset = np.zeros(matrix.shape[0])
+    if offset.shape != (matrix.shape[0],):
+        raise ValueError(f"feature_transform offset must have shape ({matrix.shape[0]},), got {offset.shape}")
+    if not (np.isfinite(matrix).all() and np.isfinite(offset).all()):
+        raise ValueError("feature_transform must contain only finite values")
+    return matrix, offset
+
+
+def apply_feature_transform(xp, features, transform):
+    """``A f + c`` on (B, F, H, W) features; ``transform`` as :func:`check_feature_transform` returns."""
+    if transform is None:
+        return features
+    matrix, offset = transform
+    dt = features.dtype
+    B, F, H, W = features.shape
+    a = xp.asarray(matrix, dtype=dt)
+    out = xp.matmul(a, features.reshape(B, F, H * W)).reshape(B, a.shape[0], H, W)
+    out += xp.asarray(offset, dtype=dt)[None, :, None, None]
+    return out
+
+
+def _prepare_inputs(unary, image, params, *, filter_size, blur, iterations, unary_kind, num_classes,
+                    confidence, unknown_label, clip, normalization, output, dtype, device, feature_transform,
+                    training):
+    """Every check of :func:`infer`; returns a :class:`_Prepared` ready for the mean-field loop."""
     _choice("unary_kind", unary_kind, _UNARY_KINDS)
     _choice("output", output, _OUTPUTS)
     _choice("device", device, _DEVICES)
@@ -148,19 +239,24 @@ def infer(unary, image, params=None, *, filter_size=DEFAULT_FILTER_SIZE, blur=DE
         raise ValueError(f"unary must have at least 2 classes on axis {1 if batched else 0}, got shape {tuple(unary.shape)}")
     image4 = check_image(image, xp, B, H, W, batched, finite=False)
     F = image4.shape[-1]
+    transform = check_feature_transform(feature_transform, F)
+    F_out = F if transform is None else transform[0].shape[0]
     config = check_config(filter_size, blur, iterations, normalization, H, W)
-    params = _check_params(params, C, F)
+    params = _check_params(params, C, F_out)
 
     compute_dtype = np.dtype(dtype) if dtype is not None else (
         np.dtype(np.float64) if unary.dtype == np.float64 else np.dtype(np.float32)
     )
-    need = _meanfield.estimate_bytes(B, C, H, W, F, config, compute_dtype.itemsize)
+    need = _meanfield.estimate_bytes(B, C, H, W, max(F, F_out), config, compute_dtype.itemsize)
+    if training:
+        # The tape keeps 2 T full-size arrays, the backward pass about as many again.
+        need += 4 * max(config.iterations, 1) * B * C * H * W * compute_dtype.itemsize
     available = backend.available_memory_bytes() if hasattr(backend, "available_memory_bytes") else available_memory_bytes()
     if available is not None and need > available:
         raise ProblemTooLargeError(
-            f"this inference needs about {need / 2**30:.1f} GiB ({B}x{C}x{H}x{W}, filter_size={config.filter_size}, "
-            f"blur={config.blur}) but only {available / 2**30:.1f} GiB is available; split the batch, "
-            "use a larger blur or a smaller filter_size"
+            f"this {'gradient' if training else 'inference'} needs about {need / 2**30:.1f} GiB "
+            f"({B}x{C}x{H}x{W}, filter_size={config.filter_size}, blur={config.blur}) but only "
+            f"{available / 2**30:.1f} GiB is available; split the batch, use a larger blur or a smaller filter_size"
         )
 
     # Scanned for NaN only now: a problem refused for its size is never read.
@@ -168,6 +264,134 @@ def infer(unary, image, params=None, *, filter_size=DEFAULT_FILTER_SIZE, blur=DE
     check_finite("image", image4, xp)
     # astype copies: the caller's arrays are never modified.
     u = u4.astype(compute_dtype, copy=True)
-    features = xp.ascontiguousarray(xp.moveaxis(image4, -1, 1).astype(compute_dtype))
-    result = _meanfield.mean_field(backend, u, features, params, config, return_logits=output == "logits")
-    return result if batched else result[0]
+    image_features = xp.ascontiguousarray(xp.moveaxis(image4, -1, 1).astype(compute_dtype))
+    features = apply_feature_transform(xp, image_features, transform)
+    return _Prepared(backend, u, image_features, features, params, config, batched, transform, library)
+
+
+@dataclasses.dataclass
+class InferVJP:
+    """What :func:`infer_vjp` returns: the output of :func:`infer` and the gradients of the loss.
+
+    Attributes
+    ----------
+    output : array, shape like ``unary``
+        The probabilities or logits :func:`infer` returns.
+    unary : array, shape and library like ``unary``, compute dtype
+        ``dL/dunary``.
+    image : array, shape and library like ``image``, compute dtype (float)
+        ``dL/dimage`` (the image as per-pixel features, before any feature transform).
+    params : dict
+        ``dL/dparam`` for every field of :class:`CRFParams`: floats for ``theta_alpha``,
+        ``theta_gamma``, ``appearance_weight``, ``smoothness_weight``, ``unary_weight``;
+        ``theta_beta`` a float when ``params.theta_beta`` is one number, else an (F,) float64
+        array; ``compatibility`` a (C, C) float64 array (for Potts the gradient with respect to
+        the full matrix evaluated at ``1 - I``).
+    feature_transform : dict or None
+        ``{'matrix': (F', F), 'offset': (F',)}`` float64 gradients when a transform was given.
+    """
+
+    output: object
+    unary: object
+    image: object
+    params: dict
+    feature_transform: Optional[dict] = None
+
+
+def _feature_transform_backward(xp, image_features, grad_features, transform):
+    """Gradients of ``A f + c``: (grad wrt f, {'matrix', 'offset'})."""
+    matrix, _ = transform
+    B, F, H, W = image_features.shape
+    Fo = matrix.shape[0]
+    g = grad_features.reshape(B, Fo, H * W)
+    f = image_features.reshape(B, F, H * W)
+    g_matrix = xp.matmul(g, f.transpose(0, 2, 1)).sum(axis=0)
+    g_offset = g.sum(axis=(0, 2))
+    to_np = (lambda a: np.asarray(a.get() if hasattr(a, "get") else a, dtype=np.float64))
+    grad_f = xp.matmul(xp.asarray(matrix.T, dtype=grad_features.dtype), g).reshape(B, F, H, W)
+    return grad_f, {"matrix": to_np(g_matrix), "offset": to_np(g_offset)}
+
+
+def params_gradient_dict(params, grads):
+    """Shape the raw gradients of :func:`cucrf._meanfield.mean_field_backward` like ``params``."""
+    out = {
+        "theta_alpha": float(grads["theta_alpha"]),
+        "theta_beta": (float(np.sum(grads["theta_beta"])) if isinstance(params.theta_beta, float)
+                       else np.asarray(grads["theta_beta"], dtype=np.float64)),
+        "theta_gamma": float(grads["theta_gamma"]),
+        "appearance_weight": float(grads["appearance_weight"]),
+        "smoothness_weight": float(grads["smoothness_weight"]),
+        "compatibility": np.asarray(grads["compatibility"], dtype=np.float64),
+        "unary_weight": float(grads["unary_weight"]),
+    }
+    return out
+
+
+def infer_vjp(unary, image, params=None, *, grad_output, filter_size=DEFAULT_FILTER_SIZE, blur=DEFAULT_BLUR,
+              iterations=DEFAULT_ITERATIONS, unary_kind="logits", normalization=None, output="probabilities",
+              dtype=None, device=None, feature_transform=None):
+    """Run :func:`infer` and back-propagate ``grad_output`` through it (a vector-Jacobian product).
+
+    For a loss ``L`` of the output, pass ``grad_output = dL/doutput`` and get ``dL/d`` every input:
+    the unary, the image (as per-pixel features) and every CRF parameter. The gradients are
+    analytic (reverse mode through the ``iterations`` unrolled mean-field updates), computed in
+    the compute dtype; parameter gradients are summed in a fixed order (deterministic).
+
+    Parameters
+    ----------
+    unary, image, params, filter_size, blur, iterations, normalization, output, dtype, device
+        As for :func:`infer`; checked the same way.
+    grad_output : array, shape of the output (that is, of ``unary``)
+        ``dL/doutput``, where the output is the probabilities or the logits (``output=``).
+    unary_kind : {'logits'}
+        Gradients are taken with respect to logits only.
+    feature_transform : optional
+        A learnable linear map of the image channels, ``features = A @ f + c`` per pixel: a dict
+        ``{'matrix': (F', F), 'offset': (F',)}``, a ``(matrix, offset)`` pair or a matrix;
+        ``params.theta_beta`` then has one value per transformed channel. See :func:`infer`.
+
+    Returns
+    -------
+    InferVJP
+        ``.output``, ``.unary``, ``.image``, ``.params`` (dict), ``.feature_transform``.
+
+    Examples
+    --------
+    >>> import numpy as np, cucrf
+    >>> rng = np.random.default_rng(0)
+    >>> unary = rng.normal(size=(3, 12, 16)); image = rng.uniform(0, 255, (12, 16, 3))
+    >>> r = cucrf.infer_vjp(unary, image, grad_output=np.ones((3, 12, 16)), blur=2)
+    >>> r.unary.shape, r.image.shape, sorted(r.params)[:2]
+    ((3, 12, 16), (12, 16, 3), ['appearance_weight', 'compatibility'])
+    """
+    if unary_kind != "logits":
+        raise ValueError(f"infer_vjp differentiates with respect to logits only: unary_kind must be 'logits', "
+                         f"got {unary_kind!r}")
+    prepared = _prepare_inputs(
+        unary, image, params, filter_size=filter_size, blur=blur, iterations=iterations, unary_kind="logits",
+        num_classes=None, confidence=0.5, unknown_label=None, clip=1e-5, normalization=normalization,
+        output=output, dtype=dtype, device=device, feature_transform=feature_transform, training=True,
+    )
+    backend, xp = prepared.backend, prepared.backend.xp
+    grad_output, library = to_backend_array("grad_output", grad_output, device)
+    if library != prepared.library:
+        raise TypeError(f"unary is a {prepared.library} array but grad_output is a {library} array; pass "
+                        "both from the same array library")
+    check_float_array("grad_output", grad_output, xp, ndims=(4 if prepared.batched else 3,), finite=True)
+    g4 = grad_output if prepared.batched else grad_output[None]
+    if tuple(g4.shape) != tuple(prepared.unary.shape):
+        want = prepared.unary.shape if prepared.batched else prepared.unary.shape[1:]
+        raise ValueError(f"grad_output must have the shape of the output {tuple(want)}, got shape "
+                         f"{tuple(grad_output.shape)}")
+    tape = _meanfield.Tape()
+    result = _meanfield.mean_field(backend, prepared.unary, prepared.features, prepared.params, prepared.config,
+                                   return_logits=output == "logits", tape=tape)
+    g_unary, g_features, grads = _meanfield.mean_field_backward(backend, tape, g4.astype(prepared.unary.dtype))
+    g_transform = None
+    if prepared.transform is not None:
+        g_features, g_transform = _feature_transform_backward(xp, prepared.image_features, g_features,
+                                                              prepared.transform)
+    g_image = xp.ascontiguousarray(xp.moveaxis(g_features, 1, -1))
+    if not prepared.batched:
+        result, g_unary, g_image = result[0], g_unary[0], g_image[0]
+    return InferVJP(result, g_unary, g_image, params_gradient_dict(prepared.params, grads), g_transform)

@@ -108,7 +108,7 @@ class CRFParams:
     """
 
     theta_alpha: float = 80.0
-    theta_beta: Union[float, Tuple[float, ...]] = 13.0
+    theta_beta: Union[float, Tuple[float, ...]] = 20.0
     theta_gamma: float = 3.0
     appearance_weight: float = 10.0
     smoothness_weight: float = 3.0

@@ -166,20 +166,29 @@ def per_class_iou(cm) -> np.ndarray:
     return iou
 
 
-def mean_iou(cm) -> float:
+def mean_iou(cm, classes: str = "gt_or_pred") -> float:
     """Mean IoU over the classes present in the ground truth or the prediction.
 
     Parameters
     ----------
     cm : array_like, shape (C, C)
         Confusion matrix.
+    classes : {"gt_or_pred", "gt"}
+        Which classes the mean runs over: those present in the ground truth or the prediction
+        (the standard definition: a class predicted but absent counts with IoU 0), or only those
+        present in the ground truth (kinder to small evaluation sets, where a few stray pixels
+        of an absent class would otherwise weigh as much as a whole class).
 
     Returns
     -------
     float
         Mean of :func:`per_class_iou` ignoring NaN entries; NaN if no class is present.
     """
+    if classes not in ("gt_or_pred", "gt"):
+        raise ValueError(f"classes must be 'gt_or_pred' or 'gt', got {classes!r}")
     iou = per_class_iou(cm)
+    if classes == "gt":
+        iou = np.where(_check_cm(cm).sum(axis=1) > 0, iou, np.nan)
     if np.isnan(iou).all():
         return float("nan")
     return float(np.nanmean(iou))

@@ -86,7 +86,8 @@ def evaluate(settings, tasks, jobs):
             acc[0] = acc[0] + cm
             acc[1] += t
             acc[2] += 1
-        out.append({n: (metrics.mean_iou(cm), metrics.pixel_accuracy(cm), t / n_img)
+        out.append({n: (metrics.mean_iou(cm), metrics.pixel_accuracy(cm), t / n_img,
+                        metrics.mean_iou(cm, classes="gt"))
                     for n, (cm, t, n_img) in per_set.items()})
     return out
 
@@ -129,11 +130,12 @@ def main(argv=None):
     tasks = load_tasks(args.data_dir, args.max_images)
     rows = evaluate(settings, tasks, args.jobs)
     names = sorted(rows[0])
-    print("setting | " + " | ".join(names) + " | mean | s/img")
+    print("setting | " + " | ".join(names) + " | mean | s/img  (each set: mIoU / mIoU over GT classes / accuracy)")
     for setting, row in zip(settings, rows):
-        mean = np.mean([row[n][0] for n in names])
+        mean = np.mean([row[n][3] for n in names])
         secs = np.mean([row[n][2] for n in names])
-        print(json.dumps(setting, sort_keys=True), "|", " | ".join(f"{row[n][0]:.4f}" for n in names),
+        print(json.dumps(setting, sort_keys=True), "|",
+              " | ".join(f"{row[n][0]:.4f} {row[n][3]:.4f} {row[n][1]:.4f}" for n in names),
               f"| {mean:.4f} | {secs:.3f}")
         sys.stdout.flush()
 

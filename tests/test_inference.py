@@ -199,8 +199,12 @@ def test_edge_preserving_refinement():
     probs = np.where(rng.random((H, W)) < 0.7, truth, 1 - truth)
     unary = cucrf.unary_from_labels(probs, num_classes=2, confidence=0.6)
     before = (unary.argmax(axis=0) == truth).mean()
-    after = (cucrf.infer(unary, image).argmax(axis=0) == truth).mean()
-    assert before < 0.75 and after > 0.99
+    assert before < 0.75
+    # Without blur, and at blur 2 and 3 here, the edge is recovered exactly.
+    for blur in (1, 2, 3):
+        assert (cucrf.infer(unary, image, blur=blur).argmax(axis=0) == truth).all()
+    # At blur 4 the cell covering columns 28..31 mixes both regions: one column may be lost.
+    assert (cucrf.infer(unary, image).argmax(axis=0) == truth).mean() >= 1 - 1 / W
 
 
 def test_unary_kinds_agree():
