@@ -1,0 +1,259 @@
+"""GPU benchmark of cucrf's CUDA backend (``python -m cucrf._bench_gpu``; run by scripts/gpu-check).
+
+For each problem: the median wall time of ``cucrf.infer`` on CuPy arrays (5 mean-field
+iterations, float32, everything included: validation, copies, feature pooling, kernels), the
+median time of the iterations alone, the peak memory CuPy's pool held, the roofline floor of
+docs/kernels.md (:func:`floor_model`) and the ratio to it, and -- where PyTorch is importable --
+the same message passing written the straightforward way (materialised kernel, ``F.unfold`` of
+Q, as upstream ConvCRF does), timed in the same run. Times from CUDA events after warm-up runs.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import numpy as np
+
+__all__ = ["PROBLEMS", "floor_model", "run"]
+
+#: (name, B, C, H, W, filter_size, blur)
+PROBLEMS = [
+    ("500x500x21 k7 b4", 1, 21, 500, 500, 7, 4),
+    ("500x500x21 k7 b1", 1, 21, 500, 500, 7, 1),
+    ("500x500x21 k11 b4", 1, 21, 500, 500, 11, 4),
+    ("8x512x512x21 k7 b4", 8, 21, 512, 512, 7, 4),
+    ("1024x2048x19 k11 b1", 1, 19, 1024, 2048, 11, 1),
+]
+ITERATIONS = 5
+FEATURES = 3
+HBM_BYTES_PER_S = 3.35e12   # H100 SXM HBM3
+FP32_FLOP_PER_S = 60e12     # H100 SXM fp32, no tensor cores (approximate)
+
+
+def floor_model(B, C, H, W, F, filter_size, blur, iterations=ITERATIONS, itemsize=4):
+    """Lower bound of the run time of ``iterations`` mean-field updates (docs/kernels.md).
+
+    Returns ``(bytes, flops, seconds)`` for the whole inference: every full-resolution array is
+    read or written once per pass that needs it, coarse arrays once (perfect cache reuse of the
+    window halo), FLOPs of the merged kernel (an FMA counts 2, exp 4).
+    """
+    h, w = -(-H // blur), -(-W // blur)
+    full = B * C * H * W * itemsize
+    coarse = B * C * h * w * itemsize
+    feats_coarse = B * F * h * w * itemsize
+    pairs = B * h * w * (filter_size ** 2 - 1)
+    per_iter_bytes = (
+        (full + coarse if blur > 1 else 0)          # pool: read Q, write Pool(Q)
+        + coarse + feats_coarse + coarse            # message: read Q_c, features; write m_c
+        + full + coarse + full                      # update: read aU, m_c; write Q
+    )
+    per_iter_flops = (
+        (B * C * H * W if blur > 1 else 0)          # pool: one add per pixel
+        + pairs * (2 * C + 3 * FEATURES + 12)       # message: classes + kernel value
+        + B * C * H * W * 17                        # update: bilinear, add, exp, sum, divide
+    )
+    setup_bytes = B * F * H * W * itemsize + feats_coarse + 2 * full   # pool features; softmax(aU)
+    total_bytes = iterations * per_iter_bytes + setup_bytes
+    total_flops = iterations * per_iter_flops
+    seconds = max(total_bytes / HBM_BYTES_PER_S, total_flops / FP32_FLOP_PER_S)
+    return total_bytes, total_flops, seconds
+
+
+def _time(cupy, fn, warmup=2, repeat=10, budget_s=20.0):
+    """Median milliseconds of ``fn()`` between CUDA events."""
+    for _ in range(warmup):
+        fn()
+    cupy.cuda.Device().synchronize()
+    times = []
+    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+    spent = 0.0
+    for _ in range(repeat):
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        ms = cupy.cuda.get_elapsed_time(start, stop)
+        times.append(ms)
+        spent += ms / 1000
+        if spent > budget_s and len(times) >= 3:
+            break
+    return statistics.median(times)
+
+
+def _problem(cupy, B, C, H, W, seed=0):
+    rng = cupy.random.default_rng(seed)
+    unary = rng.standard_normal((B, C, H, W), dtype=np.float32) * 2
+    image = (rng.random((B, H, W, FEATURES), dtype=np.float32) * 255).astype(np.float32)
+    return unary, image
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch, the straightforward way: materialised kernel + unfold
+# ---------------------------------------------------------------------------------------------
+def torch_mean_field(torch, unary, image, params, filter_size, blur, iterations):
+    """ConvCRF-style inference on PyTorch tensors (merged kernel, Potts, no normalisation)."""
+    Fn = torch.nn.functional
+    B, C, H, W = unary.shape
+    r = filter_size // 2
+    pad_y = math.ceil(((blur - H % blur) % blur) / 2)
+    pad_x = math.ceil(((blur - W % blur) % blur) / 2)
+
+    def pool(x):
+        if blur == 1:
+            return x
+        return Fn.avg_pool2d(x, blur, blur, padding=(pad_y, pad_x), count_include_pad=False)
+
+    def upsample(x):
+        if blur == 1:
+            return x
+        up = Fn.interpolate(x, scale_factor=blur, mode="bilinear", align_corners=False)
+        return up[:, :, pad_y:pad_y + H, pad_x:pad_x + W]
+
+    dev, dt = unary.device, unary.dtype
+    ys = torch.arange(H, device=dev, dtype=dt).view(1, 1, H, 1).expand(B, 1, H, W)
+    xs = torch.arange(W, device=dev, dtype=dt).view(1, 1, 1, W).expand(B, 1, H, W)
+    colour = image.permute(0, 3, 1, 2)
+    tb = torch.as_tensor(params.theta_beta_vector(colour.shape[1]), device=dev, dtype=dt).view(1, -1, 1, 1)
+    app = pool(torch.cat([ys / params.theta_alpha, xs / params.theta_alpha, colour / tb], 1))
+    smo = pool(torch.cat([ys, xs], 1) / params.theta_gamma)
+    h, w = app.shape[-2:]
+    k2 = filter_size * filter_size
+
+    def gaussian(feat):
+        nf = feat.shape[1]
+        cols = Fn.unfold(feat, filter_size, padding=r).view(B, nf, k2, h, w)
+        d = cols - feat.view(B, nf, 1, h, w)
+        return torch.exp(-0.5 * (d * d).sum(1))
+
+    inside = Fn.unfold(torch.ones(1, 1, h, w, device=dev, dtype=dt), filter_size, padding=r).view(1, k2, h, w)
+    inside[:, k2 // 2] = 0  # no message from the cell to itself
+    kernel = (params.appearance_weight * gaussian(app) + params.smoothness_weight * gaussian(smo)) * inside
+
+    su = unary * params.unary_weight
+    q = torch.softmax(su, 1)
+    for _ in range(iterations):
+        cols = Fn.unfold(pool(q), filter_size, padding=r).view(B, C, k2, h, w)
+        m = upsample((cols * kernel.unsqueeze(1)).sum(2))
+        q = torch.softmax(su + m, 1)
+    return q
+
+
+# ---------------------------------------------------------------------------------------------
+def run(print_fn=print, problems=None, with_torch=True):
+    """Benchmark every problem; print a table (last) and return the rows as dicts."""
+    import cupy
+
+    import cucrf
+    from cucrf import _cupy_backend as cb
+    from cucrf import _meanfield
+
+    try:
+        import torch
+        if not torch.cuda.is_available():
+            torch = None
+    except Exception:  # noqa: BLE001 - any import problem means "no PyTorch comparison"
+        torch = None
+    if not with_torch:
+        torch = None
+
+    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+    device = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+    print_fn(f"device: {device}; CuPy {cupy.__version__}; PyTorch "
+             f"{torch.__version__ if torch is not None else 'not used'}")
+    params = cucrf.CRFParams(theta_alpha=80.0, theta_beta=13.0, theta_gamma=3.0)
+    pool = cupy.get_default_memory_pool()
+    rows = []
+    for name, B, C, H, W, k, blur in problems or PROBLEMS:
+        unary, image = _problem(cupy, B, C, H, W)
+        kw = dict(filter_size=k, blur=blur, iterations=ITERATIONS)
+        row = dict(problem=name)
+        try:
+            cucrf.infer(unary, image, params, **kw)  # compile kernels outside the timing
+            pool.free_all_blocks()
+            before = pool.total_bytes()
+            q = cucrf.infer(unary, image, params, **kw)
+            cupy.cuda.Device().synchronize()
+            row["peak_mib"] = (pool.total_bytes() - before) / 2**20
+            del q
+            row["infer_ms"] = _time(cupy, lambda: cucrf.infer(unary, image, params, **kw))
+
+            features = cupy.ascontiguousarray(cupy.moveaxis(image, -1, 1))
+            config = _meanfield.CRFConfig(k, blur, ITERATIONS)
+            setup = cb.prepare(features, params, config)
+            su = unary * np.float32(params.unary_weight)
+            q0 = cb.softmax(su)
+
+            def iterations():
+                q = q0
+                for _ in range(ITERATIONS):
+                    q = cb.update(su, cb.full_message(setup, q, config), None)
+                return q
+
+            row["iters_ms"] = _time(cupy, iterations)
+            del setup, su, q0, features
+        except Exception as exc:  # noqa: BLE001 - report it in the table and go on
+            row.update(infer_ms=float("nan"), iters_ms=float("nan"), peak_mib=float("nan"))
+            row["error"] = f"cucrf: {type(exc).__name__}: {exc}"
+        _, _, floor_s = floor_model(B, C, H, W, FEATURES, k, blur)
+        row["floor_ms"] = floor_s * 1e3
+        row["ratio"] = row["infer_ms"] / row["floor_ms"]
+        if torch is not None:
+            row.update(_torch_row(torch, cupy, unary, image, params, k, blur))
+        rows.append(row)
+        del unary, image
+        pool.free_all_blocks()
+
+    header = f"{'problem':22s} {'infer ms':>9s} {'iters ms':>9s} {'peak MiB':>9s} {'floor ms':>9s} {'x floor':>8s}"
+    if torch is not None:
+        header += f" {'torch ms':>9s} {'torch MiB':>9s} {'speedup':>8s} {'max|dQ|':>9s}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        line = (f"{r['problem']:22s} {r['infer_ms']:9.3f} {r['iters_ms']:9.3f} {r['peak_mib']:9.1f} "
+                f"{r['floor_ms']:9.3f} {r['ratio']:8.1f}")
+        if torch is not None:
+            line += (f" {r['torch_ms']:9.3f} {r['torch_mib']:9.1f} "
+                     f"{r['torch_ms'] / r['infer_ms']:8.1f} {r['max_diff']:9.2e}")
+        lines.append(line)
+    for r in rows:
+        for key in ("error", "torch_error"):
+            if key in r:
+                print_fn(f"{r['problem']}: {r[key]}")
+    print_fn(f"\ncucrf CUDA backend, float32, {ITERATIONS} iterations, F={FEATURES} "
+             f"(floor: {HBM_BYTES_PER_S / 1e12:.2f} TB/s, {FP32_FLOP_PER_S / 1e12:.0f} TFLOP/s; docs/kernels.md)")
+    for line in lines:
+        print_fn(line)
+    return rows
+
+
+def _torch_row(torch, cupy, unary, image, params, k, blur):
+    import cucrf
+
+    out = {}
+    try:
+        tu = torch.from_dlpack(unary)
+        ti = torch.from_dlpack(image)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with torch.no_grad():
+            q = torch_mean_field(torch, tu, ti, params, k, blur, ITERATIONS)
+            torch.cuda.synchronize()
+            out["torch_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+            ours = cucrf.infer(unary, image, params, filter_size=k, blur=blur, iterations=ITERATIONS)
+            out["max_diff"] = float(cupy.abs(cupy.from_dlpack(q) - ours).max())
+            del q, ours
+
+            def fn():
+                torch_mean_field(torch, tu, ti, params, k, blur, ITERATIONS)
+
+            out["torch_ms"] = _time(cupy, fn, warmup=1, repeat=5)
+    except Exception as exc:  # noqa: BLE001 - out of memory, or anything else: report it
+        out.update(torch_ms=float("nan"), torch_mib=float("nan"), max_diff=float("nan"),
+                   torch_error=f"torch: {type(exc).__name__}: {str(exc)[:200]}")
+    torch.cuda.empty_cache()
+    return out
+
+
+if __name__ == "__main__":
+    run()

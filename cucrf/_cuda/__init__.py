@@ -1,0 +1,181 @@
+"""Hand-written CUDA kernels: sources, specialisations and launch-parameter rules.
+
+Nothing here imports CuPy or compiles anything. The kernels live in ``cucrf/kernels/*.cu``
+(package data); :func:`kernel_source` reads one. Each kernel is a C++ template, instantiated
+through NVRTC *name expressions* such as ``crf_message<float, 3, 32, false>``; the rules that
+pick a specialisation for a problem (:func:`message_spec` and friends) are plain functions used
+both by the launch code (:mod:`cucrf._cuda.backend`) and by :func:`specialisations`, which lists
+every specialisation the library can launch (for ``python -m cucrf.testing.nvrtc_check``).
+
+Specialisation axes:
+
+* dtype: ``float`` / ``double``;
+* message passing: feature count ``NF`` in 1..5 kept in registers, ``0`` for any other ``F``;
+  ``CHUNK`` classes per thread (8, 16 or 32; more classes are covered by several chunks);
+  merged kernel or separate appearance/smoothness kernels (symmetric normalisation);
+* update: ``CMAX`` classes in registers (8, 16, 32), Potts or full compatibility matrix.
+
+The filter size is a runtime argument of the message kernel: its loops are over a window of
+(2r + 1)^2 cells with a per-cell body of tens of instructions, so a compile-time radius would
+buy nothing measurable, and one instance serves every odd filter size.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+
+import numpy as np
+
+__all__ = [
+    "KERNEL_FILES", "COMPILE_OPTIONS", "kernel_source", "specialisations", "ctype",
+    "message_spec", "message_launch", "pool_spec", "update_spec", "upsample_spec",
+    "MAX_FUSED_CLASSES", "SHARED_MEMORY_LIMIT", "BLOCK_1D",
+]
+
+KERNEL_FILES = ("message.cu", "pool.cu", "update.cu")
+
+#: Extra NVRTC options (CuPy adds its own); the kernels need none.
+COMPILE_OPTIONS = ()
+
+#: Dynamic shared memory available to a block without an opt-in attribute.
+SHARED_MEMORY_LIMIT = 48 * 1024
+
+#: Threads per block of the element-wise (1-D) kernels.
+BLOCK_1D = 256
+
+#: Feature counts with a register specialisation; others use the generic NF = 0 instance.
+FEATURE_SPECIALISATIONS = (1, 2, 3, 4, 5)
+
+#: Classes per thread of the message kernel.
+MESSAGE_CHUNKS = (8, 16, 32)
+
+#: Class counts the fused update keeps in registers, per (dtype, matrix); above it the update
+#: falls back to an unfused path (upsampling kernel + array operations).
+_UPDATE_CMAX = {
+    ("float", False): (8, 16, 32),
+    ("float", True): (8, 16, 32),
+    ("double", False): (8, 16, 32),
+    ("double", True): (8, 16),
+}
+MAX_FUSED_CLASSES = {key: max(v) for key, v in _UPDATE_CMAX.items()}
+
+
+def ctype(dtype) -> str:
+    """The C type of a NumPy dtype (float32 or float64)."""
+    dtype = np.dtype(dtype)
+    if dtype == np.float32:
+        return "float"
+    if dtype == np.float64:
+        return "double"
+    raise TypeError(f"the CUDA kernels support float32 and float64, got {dtype}")
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_source(file_name: str) -> str:
+    """The text of ``cucrf/kernels/<file_name>``."""
+    if file_name not in KERNEL_FILES:
+        raise ValueError(f"unknown kernel file {file_name!r}; expected one of {KERNEL_FILES}")
+    return importlib.resources.files("cucrf.kernels").joinpath(file_name).read_text(encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# specialisation rules
+# ---------------------------------------------------------------------------------------------
+def _smallest_at_least(n, choices):
+    for c in choices:
+        if c >= n:
+            return c
+    return choices[-1]
+
+
+#: Below this many coarse cells (B * h * w) the message kernel uses the smallest class chunk, so
+#: that a small grid (e.g. 125 x 125 at blur 4) still has enough threads to fill the GPU; kernel
+#: values are then recomputed per chunk, which costs nothing on an otherwise idle device.
+#: (A heuristic from the occupancy arithmetic in docs/kernels.md, not tuned on a GPU yet.)
+SMALL_GRID_CELLS = 1 << 16
+
+
+def message_spec(dtype, num_features, num_classes, separate, num_cells=None):
+    """``(name_expression, nf, chunk)`` of the message kernel for a problem.
+
+    ``num_cells`` (B * h * w), when given and below :data:`SMALL_GRID_CELLS`, selects the
+    smallest class chunk (more threads); otherwise the chunk is the smallest that covers the
+    classes in as few chunks as possible.
+    """
+    nf = num_features if num_features in FEATURE_SPECIALISATIONS else 0
+    if num_cells is not None and num_cells < SMALL_GRID_CELLS:
+        chunk = MESSAGE_CHUNKS[0]
+    else:
+        chunks = -(-num_classes // MESSAGE_CHUNKS[-1])
+        chunk = _smallest_at_least(-(-num_classes // chunks), MESSAGE_CHUNKS)
+    sep = "true" if separate else "false"
+    return f"crf_message<{ctype(dtype)}, {nf}, {chunk}, {sep}>", nf, chunk
+
+
+def _next_pow2(n):
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def message_launch(h, w, radius, num_features, itemsize):
+    """``(block, shared_mem)`` of the message kernel: a (TX, TY) tile of cells, x fastest.
+
+    The block holds the tile's features with a halo of ``radius`` cells in shared memory;
+    TY (then TX) shrinks until that fits in :data:`SHARED_MEMORY_LIMIT`.
+    """
+    tx = 32 if w >= 32 else max(8, _next_pow2(w))
+    ty = max(1, min(256 // tx, _next_pow2(h)))
+
+    def smem(tx, ty):
+        return num_features * (ty + 2 * radius) * (tx + 2 * radius) * itemsize
+
+    while smem(tx, ty) > SHARED_MEMORY_LIMIT and ty > 1:
+        ty //= 2
+    while smem(tx, ty) > SHARED_MEMORY_LIMIT and tx > 1:
+        tx //= 2
+    if smem(tx, ty) > SHARED_MEMORY_LIMIT:
+        raise ValueError(
+            f"{num_features} feature channels with filter_size={2 * radius + 1} need "
+            f"{smem(tx, ty)} bytes of shared memory per block, more than {SHARED_MEMORY_LIMIT}; "
+            "use fewer channels or a smaller filter_size on the GPU"
+        )
+    return (tx, ty), smem(tx, ty)
+
+
+def pool_spec(dtype, scaled):
+    """Name expression of the pooling kernel (``scaled``: two outputs, x * s0 and x * s1)."""
+    return f"crf_pool<{ctype(dtype)}, {2 if scaled else 0}>"
+
+
+def update_spec(dtype, num_classes, matrix):
+    """Name expression of the fused update, or None when ``num_classes`` is too many for it."""
+    key = (ctype(dtype), bool(matrix))
+    if num_classes > MAX_FUSED_CLASSES[key]:
+        return None
+    cmax = _smallest_at_least(num_classes, _UPDATE_CMAX[key])
+    return f"crf_update<{key[0]}, {cmax}, {'true' if matrix else 'false'}>"
+
+
+def upsample_spec(dtype):
+    """Name expression of the stand-alone upsampling kernel."""
+    return f"crf_upsample<{ctype(dtype)}>"
+
+
+def specialisations():
+    """Every specialisation the library launches: ``{file: [(options, [name_expression...])]}``.
+
+    One entry per file and dtype (the name expressions of one entry compile together; at run
+    time each is compiled on its own, on first use).
+    """
+    out = {}
+    for t in ("float", "double"):
+        dt = np.float32 if t == "float" else np.float64
+        names = [f"crf_message<{t}, {nf}, {chunk}, {sep}>"
+                 for nf in (0,) + FEATURE_SPECIALISATIONS for chunk in MESSAGE_CHUNKS
+                 for sep in ("false", "true")]
+        out.setdefault("message.cu", []).append((COMPILE_OPTIONS, names))
+        out.setdefault("pool.cu", []).append((COMPILE_OPTIONS, [pool_spec(dt, s) for s in (False, True)]))
+        names = [f"crf_update<{t}, {c}, {'true' if m else 'false'}>"
+                 for m in (False, True) for c in _UPDATE_CMAX[(t, m)]]
+        out.setdefault("update.cu", []).append((COMPILE_OPTIONS, names + [upsample_spec(dt)]))
+    return out

@@ -1,0 +1,1 @@
+"""CUDA C sources of the GPU backend (package data; loaded by :mod:`cucrf._cuda`)."""
