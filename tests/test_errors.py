@@ -163,6 +163,15 @@ def test_mixed_array_libraries():
     assert _validation.array_library("unary", UNARY) == "numpy"
 
 
+def test_mixed_libraries_refused_without_gpu():
+    class FakeCupyArray:  # claims to be a CuPy array; is refused before anything touches it
+        shape = IMAGE.shape
+
+    FakeCupyArray.__module__ = "cupy"
+    with pytest.raises(TypeError, match="unary is a numpy array but image is a cupy array"):
+        cucrf.infer(UNARY, FakeCupyArray())
+
+
 def test_numpy_and_cupy_mixed_is_refused():
     cupy = pytest.importorskip("cupy")
     if not cupy.cuda.is_available():
