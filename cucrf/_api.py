@@ -373,6 +373,7 @@ def infer_vjp(unary, image, params=None, *, grad_output, filter_size=DEFAULT_FIL
         output=output, dtype=dtype, device=device, feature_transform=feature_transform, training=True,
     )
     backend, xp = prepared.backend, prepared.backend.xp
+    _meanfield.check_backward_support(backend)
     grad_output, library = to_backend_array("grad_output", grad_output, device)
     if library != prepared.library:
         raise TypeError(f"unary is a {prepared.library} array but grad_output is a {library} array; pass "

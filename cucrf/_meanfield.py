@@ -1,21 +1,45 @@
-"""Mean-field inference, written once for every backend.
+"""Mean-field inference and its gradient, written once for every backend.
 
 A *backend* offers, for one array library ``backend.xp``, the primitives
 
 * ``prepare(features, params, config) -> setup``: everything message passing needs that does not
   depend on ``Q`` (pooled features, kernels or normalisers), computed once per batch;
 * ``full_message(setup, q, config) -> M``: the full-resolution message of :func:`message`;
-* ``update(scaled_unary, msg, compat, return_logits, out)``: compatibility, unary and softmax;
+* ``update(scaled_unary, msg, compat, return_logits, out)``: compatibility, unary and softmax
+  (``out=None`` must allocate a new array: training keeps every message);
 * ``softmax(x)``.
 
-:func:`prepare` and :func:`message` below are the reference versions, built from the NumPy
-backend's smaller primitives; :func:`mean_field` strings a backend's primitives together.
+and, for learning (reverse mode, see :func:`mean_field_backward`),
+
+* ``softmax_backward(q, grad) -> grad_logits``: vjp of the softmax over axis 1, given its output;
+* ``compatibility_backward(grad_logits, msg, compat) -> (grad_msg, grad_compat)``: vjp of
+  ``logits = a U - mu M``; ``grad_compat`` is a (C, C) float64 NumPy array, the gradient with
+  respect to the full matrix (also for Potts, ``compat`` None, where it is evaluated at 1 - I);
+* ``full_message_backward(setup, q, grad_msg, config, grads) -> grad_q``: vjp of
+  ``full_message`` with respect to ``q``; what the parameter gradient needs is recorded in
+  ``grads`` (a :class:`MessageGradients`);
+* ``prepare_backward(setup, features, params, config, grads) -> (grad_features, dict)``: turns
+  what ``grads`` collected over all iterations into the gradient with respect to the features
+  (B, F, H, W) and to ``theta_alpha``, ``theta_beta`` (an (F,) float64 array), ``theta_gamma``,
+  ``appearance_weight`` and ``smoothness_weight``.
+
+:func:`prepare`, :func:`message`, :func:`message_backward` and :func:`prepare_backward` below are
+the reference versions, built from the NumPy backend's smaller primitives (``pool``,
+``upsample``, ``pairwise_kernels``, ``message`` and their ``*_backward`` / ``message_transpose``);
+:func:`mean_field` strings a backend's primitives together, for inference and, with a
+:class:`Tape`, for training; :func:`mean_field_backward` replays the taped iterations in reverse.
+
+Training memory is O(T B C H W): the tape keeps each iteration's input ``Q`` and message ``M``
+and the backward pass the pooled message inputs and the pooled message gradients (on the coarse
+grid); the (S, B, K, h, w) kernel stack of the forward pass is the only window-sized array.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Optional, Tuple
+
+import numpy as np
 
 from ._geometry import axis_geometry
 
@@ -125,7 +149,68 @@ def message(backend, setup: PairwiseSetup, q, config: CRFConfig):
     return out
 
 
-def mean_field(backend, unary, features, params, config: CRFConfig, return_logits=False):
+@dataclasses.dataclass
+class Tape:
+    """The record of one :func:`mean_field` call that :func:`mean_field_backward` replays.
+
+    Pass ``Tape()`` as ``mean_field(..., tape=)``; the call fills it.
+
+    Attributes
+    ----------
+    qs : list of arrays (B, C, H, W)
+        The input ``Q`` of every iteration (``qs[0] = softmax(a U)``).
+    msgs : list
+        The message ``M`` of every iteration, as ``backend.full_message`` returned it (an array
+        (B, C, H, W) for NumPy; a backend with a lazy message object gets it back in its own
+        ``compatibility_backward``).
+    output : array
+        What :func:`mean_field` returned.
+    """
+
+    unary: object = None
+    features: object = None
+    params: object = None
+    config: Optional[CRFConfig] = None
+    return_logits: bool = False
+    compat: object = None
+    setup: Optional[PairwiseSetup] = None
+    qs: list = dataclasses.field(default_factory=list)
+    msgs: list = dataclasses.field(default_factory=list)
+    output: object = None
+
+
+#: What a backend needs besides the inference interface to compute gradients.
+BACKWARD_METHODS = ("softmax_backward", "compatibility_backward", "full_message_backward", "prepare_backward")
+
+
+def check_backward_support(backend):
+    """Raise NotImplementedError when ``backend`` lacks one of :data:`BACKWARD_METHODS`."""
+    missing = [m for m in BACKWARD_METHODS if not hasattr(backend, m)]
+    if missing:
+        raise NotImplementedError(
+            f"the {getattr(backend, 'name', 'this')} backend has no backward pass yet (missing "
+            f"{', '.join(missing)}); compute gradients on the CPU with device='cpu'"
+        )
+
+
+class MessageGradients:
+    """What the backward passes of the messages collect for the kernel gradient.
+
+    For kernel ``s``: ``left[s]`` the gradients of the coarse messages (before the weight),
+    ``right[s]`` the coarse message inputs, one per iteration (stacked on the class axis at the
+    end), and ``normalisers[s]`` the gradient with respect to ``n_s`` (B, 1, H, W), or None.
+    """
+
+    def __init__(self, num_kernels):
+        self.left = [[] for _ in range(num_kernels)]
+        self.right = [[] for _ in range(num_kernels)]
+        self.normalisers = [None] * num_kernels
+
+    def add_normaliser(self, s, grad):
+        self.normalisers[s] = grad if self.normalisers[s] is None else self.normalisers[s] + grad
+
+
+def mean_field(backend, unary, features, params, config: CRFConfig, return_logits=False, tape=None):
     """Run ``config.iterations`` mean-field updates.
 
     Parameters
@@ -138,6 +223,8 @@ def mean_field(backend, unary, features, params, config: CRFConfig, return_logit
     config : CRFConfig
     return_logits : bool
         Return ``a * U - Phi`` of the last iteration instead of its softmax.
+    tape : Tape, optional
+        Record what :func:`mean_field_backward` needs (every iteration's ``Q`` and ``M``).
 
     Returns
     -------
@@ -148,15 +235,172 @@ def mean_field(backend, unary, features, params, config: CRFConfig, return_logit
     dt = unary.dtype
     compat = None if params.is_potts else backend.xp.asarray(params.compatibility_matrix(C), dtype=dt)
     scaled_unary = unary * dt.type(params.unary_weight)
+    if tape is not None:
+        tape.unary, tape.features, tape.params, tape.config = unary, features, params, config
+        tape.return_logits, tape.compat = return_logits, compat
     if config.iterations == 0:
-        return scaled_unary if return_logits else backend.softmax(scaled_unary)
+        q = scaled_unary if return_logits else backend.softmax(scaled_unary)
+        if tape is not None:
+            tape.output = q
+        return q
     setup = backend.prepare(features, params, config)
     q = backend.softmax(scaled_unary)
+    if tape is not None:
+        tape.setup = setup
     for t in range(config.iterations):
         last = t == config.iterations - 1
+        if tape is not None:
+            tape.qs.append(q)
         msg = backend.full_message(setup, q, config)
-        q = backend.update(scaled_unary, msg, compat, return_logits=last and return_logits, out=msg)
+        if tape is not None:
+            tape.msgs.append(msg)
+        q = backend.update(scaled_unary, msg, compat, return_logits=last and return_logits,
+                           out=None if tape is not None else msg)
+    if tape is not None:
+        tape.output = q
     return q
+
+
+def mean_field_backward(backend, tape: Tape, grad_output):
+    """Reverse-mode gradient of a taped :func:`mean_field` call.
+
+    Parameters
+    ----------
+    backend : module
+    tape : Tape
+        Filled by ``mean_field(..., tape=tape)``.
+    grad_output : array, shape (B, C, H, W)
+        Gradient of the loss with respect to what :func:`mean_field` returned.
+
+    Returns
+    -------
+    grad_unary : array (B, C, H, W)
+    grad_features : array (B, F, H, W)
+    grads : dict
+        Gradients with respect to ``theta_alpha``, ``theta_gamma``, ``appearance_weight``,
+        ``smoothness_weight`` and ``unary_weight`` (floats), ``theta_beta`` ((F,) float64) and
+        ``compatibility`` ((C, C) float64; for Potts the gradient of the full matrix at 1 - I).
+    """
+    check_backward_support(backend)
+    xp = backend.xp
+    config, params = tape.config, tape.params
+    unary, features = tape.unary, tape.features
+    dt = unary.dtype
+    C = unary.shape[1]
+    g = grad_output.astype(dt, copy=False)
+    grad_compat = np.zeros((C, C))
+    if config.iterations == 0:
+        grad_scaled = g if tape.return_logits else backend.softmax_backward(tape.output, g)
+        grad_features = xp.zeros_like(features)
+        kernel_grads = {"theta_alpha": 0.0, "theta_beta": np.zeros(features.shape[1]), "theta_gamma": 0.0,
+                        "appearance_weight": 0.0, "smoothness_weight": 0.0}
+    else:
+        setup = tape.setup
+        collected = MessageGradients(len(setup.weights))
+        grad_scaled = None
+        T = config.iterations
+        for t in reversed(range(T)):
+            if t == T - 1:
+                out = tape.output
+                grad_logits = g if tape.return_logits else backend.softmax_backward(out, g)
+            else:
+                grad_logits = backend.softmax_backward(tape.qs[t + 1], g)
+            grad_scaled = grad_logits.copy() if grad_scaled is None else grad_scaled + grad_logits
+            grad_msg, gc = backend.compatibility_backward(grad_logits, tape.msgs[t], tape.compat)
+            grad_compat += gc
+            g = backend.full_message_backward(setup, tape.qs[t], grad_msg, config, collected)
+        grad_scaled += backend.softmax_backward(tape.qs[0], g)
+        grad_features, kernel_grads = backend.prepare_backward(setup, features, params, config, collected)
+    grads = dict(kernel_grads)
+    grads["compatibility"] = grad_compat
+    grads["unary_weight"] = float(xp.sum(grad_scaled * unary, dtype=xp.float64))
+    grad_unary = grad_scaled * dt.type(params.unary_weight)
+    return grad_unary, grad_features, grads
+
+
+def message_backward(backend, setup: PairwiseSetup, q, grad_msg, config: CRFConfig, grads: MessageGradients):
+    """Reference vjp of :func:`message` with respect to ``q``; records kernel gradients in ``grads``.
+
+    With ``P_s = Pool(n_s q)`` and ``G_s = Up^T(n_s grad_msg)`` (coarse), the gradient is
+    ``sum_s n_s Pool^T(K_s^T (w_s G_s))`` (``K_s^T = K_s``: the kernels are symmetric); ``G_s`` and
+    ``P_s`` are recorded for the kernel gradient, and for symmetric normalisation the gradient
+    with respect to ``n_s``: ``w_s sum_c grad_msg Up(K_s P_s) + sum_c q Pool^T(K_s w_s G_s)``.
+    """
+    blur, k, keep = config.blur, config.filter_size, config.keep_centre
+    dt = q.dtype
+    coarse = tuple(setup.kernels.shape[-2:])
+    grad_q = None
+    for s, weight in enumerate(setup.weights):
+        n = setup.normalisers[s] if setup.normalisers is not None else None
+        src = q if n is None else q * n
+        pooled = backend.pool(src, blur)
+        g_coarse = backend.upsample_backward(grad_msg if n is None else grad_msg * n, blur, coarse)
+        grads.left[s].append(g_coarse)
+        grads.right[s].append(pooled)
+        if weight == 0:
+            continue
+        g_src = backend.pool_backward(
+            backend.message_transpose(setup.kernels[s], g_coarse * dt.type(weight), k, keep), blur, setup.size)
+        if n is not None:
+            m = backend.upsample(backend.message(setup.kernels[s], pooled, k, keep), blur, setup.size)
+            m *= grad_msg
+            g_n = m.sum(axis=1, keepdims=True) * dt.type(weight) + (q * g_src).sum(axis=1, keepdims=True)
+            grads.add_normaliser(s, g_n)
+            g_src = g_src * n
+        grad_q = g_src if grad_q is None else grad_q + g_src
+    return backend.xp.zeros_like(q) if grad_q is None else grad_q
+
+
+def prepare_backward(backend, setup: PairwiseSetup, features, params, config: CRFConfig, grads: MessageGradients):
+    """Reference gradient of :func:`prepare` from what :func:`message_backward` collected.
+
+    The kernel gradient ``dL/dK_s[o, i] = w_s sum_t sum_c G_s,t[c, i] P_s,t[c, i + o] + r_s[i]``
+    (``r_s`` from the normalisers, ``n = (K(1) + eps)^-1/2`` so ``dn/dK(1) = -n^3 / 2``) is
+    formed one offset at a time by ``backend.pairwise_kernels_backward``, then pushed through
+    the pooling of the features. Returns ``(grad_features, dict)``.
+    """
+    xp = backend.xp
+    B, F, H, W = features.shape
+    dt = features.dtype
+    blur = config.blur
+    gy, gx = axis_geometry(H, blur), axis_geometry(W, blur)
+    coarse = (gy.coarse, gx.coarse)
+    pooled = backend.pool(features, blur)
+    normalized = config.normalization == "symmetric"
+    wa, ws = params.appearance_weight, params.smoothness_weight
+    kernel_weights = ((1.0, 0.0), (0.0, 1.0)) if normalized else ((wa, ws),)
+    S = len(kernel_weights)
+    left = [xp.concatenate(grads.left[s], axis=1) if grads.left[s] else None for s in range(S)]
+    right = [xp.concatenate(grads.right[s], axis=1) if grads.right[s] else None for s in range(S)]
+    rows = None
+    if normalized:
+        rows = []
+        for s in range(S):
+            gn = grads.normalisers[s]
+            if gn is None:
+                rows.append(None)
+                continue
+            n = setup.normalisers[s]
+            rows.append(backend.upsample_backward(gn * (n * n * n) * dt.type(-0.5), blur, coarse))
+    theta_beta = params.theta_beta_vector(F)
+    out = backend.pairwise_kernels_backward(
+        xp.asarray(gy.centres), xp.asarray(gx.centres), pooled, xp.asarray(1.0 / theta_beta),
+        1.0 / params.theta_alpha ** 2, 1.0 / params.theta_gamma ** 2,
+        config.filter_size, kernel_weights, config.keep_centre, left, right, setup.weights, rows,
+    )
+    grad_features = backend.pool_backward(out["features"], blur, (H, W))
+    g_ib = np.asarray(out["inv_theta_beta"].get() if hasattr(out["inv_theta_beta"], "get") else out["inv_theta_beta"],
+                      dtype=np.float64)
+    result = {
+        "theta_alpha": float(out["inv_theta_alpha2"]) * -2.0 / params.theta_alpha ** 3,
+        "theta_beta": g_ib * -1.0 / theta_beta ** 2,
+        "theta_gamma": float(out["inv_theta_gamma2"]) * -2.0 / params.theta_gamma ** 3,
+    }
+    if normalized:
+        result["appearance_weight"], result["smoothness_weight"] = (float(v) for v in out["pair_dot"])
+    else:
+        result["appearance_weight"], result["smoothness_weight"] = (float(v) for v in out["weights"][0])
+    return grad_features, result
 
 
 def estimate_bytes(batch, classes, height, width, channels, config: CRFConfig, itemsize) -> int:
@@ -173,4 +417,8 @@ def estimate_bytes(batch, classes, height, width, channels, config: CRFConfig, i
     return int(elements * itemsize)
 
 
-__all__ = ["CRFConfig", "PairwiseSetup", "prepare", "message", "mean_field", "estimate_bytes"]
+__all__ = [
+    "CRFConfig", "PairwiseSetup", "Tape", "MessageGradients", "prepare", "message", "mean_field",
+    "mean_field_backward", "message_backward", "prepare_backward", "estimate_bytes", "BACKWARD_METHODS",
+    "check_backward_support",
+]

@@ -70,9 +70,27 @@ def pool(x, blur):
         return x
     gy = axis_geometry(x.shape[-2], blur)
     gx = axis_geometry(x.shape[-1], blur)
-    sums = _pool_axis(_pool_axis(x, gx, -1), gy, -2)
+    # Rows first: whole contiguous rows are added, and the column pass then sees 1/blur of the data.
+    sums = _pool_axis(_pool_axis(x, gy, -2), gx, -1)
     sums *= (1.0 / np.outer(gy.counts, gx.counts)).astype(x.dtype)
     return sums
+
+
+def _pool_axis_backward(grad, g, axis):
+    """Transpose of :func:`_pool_axis`: copy each cell's value to the real pixels it covers."""
+    shape = list(grad.shape)
+    shape[axis] = g.size
+    out = np.empty(shape, dtype=grad.dtype)
+    for j in range(g.blur):
+        first_pixel = j - g.pad
+        first_cell = 0 if first_pixel >= 0 else 1
+        first_pixel += first_cell * g.blur
+        if first_pixel >= g.size:
+            continue
+        n = len(range(first_pixel, g.size, g.blur))
+        out[_axis_index(grad.ndim, axis, slice(first_pixel, g.size, g.blur))] = \
+            grad[_axis_index(grad.ndim, axis, slice(first_cell, first_cell + n))]
+    return out
 
 
 def pool_backward(grad, blur, size):
@@ -82,8 +100,7 @@ def pool_backward(grad, blur, size):
     gy = axis_geometry(size[0], blur)
     gx = axis_geometry(size[1], blur)
     scaled = grad * (1.0 / np.outer(gy.counts, gx.counts)).astype(grad.dtype)
-    full = np.repeat(np.repeat(scaled, blur, axis=-2), blur, axis=-1)
-    return np.ascontiguousarray(full[..., gy.pad:gy.pad + gy.size, gx.pad:gx.pad + gx.size])
+    return _pool_axis_backward(_pool_axis_backward(scaled, gy, -2), gx, -1)
 
 
 def _upsample_axis(x, g, axis):
@@ -132,18 +149,48 @@ def upsample(x, blur, size):
         return x
     gy = axis_geometry(size[0], blur)
     gx = axis_geometry(size[1], blur)
-    return _upsample_axis(_upsample_axis(x, gy, -2), gx, -1)
+    # Columns first, on the coarse rows; the row pass then writes whole contiguous rows.
+    return _upsample_axis(_upsample_axis(x, gx, -1), gy, -2)
+
+
+def _upsample_axis_backward(grad, g, axis):
+    """Transpose of :func:`_upsample_axis`: ``grad`` (.., g.size, ..) to (.., g.coarse, ..)."""
+    nd = grad.ndim
+    shape = list(grad.shape)
+    shape[axis] = g.coarse + 2
+    edged = np.zeros(shape, dtype=grad.dtype)
+    b = g.blur
+    for phase in range(b):
+        delta = (phase + 0.5) / b - 0.5
+        shift, frac = (0, 1.0 + delta) if delta < 0 else (1, delta)
+        first = (phase - g.pad) % b
+        if first >= g.size:
+            continue
+        n = len(range(first, g.size, b))
+        q0 = (first + g.pad) // b + shift
+        view = grad[_axis_index(nd, axis, slice(first, g.size, b))]
+        edged[_axis_index(nd, axis, slice(q0, q0 + n))] += view * grad.dtype.type(1.0 - frac)
+        edged[_axis_index(nd, axis, slice(q0 + 1, q0 + 1 + n))] += view * grad.dtype.type(frac)
+    out = np.ascontiguousarray(edged[_axis_index(nd, axis, slice(1, g.coarse + 1))])
+    # The repeated edge cells of the forward fold back onto the first and last cell.
+    out[_axis_index(nd, axis, slice(0, 1))] += edged[_axis_index(nd, axis, slice(0, 1))]
+    out[_axis_index(nd, axis, slice(g.coarse - 1, g.coarse))] += edged[_axis_index(nd, axis, slice(-1, None))]
+    return out
 
 
 def upsample_backward(grad, blur, coarse_size):
-    """Vector-Jacobian product of :func:`upsample`: ``grad`` (..., H, W) to (..., h, w)."""
+    """Vector-Jacobian product of :func:`upsample`: ``grad`` (..., H, W) to (..., h, w).
+
+    The exact transpose of the separable, phase-sliced forward (no dense matrices).
+    """
     if blur == 1:
         return grad
     H, W = grad.shape[-2:]
-    uy = axis_geometry(H, blur).upsample_matrix().astype(grad.dtype)
-    ux = axis_geometry(W, blur).upsample_matrix().astype(grad.dtype)
-    assert uy.shape[1] == coarse_size[0] and ux.shape[1] == coarse_size[1]
-    return np.matmul(np.matmul(uy.T, grad), ux)
+    gy, gx = axis_geometry(H, blur), axis_geometry(W, blur)
+    if (gy.coarse, gx.coarse) != tuple(coarse_size):
+        raise ValueError(f"upsample_backward: a {H}x{W} gradient at blur {blur} comes from a "
+                         f"{gy.coarse}x{gx.coarse} grid, not {tuple(coarse_size)}")
+    return _upsample_axis_backward(_upsample_axis_backward(grad, gx, -1), gy, -2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,6 +277,109 @@ def message(kernels, q, filter_size, keep_centre=False):
     return out
 
 
+def pairwise_kernels_backward(pos_y, pos_x, features, inv_theta_beta, inv_theta_alpha2, inv_theta_gamma2,
+                              filter_size, weights, keep_centre, left, right, scales, row_grads=None):
+    """Vector-Jacobian product of :func:`pairwise_kernels`, without materialising the kernel gradient.
+
+    The gradient of the loss with respect to kernel ``s`` is never stored as a ``(B, K, h, w)``
+    stack; it is formed one window offset at a time as
+
+    ``gK[s, b, o, i] = scales[s] * A[s, b, o, i] + row_grads[s][b, 0, i]`` with
+    ``A[s, b, o, i] = sum_c left[s][b, c, i] * right[s][b, c, i + offset_o]``
+
+    (the vjp of :func:`message` with respect to its kernels, summed over every iteration when the
+    iterations are stacked on the class axis) and used at once.
+
+    Parameters
+    ----------
+    pos_y, pos_x, features, inv_theta_beta, inv_theta_alpha2, inv_theta_gamma2, filter_size, weights, keep_centre
+        As for :func:`pairwise_kernels`.
+    left, right : sequence of ndarray, shape (B, C', h, w), one per kernel
+        Upstream gradient of the messages and the message inputs (``None`` skips a kernel).
+    scales : sequence of float, one per kernel
+    row_grads : sequence of ndarray of shape (B, 1, h, w) or None, optional
+        Gradient with respect to each kernel's row sums ``sum_o K[s, b, o, i]`` (symmetric
+        normalisation).
+
+    Returns
+    -------
+    dict
+        ``features`` (B, F, h, w); ``inv_theta_beta`` (F,); ``inv_theta_alpha2``,
+        ``inv_theta_gamma2`` (floats); ``weights`` (S, 2) float64, the gradient with respect to
+        ``weights``; ``pair_dot`` (S,) float64, ``sum_{o, i} K[s, o, i] * A[s, o, i]``.
+    """
+    B, F, h, w = features.shape
+    dt = features.dtype
+    S = len(weights)
+    offsets = window_offsets(filter_size, keep_centre)
+    ib = inv_theta_beta.astype(dt)[None, :, None, None]
+    ib2 = ib * ib
+    scaled = features * ib
+    py = pos_y.astype(np.float64)
+    px = pos_x.astype(np.float64)
+    g_feat = np.zeros_like(features)
+    g_ib = np.zeros(F, dtype=np.float64)
+    g_ia2 = 0.0
+    g_ig2 = 0.0
+    g_weights = np.zeros((S, 2))
+    pair_dot = np.zeros(S)
+    if row_grads is None:
+        row_grads = (None,) * S
+    for o, (dy, dx) in enumerate(offsets):
+        ys, yn = _valid(h, dy)
+        xs, xn = _valid(w, dx)
+        if ys.start >= ys.stop or xs.start >= xs.stop:
+            continue
+        d2 = ((py[yn] - py[ys]) ** 2)[:, None] + ((px[xn] - px[xs]) ** 2)[None, :]
+        spatial_a = (d2 * inv_theta_alpha2).astype(dt)
+        spatial_s = np.exp(-0.5 * d2 * inv_theta_gamma2).astype(dt)
+        diff = scaled[:, :, yn, xn] - scaled[:, :, ys, xs]
+        colour = np.einsum("bfyx,bfyx->byx", diff, diff)
+        appearance = np.exp(-0.5 * (colour + spatial_a))
+        g_app = None
+        g_smo = None
+        for s, (wa, ws) in enumerate(weights):
+            if left[s] is None and row_grads[s] is None:
+                continue
+            gk = np.zeros_like(appearance)
+            if left[s] is not None:
+                a = np.einsum("bcyx,bcyx->byx", left[s][:, :, ys, xs], right[s][:, :, yn, xn])
+                kernel = dt.type(wa) * appearance + dt.type(ws) * spatial_s
+                pair_dot[s] += float(np.einsum("byx,byx->", kernel, a, dtype=np.float64))
+                gk += dt.type(scales[s]) * a
+            if row_grads[s] is not None:
+                gk += row_grads[s][:, 0, ys, xs]
+            g_weights[s, 0] += float(np.einsum("byx,byx->", gk, appearance, dtype=np.float64))
+            g_weights[s, 1] += float(np.einsum("byx,yx->", gk, spatial_s, dtype=np.float64))
+            if wa:
+                g_app = dt.type(wa) * gk if g_app is None else g_app + dt.type(wa) * gk
+            if ws:
+                g_smo = dt.type(ws) * gk if g_smo is None else g_smo + dt.type(ws) * gk
+        if g_app is not None:
+            # appearance = exp(-1/2 (sum_f (raw_f ib_f)^2 + d2 ia2)), raw = f(neighbour) - f(centre)
+            e = g_app * appearance
+            g_ia2 += float(-0.5 * np.einsum("byx,yx->", e, d2.astype(dt), dtype=np.float64))
+            raw = features[:, :, yn, xn] - features[:, :, ys, xs]
+            g_ib += -np.einsum("byx,bfyx->f", e, raw * raw, dtype=np.float64) * inv_theta_beta
+            # d appearance / d f_centre = appearance * raw * ib^2; the neighbour gets the opposite.
+            t = e[:, None] * raw * ib2
+            g_feat[:, :, ys, xs] += t
+            g_feat[:, :, yn, xn] -= t
+        if g_smo is not None:
+            g_ig2 += float(-0.5 * np.einsum("byx,yx->", g_smo, (spatial_s * d2).astype(dt), dtype=np.float64))
+    return {"features": g_feat, "inv_theta_beta": g_ib, "inv_theta_alpha2": g_ia2,
+            "inv_theta_gamma2": g_ig2, "weights": g_weights, "pair_dot": pair_dot}
+
+
+def message_transpose(kernels, grad, filter_size, keep_centre=False):
+    """Transpose of :func:`message` with respect to ``q``.
+
+    The kernels are symmetric (``k(i, j) = k(j, i)``, i.e. ``kernels[o, i] = kernels[-o, i + o]``)
+    and zero outside the grid on both sides, so the operator is its own transpose.
+    """
+    return message(kernels, grad, filter_size, keep_centre)
+
+
 # ---------------------------------------------------------------------------------------------
 # update: compatibility, unary and softmax
 # ---------------------------------------------------------------------------------------------
@@ -248,6 +398,32 @@ def softmax(logits, out=None):
     np.exp(out, out=out)
     out /= out.sum(axis=1, keepdims=True)
     return out
+
+
+def softmax_backward(q, grad):
+    """Vector-Jacobian product of :func:`softmax` (over axis 1) given its output ``q``."""
+    inner = np.einsum("bc...,bc...->b...", q, grad)[:, None]
+    return q * (grad - inner)
+
+
+def compatibility_backward(grad, msg, compat):
+    """Vector-Jacobian product of :func:`compatibility_transform`.
+
+    Returns ``(grad_msg, grad_compat)``: ``-mu^T grad`` and ``-sum_{b, pixels} grad msg^T``
+    (C, C) float64; for Potts (``compat`` None) the gradient is the one of the full matrix
+    evaluated at ``mu = 1 - I``.
+    """
+    B, C = msg.shape[:2]
+    g2 = grad.reshape(B, C, -1)
+    m2 = msg.reshape(B, C, -1)
+    grad_compat = np.zeros((C, C))
+    for b in range(B):  # 2-D products: a batched matmul with a transposed operand is far slower
+        grad_compat -= np.dot(g2[b], m2[b].T)
+    if compat is None:
+        grad_msg = grad - grad.sum(axis=1, keepdims=True)
+    else:
+        grad_msg = -np.matmul(compat.astype(grad.dtype).T, g2).reshape(grad.shape)
+    return grad_msg, grad_compat
 
 
 def update(scaled_unary, msg, compat, return_logits=False, out=None):
@@ -287,3 +463,17 @@ def full_message(setup, q, config):
     from . import _meanfield, _numpy_backend
 
     return _meanfield.message(_numpy_backend, setup, q, config)
+
+
+def full_message_backward(setup, q, grad_msg, config, grads):
+    """Gradient of :func:`full_message`: see :func:`cucrf._meanfield.message_backward`."""
+    from . import _meanfield, _numpy_backend
+
+    return _meanfield.message_backward(_numpy_backend, setup, q, grad_msg, config, grads)
+
+
+def prepare_backward(setup, features, params, config, grads):
+    """Gradient of :func:`prepare`: see :func:`cucrf._meanfield.prepare_backward`."""
+    from . import _meanfield, _numpy_backend
+
+    return _meanfield.prepare_backward(_numpy_backend, setup, features, params, config, grads)

@@ -1,4 +1,4 @@
-"""The ``cucrf`` command line: ``cucrf demo``, ``cucrf refine`` and ``cucrf params``.
+"""The ``cucrf`` command line: ``cucrf demo``, ``cucrf refine``, ``cucrf fit`` and ``cucrf params``.
 
 Run ``cucrf --help`` or ``cucrf COMMAND --help`` for the options. Every error is reported as a
 single ``cucrf: error: ...`` line on stderr with a non-zero exit status (2 for a bad command
@@ -8,6 +8,7 @@ line, 1 for everything else); ``--debug`` shows the full traceback instead.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -429,6 +430,116 @@ def _cmd_refine(args) -> int:
     return 0
 
 
+# -- fit ------------------------------------------------------------------------------------------
+
+_FIT_EPILOG = """\
+Training data: FOLDER holds <id>_image.png / <id>_label.png pairs (labels: class ids, 255 =
+ignore). Unaries come from --unary-dir (one file per image, named by --unary-pattern: .npz with an
+array 'logits' or a single array, or .npy, shape (C, H, W), logits), or, with --synthetic, are
+made from the labels with the paper's synthetic protocol (seed = image index).
+
+A fraction of the images (--val-fraction, chosen with --seed) is held out and scored every epoch;
+the parameters of the best epoch are written to OUT/params.json (use them with --params), the
+feature transform (with --learn feature_transform) to OUT/feature_transform.json, the history to
+OUT/history.json and, when matplotlib is installed, the curves to OUT/training_curve.png.
+
+examples:
+  cucrf fit data/voc --unary-dir data/unaries --unary-pattern "{name}_espnet2_384.npz" --out fitted
+  cucrf fit data/msrc --synthetic --epochs 5 --learn weights,bandwidths --out fitted-msrc
+  cucrf refine img.png --unary img.npz --params fitted/params.json -o refined.png
+"""
+
+
+def _learn_list(text):
+    from ._fit import LEARNABLE
+
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if "all" in names:
+        return list(LEARNABLE)
+    bad = [n for n in names if n not in LEARNABLE]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(LEARNABLE)} (or 'all'), "
+                                         f"got {text!r}")
+    return names
+
+
+def _plot_history(history, path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:  # the plot is optional (the 'plot' extra)
+        return False
+    epochs = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("cross-entropy")
+    if any(h.get("val_miou") is not None for h in history):
+        ax2 = ax.twinx()
+        ax2.plot(epochs, [h["val_miou"] for h in history], "s-", color="tab:green", label="validation mIoU")
+        ax2.set_ylabel("validation mIoU")
+        ax2.legend(loc="lower right")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _cmd_fit(args) -> int:
+    from . import datasets
+    from ._fit import fit
+
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        raise _CLIError(f"training folder {args.folder!r} does not exist or is not a directory")
+    if args.synthetic == (args.unary_dir is not None):
+        raise _UsageError("give either --unary-dir or --synthetic (see 'cucrf fit --help')")
+    samples = datasets.load_pairs(folder, unary_dir=args.unary_dir, unary_pattern=args.unary_pattern)
+    if args.max_images is not None:
+        samples = samples[:args.max_images]
+    labels = [s.label for s in samples]
+    if args.synthetic:
+        known = [lab[lab != _IGNORE] for lab in labels]
+        largest = max((int(k.max()) for k in known if k.size), default=1)
+        num_classes = args.num_classes if args.num_classes is not None else max(largest + 1, 2)
+        if largest >= num_classes:
+            raise _CLIError(f"labels hold class id {largest} but --num-classes is {num_classes}")
+        unaries = [datasets.synthetic_unary(lab, num_classes, seed=i) for i, lab in enumerate(labels)]
+    else:
+        unaries = [s.unary.astype(np.float32) if s.unary.dtype == np.float16 else s.unary for s in samples]
+        if args.num_classes is not None and unaries[0].shape[0] != args.num_classes:
+            raise _CLIError(f"unaries have {unaries[0].shape[0]} classes but --num-classes is {args.num_classes}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"cucrf fit: {len(samples)} images from {folder} ({'synthetic unaries' if args.synthetic else 'unaries from ' + str(args.unary_dir)}), "
+          f"learning {', '.join(args.learn)}; {args.val_fraction:.0%} held out for validation")
+    result = fit(
+        unaries, [s.image for s in samples], labels, _load_params(args.params),
+        val_fraction=args.val_fraction, learn=args.learn, epochs=args.epochs, lr=args.lr,
+        batch_size=args.batch_size, filter_size=args.filter_size, blur=args.blur, iterations=args.iterations,
+        normalization=_normalization(args.normalization), device=args.device, seed=args.seed,
+        progress=not args.no_progress, checkpoint=args.checkpoint, resume=args.resume,
+    )
+    result.params.to_json(out / "params.json")
+    written = ["params.json"]
+    if result.feature_transform is not None:
+        (out / "feature_transform.json").write_text(json.dumps(result.feature_transform.to_dict(), indent=2) + "\n")
+        written.append("feature_transform.json")
+    (out / "history.json").write_text(json.dumps(result.history, indent=2) + "\n")
+    written.append("history.json")
+    if _plot_history(result.history, out / "training_curve.png"):
+        written.append("training_curve.png")
+    first, best = result.history[0], result.history[result.best_epoch]
+    if first.get("val_miou") is not None:
+        print(f"validation mIoU {first['val_miou']:.2%} -> {best['val_miou']:.2%} (epoch {result.best_epoch}), "
+              f"accuracy {first['val_accuracy']:.2%} -> {best['val_accuracy']:.2%}")
+    print(f"wrote {' '.join(written)} to {out}{os.sep}")
+    return 0
+
+
 # -- params ---------------------------------------------------------------------------------------
 
 
@@ -565,6 +676,40 @@ def build_parser() -> argparse.ArgumentParser:
                              "paths given (one per image) or, without paths, next to each output PNG")
     refine.set_defaults(func=_cmd_refine)
 
+    fitp = sub.add_parser(
+        "fit", parents=[crf], formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="learn CRF parameters from labelled images",
+        description="Learn the CRF parameters (kernel weights, bandwidths, compatibility, unary weight,\n"
+                    "feature transform) by back-propagation through mean-field inference, with Adam.\n"
+                    "--params gives the starting parameters.",
+        epilog=_FIT_EPILOG,
+    )
+    fitp.add_argument("folder", metavar="FOLDER", help="folder of <id>_image.png / <id>_label.png pairs")
+    fitp.add_argument("--unary-dir", metavar="DIR", help="folder of per-image unaries (logits)")
+    fitp.add_argument("--unary-pattern", default="{name}.npz", metavar="PATTERN",
+                      help="file name of an image's unary in --unary-dir; {name} is the id (default: %(default)s)")
+    fitp.add_argument("--synthetic", action="store_true",
+                      help="make the unaries from the labels (the paper's synthetic protocol)")
+    fitp.add_argument("--num-classes", type=_positive_int, metavar="C",
+                      help="number of classes (default: from the unaries, or the largest label + 1)")
+    fitp.add_argument("--val-fraction", type=_fraction, default=0.25, metavar="F",
+                      help="fraction of the images held out for validation (default: %(default)s)")
+    fitp.add_argument("--epochs", type=int, default=10, metavar="N", help="training epochs (default: %(default)s)")
+    fitp.add_argument("--lr", type=float, default=0.02, help="Adam learning rate (default: %(default)s)")
+    fitp.add_argument("--batch-size", type=_positive_int, default=1, metavar="N",
+                      help="images per step; only equal-size images are batched (default: %(default)s)")
+    fitp.add_argument("--learn", type=_learn_list, default=["weights", "bandwidths", "compatibility", "unary_weight"],
+                      metavar="LIST", help="comma-separated: weights, bandwidths, compatibility, unary_weight, "
+                                           "feature_transform, or all (default: all but feature_transform)")
+    fitp.add_argument("--seed", type=int, default=0, help="seed of the split and image order (default: %(default)s)")
+    fitp.add_argument("--max-images", type=_positive_int, metavar="N", help="use only the first N pairs")
+    fitp.add_argument("--checkpoint", metavar="FILE.npz", help="write a checkpoint after every epoch")
+    fitp.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
+    fitp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    fitp.add_argument("-o", "--out", default="cucrf-fit", metavar="DIR",
+                      help="output folder (default: %(default)s)")
+    fitp.set_defaults(func=_cmd_fit)
+
     params = sub.add_parser("params", help="print the default CRF parameters as JSON",
                             description="Print CRF parameters as JSON: the defaults, or those of "
                                         "--params after validation. Edit the output and pass it "
@@ -599,7 +744,7 @@ def main(argv=None) -> int:
     except SystemExit as exc:  # --help and --version
         return exc.code if isinstance(exc.code, int) else 0
     if args.command is None:
-        print("cucrf: error: missing COMMAND: one of demo, refine, params (see 'cucrf --help')", file=sys.stderr)
+        print("cucrf: error: missing COMMAND: one of demo, refine, fit, params (see 'cucrf --help')", file=sys.stderr)
         return 2
     try:
         return int(args.func(args) or 0)
