@@ -8,7 +8,7 @@ from typing import Optional
 import numpy as np
 
 from . import _meanfield
-from ._backends import get_backend, to_backend_array
+from ._backends import check_same_device, describe, device_scope, get_backend, to_backend_array
 from ._geometry import axis_geometry
 from ._params import CRFParams
 from ._validation import (
@@ -67,7 +67,7 @@ def _check_params(params, num_classes, num_channels):
 def infer(unary, image, params=None, *, filter_size=DEFAULT_FILTER_SIZE, blur=DEFAULT_BLUR,
           iterations=DEFAULT_ITERATIONS, unary_kind="logits", num_classes=None, confidence=0.5,
           unknown_label=None, clip=1e-5, normalization=None, output="probabilities", dtype=None,
-          device=None, feature_transform=None):
+          device=None, feature_transform=None, like=None):
     """Refine a segmentation with a convolutional CRF (mean-field inference).
 
     Parameters
@@ -110,11 +110,24 @@ def infer(unary, image, params=None, *, filter_size=DEFAULT_FILTER_SIZE, blur=DE
         matrix, or an object with ``matrix`` / ``offset`` attributes (such as
         ``FitResult.feature_transform``). ``params.theta_beta`` is then in the units of ``f'``
         (one value, or one per output channel). None (the default) uses the image as it is.
+    like : {None, 'input'} or array, optional
+        The kind of array to return. None: a NumPy array (CPU) or a CuPy array (GPU). ``'input'``:
+        the kind and device of ``unary`` (a PyTorch tensor for a tensor, a JAX array for a JAX
+        array, ...). An array or tensor: its kind and device. The result is handed over through
+        DLPack without a copy when it already lives on that device (see
+        :func:`cucrf.interop.to_like`).
 
     Returns
     -------
     array, shape (C, H, W) or (B, C, H, W) like ``unary`` (with a class axis for label maps)
-        In the unary's array library (NumPy or CuPy), of the compute dtype.
+        In the unary's array library (NumPy or CuPy) unless ``like`` says otherwise, of the
+        compute dtype.
+
+    Notes
+    -----
+    Inputs exposing ``__dlpack__`` (PyTorch CPU or CUDA tensors, JAX arrays, ...) are shared
+    without a copy and computed on where they live (a tensor on GPU 1 is computed on GPU 1);
+    see docs/interop.md. A tensor that requires grad is refused: use :mod:`cucrf.torch`.
 
     Examples
     --------
@@ -126,15 +139,55 @@ def infer(unary, image, params=None, *, filter_size=DEFAULT_FILTER_SIZE, blur=DE
     >>> q.shape, q.dtype, bool(np.allclose(q.sum(axis=0), 1, atol=1e-5))
     ((4, 32, 48), dtype('float32'), True)
     """
-    prepared = _prepare_inputs(
-        unary, image, params, filter_size=filter_size, blur=blur, iterations=iterations,
-        unary_kind=unary_kind, num_classes=num_classes, confidence=confidence, unknown_label=unknown_label,
-        clip=clip, normalization=normalization, output=output, dtype=dtype, device=device,
-        feature_transform=feature_transform, training=False,
-    )
-    result = _meanfield.mean_field(prepared.backend, prepared.unary, prepared.features, prepared.params,
-                                   prepared.config, return_logits=output == "logits")
-    return result if prepared.batched else result[0]
+    reference = _like_reference(like, unary, image)
+    unary, image = _share_inputs(unary, image, device)
+    with device_scope(unary):
+        prepared = _prepare_inputs(
+            unary, image, params, filter_size=filter_size, blur=blur, iterations=iterations,
+            unary_kind=unary_kind, num_classes=num_classes, confidence=confidence, unknown_label=unknown_label,
+            clip=clip, normalization=normalization, output=output, dtype=dtype, device=device,
+            feature_transform=feature_transform, training=False,
+        )
+        result = _meanfield.mean_field(prepared.backend, prepared.unary, prepared.features, prepared.params,
+                                       prepared.config, return_logits=output == "logits")
+    result = result if prepared.batched else result[0]
+    return result if reference is None else _to_like(result, reference[0])
+
+
+def _to_like(value, reference):
+    from .interop import to_like  # noqa: PLC0415  (interop imports nothing of the API)
+
+    return to_like(value, reference)
+
+
+def _like_reference(like, unary, image):
+    """``like=`` as ``(reference for the output and unary gradient, reference for the image gradient)``."""
+    if like is None:
+        return None
+    if isinstance(like, str):
+        if like != "input":
+            raise ValueError(f"like must be None, 'input' or an array whose kind to return, got {like!r}")
+        is_array = (lambda a: hasattr(a, "__dlpack__") or isinstance(a, np.ndarray)
+                    or type(a).__module__.split(".")[0] == "cupy")
+        if not is_array(unary):
+            return None  # a nested list: NumPy, as without like=
+        return unary, (image if is_array(image) else unary)
+    if not (hasattr(like, "__dlpack__") or isinstance(like, np.ndarray) or type(like).__module__.split(".")[0] == "cupy"):
+        raise TypeError(f"like must be None, 'input' or an array or tensor whose kind to return, got "
+                        f"{type(like).__name__}")
+    return like, like
+
+
+def _share_inputs(unary, image, device):
+    """Import DLPack inputs once, without copying; refuse inputs that live on different devices."""
+    shared_unary, unary_library = to_backend_array("unary", unary, device)
+    shared_image, image_library = to_backend_array("image", image, device)
+    plain = (lambda a: isinstance(a, np.ndarray) or type(a).__module__.split(".")[0] == "cupy")
+    if unary_library != image_library and not (plain(unary) and plain(image)):
+        raise TypeError(f"unary is {describe(unary)} but image is {describe(image)}; pass both on the same "
+                        "device (or set device=)")
+    check_same_device("unary", shared_unary, "image", shared_image)
+    return shared_unary, shared_image
 
 
 @dataclasses.dataclass
@@ -262,8 +315,9 @@ def _prepare_inputs(unary, image, params, *, filter_size, blur, iterations, unar
     # Scanned for NaN only now: a problem refused for its size is never read.
     check_finite("unary", unary, xp)
     check_finite("image", image4, xp)
-    # astype copies: the caller's arrays are never modified.
-    u = u4.astype(compute_dtype, copy=True)
+    # No copy when the dtype already fits: mean-field inference never writes to its inputs, and
+    # a copy would cost a whole unary's worth of memory.
+    u = u4.astype(compute_dtype, copy=False)
     image_features = xp.ascontiguousarray(xp.moveaxis(image4, -1, 1).astype(compute_dtype))
     features = apply_feature_transform(xp, image_features, transform)
     return _Prepared(backend, u, image_features, features, params, config, batched, transform, library)
@@ -329,7 +383,7 @@ def params_gradient_dict(params, grads):
 
 def infer_vjp(unary, image, params=None, *, grad_output, filter_size=DEFAULT_FILTER_SIZE, blur=DEFAULT_BLUR,
               iterations=DEFAULT_ITERATIONS, unary_kind="logits", normalization=None, output="probabilities",
-              dtype=None, device=None, feature_transform=None):
+              dtype=None, device=None, feature_transform=None, like=None):
     """Run :func:`infer` and back-propagate ``grad_output`` through it (a vector-Jacobian product).
 
     For a loss ``L`` of the output, pass ``grad_output = dL/doutput`` and get ``dL/d`` every input:
@@ -339,8 +393,10 @@ def infer_vjp(unary, image, params=None, *, grad_output, filter_size=DEFAULT_FIL
 
     Parameters
     ----------
-    unary, image, params, filter_size, blur, iterations, normalization, output, dtype, device
-        As for :func:`infer`; checked the same way.
+    unary, image, params, filter_size, blur, iterations, normalization, output, dtype, device, like
+        As for :func:`infer`; checked the same way. With ``like='input'`` the output and the unary
+        gradient are of the unary's kind and the image gradient of the image's kind; parameter
+        gradients stay floats and NumPy arrays.
     grad_output : array, shape of the output (that is, of ``unary``)
         ``dL/doutput``, where the output is the probabilities or the logits (``output=``).
     unary_kind : {'logits'}
@@ -367,32 +423,42 @@ def infer_vjp(unary, image, params=None, *, grad_output, filter_size=DEFAULT_FIL
     if unary_kind != "logits":
         raise ValueError(f"infer_vjp differentiates with respect to logits only: unary_kind must be 'logits', "
                          f"got {unary_kind!r}")
-    prepared = _prepare_inputs(
-        unary, image, params, filter_size=filter_size, blur=blur, iterations=iterations, unary_kind="logits",
-        num_classes=None, confidence=0.5, unknown_label=None, clip=1e-5, normalization=normalization,
-        output=output, dtype=dtype, device=device, feature_transform=feature_transform, training=True,
-    )
-    backend, xp = prepared.backend, prepared.backend.xp
-    _meanfield.check_backward_support(backend)
-    grad_output, library = to_backend_array("grad_output", grad_output, device)
-    if library != prepared.library:
-        raise TypeError(f"unary is a {prepared.library} array but grad_output is a {library} array; pass "
-                        "both from the same array library")
-    check_float_array("grad_output", grad_output, xp, ndims=(4 if prepared.batched else 3,), finite=True)
-    g4 = grad_output if prepared.batched else grad_output[None]
-    if tuple(g4.shape) != tuple(prepared.unary.shape):
-        want = prepared.unary.shape if prepared.batched else prepared.unary.shape[1:]
-        raise ValueError(f"grad_output must have the shape of the output {tuple(want)}, got shape "
-                         f"{tuple(grad_output.shape)}")
-    tape = _meanfield.Tape()
-    result = _meanfield.mean_field(backend, prepared.unary, prepared.features, prepared.params, prepared.config,
-                                   return_logits=output == "logits", tape=tape)
-    g_unary, g_features, grads = _meanfield.mean_field_backward(backend, tape, g4.astype(prepared.unary.dtype))
-    g_transform = None
-    if prepared.transform is not None:
-        g_features, g_transform = _feature_transform_backward(xp, prepared.image_features, g_features,
-                                                              prepared.transform)
-    g_image = xp.ascontiguousarray(xp.moveaxis(g_features, 1, -1))
-    if not prepared.batched:
-        result, g_unary, g_image = result[0], g_unary[0], g_image[0]
-    return InferVJP(result, g_unary, g_image, params_gradient_dict(prepared.params, grads), g_transform)
+    reference = _like_reference(like, unary, image)
+    unary, image = _share_inputs(unary, image, device)
+    with device_scope(unary):
+        prepared = _prepare_inputs(
+            unary, image, params, filter_size=filter_size, blur=blur, iterations=iterations, unary_kind="logits",
+            num_classes=None, confidence=0.5, unknown_label=None, clip=1e-5, normalization=normalization,
+            output=output, dtype=dtype, device=device, feature_transform=feature_transform, training=True,
+        )
+        backend, xp = prepared.backend, prepared.backend.xp
+        _meanfield.check_backward_support(backend)
+        grad_output_in = grad_output
+        grad_output, library = to_backend_array("grad_output", grad_output, device)
+        if library != prepared.library:
+            raise TypeError(f"unary is a {prepared.library} array but grad_output is {describe(grad_output_in)}; "
+                            "pass both from the same array library and device")
+        check_same_device("unary", prepared.unary, "grad_output", grad_output)
+        check_float_array("grad_output", grad_output, xp, ndims=(4 if prepared.batched else 3,), finite=True)
+        g4 = grad_output if prepared.batched else grad_output[None]
+        if tuple(g4.shape) != tuple(prepared.unary.shape):
+            want = prepared.unary.shape if prepared.batched else prepared.unary.shape[1:]
+            raise ValueError(f"grad_output must have the shape of the output {tuple(want)}, got shape "
+                             f"{tuple(grad_output.shape)}")
+        tape = _meanfield.Tape()
+        result = _meanfield.mean_field(backend, prepared.unary, prepared.features, prepared.params, prepared.config,
+                                       return_logits=output == "logits", tape=tape)
+        g_unary, g_features, grads = _meanfield.mean_field_backward(backend, tape, g4.astype(prepared.unary.dtype))
+        g_transform = None
+        if prepared.transform is not None:
+            g_features, g_transform = _feature_transform_backward(xp, prepared.image_features, g_features,
+                                                                  prepared.transform)
+        g_image = xp.ascontiguousarray(xp.moveaxis(g_features, 1, -1))
+        if not prepared.batched:
+            result, g_unary, g_image = result[0], g_unary[0], g_image[0]
+        result = InferVJP(result, g_unary, g_image, params_gradient_dict(prepared.params, grads), g_transform)
+    if reference is not None:
+        result = dataclasses.replace(result, output=_to_like(result.output, reference[0]),
+                                     unary=_to_like(result.unary, reference[0]),
+                                     image=_to_like(result.image, reference[1]))
+    return result

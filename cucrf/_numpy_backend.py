@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import _parallel
 from ._geometry import axis_geometry, window_offsets
 
 xp = np
@@ -70,10 +71,18 @@ def pool(x, blur):
         return x
     gy = axis_geometry(x.shape[-2], blur)
     gx = axis_geometry(x.shape[-1], blur)
-    # Rows first: whole contiguous rows are added, and the column pass then sees 1/blur of the data.
-    sums = _pool_axis(_pool_axis(x, gy, -2), gx, -1)
-    sums *= (1.0 / np.outer(gy.counts, gx.counts)).astype(x.dtype)
-    return sums
+    inv_counts = (1.0 / np.outer(gy.counts, gx.counts)).astype(x.dtype)
+    lead = x.shape[:-2]
+    flat = x.reshape((-1,) + x.shape[-2:])
+    out = np.empty((flat.shape[0], gy.coarse, gx.coarse), dtype=x.dtype)
+
+    def work(start, stop):
+        # Rows first: whole contiguous rows are added; the column pass sees 1/blur of the data.
+        sums = _pool_axis(_pool_axis(flat[start:stop], gy, -2), gx, -1)
+        np.multiply(sums, inv_counts, out=out[start:stop])
+
+    _parallel.for_chunks(flat.shape[0], work, x.size)
+    return out.reshape(lead + out.shape[-2:])
 
 
 def _pool_axis_backward(grad, g, axis):
@@ -103,7 +112,7 @@ def pool_backward(grad, blur, size):
     return _pool_axis_backward(_pool_axis_backward(scaled, gy, -2), gx, -1)
 
 
-def _upsample_axis(x, g, axis):
+def _upsample_axis(x, g, axis, out=None):
     """Bilinear upsampling of ``x`` along ``axis`` from ``g.coarse`` cells to ``g.size`` pixels."""
     nd = x.ndim
     # Repeat the edge cells once on each side: the clamping at the borders then becomes an
@@ -112,7 +121,8 @@ def _upsample_axis(x, g, axis):
                             x[_axis_index(nd, axis, slice(-1, None))]], axis=axis)
     shape = list(x.shape)
     shape[axis] = g.size
-    out = np.empty(shape, dtype=x.dtype)
+    if out is None:
+        out = np.empty(shape, dtype=x.dtype)
     b = g.blur
     for phase in range(b):
         # Padded output o = q * b + phase reads source coordinate q + delta.
@@ -149,8 +159,16 @@ def upsample(x, blur, size):
         return x
     gy = axis_geometry(size[0], blur)
     gx = axis_geometry(size[1], blur)
-    # Columns first, on the coarse rows; the row pass then writes whole contiguous rows.
-    return _upsample_axis(_upsample_axis(x, gx, -1), gy, -2)
+    lead = x.shape[:-2]
+    flat = x.reshape((-1,) + x.shape[-2:])
+    out = np.empty((flat.shape[0],) + tuple(size), dtype=x.dtype)
+
+    def work(start, stop):
+        # Columns first, on the coarse rows; the row pass then writes whole contiguous rows.
+        _upsample_axis(_upsample_axis(flat[start:stop], gx, -1), gy, -2, out=out[start:stop])
+
+    _parallel.for_chunks(flat.shape[0], work, out.size)
+    return out.reshape(lead + tuple(size))
 
 
 def _upsample_axis_backward(grad, g, axis):
@@ -271,9 +289,17 @@ def message(kernels, q, filter_size, keep_centre=False):
     padded[:, :, r:r + h, r:r + w] = q
     out = np.zeros_like(q)
     tmp = np.empty_like(q)
-    for o, (dy, dx) in enumerate(window_offsets(filter_size, keep_centre)):
-        np.multiply(kernels[:, o, None], padded[:, :, r + dy:r + dy + h, r + dx:r + dx + w], out=tmp)
-        out += tmp
+    offsets = window_offsets(filter_size, keep_centre)
+
+    def work(y0, y1):
+        # Rows y0:y1 of the output read rows y0 - r : y1 + r of q; each thread owns its rows.
+        o_rows, t_rows = out[:, :, y0:y1], tmp[:, :, y0:y1]
+        for o, (dy, dx) in enumerate(offsets):
+            np.multiply(kernels[:, o, None, y0:y1],
+                        padded[:, :, r + dy + y0:r + dy + y1, r + dx:r + dx + w], out=t_rows)
+            o_rows += t_rows
+
+    _parallel.for_chunks(h, work, q.size * len(offsets))
     return out
 
 
@@ -392,11 +418,25 @@ def compatibility_transform(msg, compat):
     return np.negative(out, out=out).reshape(msg.shape)
 
 
+def _softmax_inplace(x):
+    x -= x.max(axis=1, keepdims=True)
+    np.exp(x, out=x)
+    x /= x.sum(axis=1, keepdims=True)
+
+
 def softmax(logits, out=None):
-    """Softmax over axis 1, computed stably."""
-    out = np.subtract(logits, logits.max(axis=1, keepdims=True), out=out)
-    np.exp(out, out=out)
-    out /= out.sum(axis=1, keepdims=True)
+    """Softmax over axis 1, computed stably; ``out`` may be ``logits`` itself."""
+    if out is None:
+        out = np.empty_like(logits)
+    rows = logits.shape[2] if logits.ndim >= 3 else 1
+
+    def work(start, stop):
+        key = (slice(None), slice(None), slice(start, stop)) if logits.ndim >= 3 else ...
+        if out is not logits:
+            out[key] = logits[key]
+        _softmax_inplace(out[key])
+
+    _parallel.for_chunks(rows, work, logits.size)
     return out
 
 
@@ -440,7 +480,16 @@ def update(scaled_unary, msg, compat, return_logits=False, out=None):
     """
     if compat is None and not return_logits:
         # For Potts, -Phi = M - sum(M) and the sum is constant over classes: softmax drops it.
-        logits = np.add(scaled_unary, msg, out=out)
+        if out is None:
+            out = np.empty_like(msg)
+
+        def work(start, stop):
+            key = (slice(None), slice(None), slice(start, stop))
+            np.add(scaled_unary[key], msg[key], out=out[key])
+            _softmax_inplace(out[key])
+
+        _parallel.for_chunks(msg.shape[2], work, msg.size)
+        return out
     else:
         logits = np.add(scaled_unary, compatibility_transform(msg, compat), out=out)
     if return_logits:
