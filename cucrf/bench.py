@@ -22,6 +22,7 @@ import cucrf
 #: (height, width, classes, filter_size, blur)
 CPU_CASES = [
     (500, 500, 21, 7, 4),
+    (500, 500, 21, 5, 4),
     (500, 500, 21, 11, 4),
     (500, 500, 21, 7, 1),
 ]
@@ -74,7 +75,10 @@ def machine_description():
                     break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}, NumPy {np.__version__}"
+    from . import _parallel
+
+    return (f"{cpu}, {os.cpu_count()} logical CPUs, cucrf threads {_parallel.num_threads()}, "
+            f"Python {platform.python_version()}, NumPy {np.__version__}")
 
 
 def run_cpu(repeat=5, iterations=5, cases=CPU_CASES, print_fn=print):

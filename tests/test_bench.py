@@ -1,0 +1,20 @@
+"""The benchmark module runs end to end (tiny sizes; timings are not asserted)."""
+
+import numpy as np
+
+from cucrf import bench
+
+
+def test_run_cpu_small_case_reports_rows():
+    lines = []
+    rows = bench.run_cpu(repeat=1, iterations=1, cases=[(24, 31, 3, 5, 2)], print_fn=lines.append)
+    assert len(rows) == 1 and len(lines) == 1
+    row = rows[0]
+    assert row["case"] == "24x31x3 filter 5 blur 2"
+    assert row["cucrf_s"] > 0 and row["extra_memory_x_unary"] > 0
+
+
+def test_make_problem_shapes():
+    unary, image = bench.make_problem(10, 12, 4)
+    assert unary.shape == (4, 10, 12) and unary.dtype == np.float32
+    assert image.shape == (10, 12, 3) and image.dtype == np.uint8
