@@ -7,7 +7,7 @@ from typing import Optional
 
 import numpy as np
 
-from . import _meanfield
+from . import _meanfield, interop
 from ._backends import check_same_device, describe, device_scope, get_backend, to_backend_array
 from ._geometry import axis_geometry
 from ._params import CRFParams
@@ -150,14 +150,12 @@ def infer(unary, image, params=None, *, filter_size=DEFAULT_FILTER_SIZE, blur=DE
         )
         result = _meanfield.mean_field(prepared.backend, prepared.unary, prepared.features, prepared.params,
                                        prepared.config, return_logits=output == "logits")
-    result = result if prepared.batched else result[0]
-    return result if reference is None else _to_like(result, reference[0])
+        result = result if prepared.batched else result[0]
+        return result if reference is None else _to_like(result, reference[0])
 
 
 def _to_like(value, reference):
-    from .interop import to_like  # noqa: PLC0415  (interop imports nothing of the API)
-
-    return to_like(value, reference)
+    return interop.to_like(value, reference)
 
 
 def _like_reference(like, unary, image):
@@ -457,8 +455,8 @@ def infer_vjp(unary, image, params=None, *, grad_output, filter_size=DEFAULT_FIL
         if not prepared.batched:
             result, g_unary, g_image = result[0], g_unary[0], g_image[0]
         result = InferVJP(result, g_unary, g_image, params_gradient_dict(prepared.params, grads), g_transform)
-    if reference is not None:
-        result = dataclasses.replace(result, output=_to_like(result.output, reference[0]),
-                                     unary=_to_like(result.unary, reference[0]),
-                                     image=_to_like(result.image, reference[1]))
+        if reference is not None:
+            result = dataclasses.replace(result, output=_to_like(result.output, reference[0]),
+                                         unary=_to_like(result.unary, reference[0]),
+                                         image=_to_like(result.image, reference[1]))
     return result
