@@ -18,11 +18,22 @@ _DLPACK_CPU = 1
 _DLPACK_CUDA = 2
 
 
-def _import_cupy():
+def _import_cupy(need_device=True):
+    """Import CuPy, with an error that says what to do when it or a GPU is missing."""
     try:
         import cupy
     except ImportError as exc:
         raise RuntimeError(CUPY_INSTALL_HINT) from exc
+    if need_device:
+        try:
+            available = cupy.cuda.is_available()
+        except Exception:  # noqa: BLE001 (any driver problem means: no usable device)
+            available = False
+        if not available:
+            raise RuntimeError(
+                "device='gpu' needs a CUDA GPU, but CuPy found none usable (no device, or a driver "
+                "older than CuPy's CUDA version); use device='cpu' or run on a machine with a GPU"
+            )
     return cupy
 
 

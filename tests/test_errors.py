@@ -215,3 +215,16 @@ def test_probabilities_kind_errors():
         call(unary=UNARY, unary_kind="probabilities")
     with pytest.raises(ValueError, match="clip must be a number in"):
         cucrf.unary_from_probabilities(np.full((2, 3, 3), 0.5), clip=0)
+
+
+def test_gpu_requested_without_gpu_is_a_clear_error():
+    try:
+        import cupy
+
+        has_gpu = cupy.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        has_gpu = False
+    if has_gpu:
+        pytest.skip("a GPU is present")
+    with pytest.raises(RuntimeError, match="(needs CuPy: install it with|needs a CUDA GPU)"):
+        call(device="gpu")
