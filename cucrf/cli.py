@@ -1,4 +1,4 @@
-"""The ``cucrf`` command line: ``cucrf demo``, ``cucrf refine``, ``cucrf fit`` and ``cucrf params``.
+"""The ``cucrf`` command line: ``cucrf demo``, ``cucrf refine``, ``cucrf fit``, ``cucrf eval`` and ``cucrf params``.
 
 Run ``cucrf --help`` or ``cucrf COMMAND --help`` for the options. Every error is reported as a
 single ``cucrf: error: ...`` line on stderr with a non-zero exit status (2 for a bad command
@@ -540,6 +540,68 @@ def _cmd_fit(args) -> int:
     return 0
 
 
+# -- eval -----------------------------------------------------------------------------------------
+
+_EVAL_EPILOG = """\
+METHODS (comma-separated):
+  unary          the argmax of the unary, no CRF
+  cucrf          cucrf.infer with its defaults (filter 5, blur 4); --params applies
+  cucrf:KxB      cucrf.infer with filter size K and blur B, e.g. cucrf:7x1
+  densecrf       the fully connected CRF (pydensecrf2: Gaussian sxy 3 compat 3, bilateral sxy 80
+                 srgb 13 compat 10); needs scripts/install-densecrf.sh
+  convcrf[:KxB]  upstream ConvCRF's own algorithm (cucrf.convcrf, default config; filter 11, blur 4)
+
+UNARIES: 'synthetic' (default) degrades each label as in the ConvCRF paper (downsample 8, 20%% of
+the cells replaced; seed = --seed + image index); any other NAME reads <unary-dir>/<id>_NAME.npz
+(an array 'logits', (C, H, W)).
+
+examples:
+  cucrf eval --data ../shared/data --set voc --methods unary,cucrf:5x4,cucrf:7x1,densecrf
+  cucrf eval --data ../shared/data --set voc --unaries espnet2_384 --csv voc-real.csv
+  cucrf eval --data ../shared/data --max-images 10 --per-class
+"""
+
+
+_EVAL_METHODS = "unary,cucrf,densecrf"
+
+
+def _cmd_eval(args) -> int:
+    from . import evaluation
+    from ._peers import densecrf_available
+
+    params = _load_params(args.params)
+    try:
+        methods = evaluation.parse_methods(args.methods or _EVAL_METHODS)
+    except ValueError as exc:
+        raise _UsageError(f"--methods: {exc}") from exc
+    if any(m.kind == "densecrf" for m in methods) and not densecrf_available():
+        if args.methods is not None:
+            raise _CLIError("method densecrf needs pydensecrf (PyPI: pydensecrf2); install it with "
+                            "scripts/install-densecrf.sh or leave densecrf out of --methods")
+        methods = [m for m in methods if m.kind != "densecrf"]
+        print("cucrf: note: pydensecrf is not installed; densecrf left out", file=sys.stderr)
+    sets = None
+    if args.set:
+        sets = [s.strip() for item in args.set for s in item.split(",") if s.strip()]
+    try:
+        results = _run_eval(evaluation, args, sets, methods, params)
+    except FileNotFoundError as exc:
+        raise _CLIError(str(exc)) from exc
+    print(evaluation.format_table(results, per_class=args.per_class), end="")
+    if args.csv:
+        evaluation.write_csv(results, args.csv)
+        print(f"wrote {args.csv}")
+    return 0
+
+
+def _run_eval(evaluation, args, sets, methods, params):
+    return evaluation.evaluate(
+        args.data, sets, methods, unaries=args.unaries, unary_dir=args.unary_dir, num_classes=args.num_classes,
+        max_images=args.max_images, seed=args.seed, downsample=args.downsample, replace_prob=args.replace_prob,
+        params=params, iterations=args.iterations, progress=not args.no_progress,
+    )
+
+
 # -- params ---------------------------------------------------------------------------------------
 
 
@@ -710,6 +772,44 @@ def build_parser() -> argparse.ArgumentParser:
                       help="output folder (default: %(default)s)")
     fitp.set_defaults(func=_cmd_fit)
 
+    evalp = sub.add_parser(
+        "eval", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="score CRFs on folders of labelled images (the paper's protocol), DenseCRF side by side",
+        description="Evaluate methods on folders of <id>_image.png / <id>_label.png pairs: pixel accuracy,\n"
+                    "mean IoU (over classes in ground truth or prediction, and over classes in ground\n"
+                    "truth), per-class IoU and seconds per image, accumulated over each set (label 255\n"
+                    "ignored). Prints a table per set; --csv also writes one row per set and method.",
+        epilog=_EVAL_EPILOG,
+    )
+    evalp.add_argument("--data", required=True, metavar="DIR",
+                       help="a folder of pairs, or a folder of sets (subfolders such as voc/, msrc/, camvid/)")
+    evalp.add_argument("--set", action="append", metavar="NAME",
+                       help="subfolder(s) of --data to evaluate (repeat or comma-separate; default: --data itself "
+                            "if it holds pairs, else voc, msrc, camvid where present)")
+    evalp.add_argument("--methods", metavar="LIST",
+                       help=f"comma-separated methods, see below (default: {_EVAL_METHODS}; densecrf left "
+                            "out when pydensecrf is missing)")
+    evalp.add_argument("--unaries", default="synthetic", metavar="NAME",
+                       help="'synthetic' or the NAME of per-image unary files <id>_NAME.npz (default: %(default)s)")
+    evalp.add_argument("--unary-dir", metavar="DIR", help="folder of the unary files (default: DIR/unaries)")
+    evalp.add_argument("--num-classes", type=_positive_int, metavar="C",
+                       help="number of classes (default: 21 voc, 23 msrc, 11 camvid, else from the data)")
+    evalp.add_argument("--seed", type=int, default=0, help="seed of the synthetic unaries (default: %(default)s)")
+    evalp.add_argument("--downsample", type=_positive_int, default=8, metavar="D",
+                       help="synthetic unaries: downsampling factor (default: %(default)s)")
+    evalp.add_argument("--replace-prob", type=_fraction, default=0.2, metavar="P",
+                       help="synthetic unaries: fraction of cells given a random class (default: %(default)s)")
+    evalp.add_argument("--iterations", type=int, default=5, metavar="N",
+                       help="mean-field iterations of every CRF (default: %(default)s)")
+    evalp.add_argument("--params", metavar="JSON", help="cucrf parameters for the cucrf methods (default: built-in)")
+    evalp.add_argument("--max-images", type=_positive_int, metavar="N", help="use the first N images of each set")
+    evalp.add_argument("--csv", metavar="OUT.csv", help="also write the results as CSV")
+    evalp.add_argument("--per-class", action="store_true", help="also print the IoU of every class")
+    evalp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    evalp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the full traceback on errors")
+    evalp.set_defaults(func=_cmd_eval)
+
     params = sub.add_parser("params", help="print the default CRF parameters as JSON",
                             description="Print CRF parameters as JSON: the defaults, or those of "
                                         "--params after validation. Edit the output and pass it "
@@ -744,7 +844,7 @@ def main(argv=None) -> int:
     except SystemExit as exc:  # --help and --version
         return exc.code if isinstance(exc.code, int) else 0
     if args.command is None:
-        print("cucrf: error: missing COMMAND: one of demo, refine, fit, params (see 'cucrf --help')", file=sys.stderr)
+        print("cucrf: error: missing COMMAND: one of demo, refine, fit, eval, params (see 'cucrf --help')", file=sys.stderr)
         return 2
     try:
         return int(args.func(args) or 0)
