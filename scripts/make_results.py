@@ -22,6 +22,7 @@ Writes
 from __future__ import annotations
 
 import argparse
+import shutil
 import datetime
 import math
 import sys
@@ -476,12 +477,17 @@ def report(tasks, out_dir, figures, examples, data, max_images, elapsed, seeds=N
 
     add("## Figures (generated artefacts)")
     add("")
-    add("Written by the script into OUT_DIR; they are not part of the repository (the example strips show "
-        "pictures of the data sets, which may not be redistributed). Rerun the script to see them.")
+    add("The plots of scores against time hold only numbers and are copied next to this page "
+        "(`images/`); the example strips show pictures of the data sets, which may not be "
+        "redistributed, so they stay in OUT_DIR. Rerun the script to see them.")
     add("")
     for f in figures:
-        add(f"* `OUT_DIR/{f}` — mIoU{'(gt)' if 'gt' in f else ''} against seconds per image, one panel per task, "
-            "every method (log time axis; window size next to each point).")
+        what = f"mIoU{'(gt)' if 'gt' in f else ''} against seconds per image"
+        add(f"![{what}](images/{f})")
+        add("")
+    for f in figures:
+        add(f"* `OUT_DIR/{f}` (also `docs/images/{f}`) — {'mIoU(gt)' if 'gt' in f else 'mIoU'} against seconds "
+            "per image, one panel per task, every method (log time axis; window size next to each point).")
     if not figures:
         add("* (no plot: matplotlib is not installed — `pip install matplotlib` and rerun)")
     for f in examples:
@@ -619,6 +625,10 @@ def main(argv=None):
         path = plot(tasks, out_dir, attr, name)
         if path is not None:
             figures.append(path.name)
+    images_dir = Path(args.doc).parent / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    for name in figures:
+        shutil.copyfile(out_dir / name, images_dir / name)
     best = {t: best_of(r, "miou_gt") for t, r, _ in tasks}
     examples = example_strips(tasks, out_dir, best)
     text = report(tasks, out_dir, figures, examples, args.data_dir, args.max_images, elapsed, seeds)
