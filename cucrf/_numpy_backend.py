@@ -36,13 +36,9 @@ def _axis_index(ndim, axis, index):
     return tuple(key)
 
 
-def _pool_axis(x, g, axis):
-    """Sum ``x`` along ``axis`` over the cells of geometry ``g`` (real pixels only)."""
-    shape = list(x.shape)
-    shape[axis] = g.coarse
-    out = np.zeros(shape, dtype=x.dtype)
-    # One strided slice per position j inside a cell: much faster than a reduction over a
-    # short reshaped axis, and it needs no padded copy.
+def _pool_phases(g):
+    """Pairs ``(cells, pixels)`` of slices, one per position j inside a cell: ``pixels`` are the
+    real pixels at position j of their cell, ``cells`` the cells they belong to, in order."""
     for j in range(g.blur):
         first_pixel = j - g.pad
         first_cell = 0 if first_pixel >= 0 else 1
@@ -50,8 +46,35 @@ def _pool_axis(x, g, axis):
         if first_pixel >= g.size:
             continue
         n = len(range(first_pixel, g.size, g.blur))
-        out[_axis_index(x.ndim, axis, slice(first_cell, first_cell + n))] += \
-            x[_axis_index(x.ndim, axis, slice(first_pixel, g.size, g.blur))]
+        yield slice(first_cell, first_cell + n), slice(first_pixel, g.size, g.blur)
+
+
+def _upsample_phases(g):
+    """Triples ``(pixels, lo, frac)``, one per phase of the bilinear upsampling: the pixels of the
+    phase read cells ``lo`` and ``lo + 1`` of the edge-extended coarse axis (one repeated cell
+    at each end) with weights ``1 - frac`` and ``frac``."""
+    b = g.blur
+    for phase in range(b):
+        # Padded output o = q * b + phase reads source coordinate q + delta.
+        delta = (phase + 0.5) / b - 0.5
+        shift, frac = (0, 1.0 + delta) if delta < 0 else (1, delta)
+        first = (phase - g.pad) % b
+        if first >= g.size:
+            continue
+        n = len(range(first, g.size, b))
+        q0 = (first + g.pad) // b + shift
+        yield slice(first, g.size, b), slice(q0, q0 + n), frac
+
+
+def _pool_axis(x, g, axis):
+    """Sum ``x`` along ``axis`` over the cells of geometry ``g`` (real pixels only)."""
+    shape = list(x.shape)
+    shape[axis] = g.coarse
+    out = np.zeros(shape, dtype=x.dtype)
+    # One strided slice per position inside a cell: much faster than a reduction over a short
+    # reshaped axis, and it needs no padded copy.
+    for cells, pixels in _pool_phases(g):
+        out[_axis_index(x.ndim, axis, cells)] += x[_axis_index(x.ndim, axis, pixels)]
     return out
 
 
@@ -90,15 +113,8 @@ def _pool_axis_backward(grad, g, axis):
     shape = list(grad.shape)
     shape[axis] = g.size
     out = np.empty(shape, dtype=grad.dtype)
-    for j in range(g.blur):
-        first_pixel = j - g.pad
-        first_cell = 0 if first_pixel >= 0 else 1
-        first_pixel += first_cell * g.blur
-        if first_pixel >= g.size:
-            continue
-        n = len(range(first_pixel, g.size, g.blur))
-        out[_axis_index(grad.ndim, axis, slice(first_pixel, g.size, g.blur))] = \
-            grad[_axis_index(grad.ndim, axis, slice(first_cell, first_cell + n))]
+    for cells, pixels in _pool_phases(g):
+        out[_axis_index(grad.ndim, axis, pixels)] = grad[_axis_index(grad.ndim, axis, cells)]
     return out
 
 
@@ -123,19 +139,10 @@ def _upsample_axis(x, g, axis, out=None):
     shape[axis] = g.size
     if out is None:
         out = np.empty(shape, dtype=x.dtype)
-    b = g.blur
-    for phase in range(b):
-        # Padded output o = q * b + phase reads source coordinate q + delta.
-        delta = (phase + 0.5) / b - 0.5
-        shift, frac = (0, 1.0 + delta) if delta < 0 else (1, delta)
-        first = (phase - g.pad) % b
-        if first >= g.size:
-            continue
-        n = len(range(first, g.size, b))
-        q0 = (first + g.pad) // b + shift
-        lo = edged[_axis_index(nd, axis, slice(q0, q0 + n))]
-        hi = edged[_axis_index(nd, axis, slice(q0 + 1, q0 + 1 + n))]
-        view = out[_axis_index(nd, axis, slice(first, g.size, b))]
+    for pixels, lo_cells, frac in _upsample_phases(g):
+        lo = edged[_axis_index(nd, axis, lo_cells)]
+        hi = edged[_axis_index(nd, axis, slice(lo_cells.start + 1, lo_cells.stop + 1))]
+        view = out[_axis_index(nd, axis, pixels)]
         np.subtract(hi, lo, out=view)
         view *= x.dtype.type(frac)
         view += lo
@@ -177,18 +184,10 @@ def _upsample_axis_backward(grad, g, axis):
     shape = list(grad.shape)
     shape[axis] = g.coarse + 2
     edged = np.zeros(shape, dtype=grad.dtype)
-    b = g.blur
-    for phase in range(b):
-        delta = (phase + 0.5) / b - 0.5
-        shift, frac = (0, 1.0 + delta) if delta < 0 else (1, delta)
-        first = (phase - g.pad) % b
-        if first >= g.size:
-            continue
-        n = len(range(first, g.size, b))
-        q0 = (first + g.pad) // b + shift
-        view = grad[_axis_index(nd, axis, slice(first, g.size, b))]
-        edged[_axis_index(nd, axis, slice(q0, q0 + n))] += view * grad.dtype.type(1.0 - frac)
-        edged[_axis_index(nd, axis, slice(q0 + 1, q0 + 1 + n))] += view * grad.dtype.type(frac)
+    for pixels, lo_cells, frac in _upsample_phases(g):
+        view = grad[_axis_index(nd, axis, pixels)]
+        edged[_axis_index(nd, axis, lo_cells)] += view * grad.dtype.type(1.0 - frac)
+        edged[_axis_index(nd, axis, slice(lo_cells.start + 1, lo_cells.stop + 1))] += view * grad.dtype.type(frac)
     out = np.ascontiguousarray(edged[_axis_index(nd, axis, slice(1, g.coarse + 1))])
     # The repeated edge cells of the forward fold back onto the first and last cell.
     out[_axis_index(nd, axis, slice(0, 1))] += edged[_axis_index(nd, axis, slice(0, 1))]
