@@ -16,6 +16,7 @@ Protocol (documented in docs/learning.md):
   of each 2x2 block for labels) to keep the run short on two shared cores;
 * unaries: the synthetic protocol (``datasets.synthetic_unary`` on the downscaled label,
   seed = position in the sorted list), and, for VOC, the real ESPNet logits;
+* ``--noise-copies N``: each training image gets N synthetic unaries with different noise seeds;
 * ``cucrf.fit`` from the defaults (``CRFParams()``, ``cucrf.DEFAULT_FILTER_SIZE``,
   ``DEFAULT_BLUR``, ``DEFAULT_ITERATIONS``), learning weights, bandwidths and unary weight, and the
   compatibility matrix when there are at least 10 training images; the validation mIoU of the
@@ -97,6 +98,8 @@ def main():
     ap.add_argument("--sets", default="voc,msrc,camvid")
     ap.add_argument("--out", default="evaluate_fit.json")
     ap.add_argument("--plot", default=None, help="training-curve PNG (needs matplotlib)")
+    ap.add_argument("--noise-copies", type=int, default=1,
+                    help="synthetic unaries per training image, each with its own noise seed (default 1)")
     args = ap.parse_args()
 
     rows = []
@@ -114,7 +117,12 @@ def main():
         train_idx = list(range(0, len(scaled), 2))[:args.max_train]
         val_idx = list(range(1, len(scaled), 2))[:args.max_val]
         synth = [(datasets.synthetic_unary(lab, classes, seed=i), im, lab) for i, (im, lab, _) in enumerate(scaled)]
-        rows.append(run(name, classes, [synth[i] for i in train_idx], [synth[i] for i in val_idx], args, "synthetic"))
+        # Extra noise draws of the training images (seeds 1000 k + i) enlarge a small training set;
+        # the validation unaries stay the single draw with seed i.
+        train_synth = [synth[i] for i in train_idx] + [
+            (datasets.synthetic_unary(scaled[i][1], classes, seed=1000 * k + i), scaled[i][0], scaled[i][1])
+            for k in range(1, args.noise_copies) for i in train_idx]
+        rows.append(run(name, classes, train_synth, [synth[i] for i in val_idx], args, "synthetic"))
         if unary_dir is not None:
             real = [(u.astype(np.float32), im, lab) for im, lab, u in scaled]
             rows.append(run(name, classes, [real[i] for i in train_idx], [real[i] for i in val_idx], args, "real"))
