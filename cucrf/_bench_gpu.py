@@ -6,6 +6,11 @@ median time of the iterations alone, the peak memory CuPy's pool held, the roofl
 docs/kernels.md (:func:`floor_model`) and the ratio to it, and -- where PyTorch is importable --
 the same message passing written the straightforward way (materialised kernel, ``F.unfold`` of
 Q, as upstream ConvCRF does), timed in the same run. Times from CUDA events after warm-up runs.
+
+Then the backward pass (:func:`run_backward`): for each problem of :data:`BACKWARD_PROBLEMS`,
+the forward (``mean_field``, the inference), the taped forward, the backward alone
+(``mean_field_backward`` on a taped run) and the whole ``cucrf.infer_vjp``; the figure of merit
+is backward / forward (target <= :data:`BACKWARD_TARGET` at 500x500x21, filter 7, blur 4).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import statistics
 
 import numpy as np
 
-__all__ = ["PROBLEMS", "floor_model", "run"]
+__all__ = ["PROBLEMS", "BACKWARD_PROBLEMS", "floor_model", "backward_floor_model", "run", "run_backward"]
 
 #: (name, B, C, H, W, filter_size, blur)
 PROBLEMS = [
@@ -58,6 +63,43 @@ def floor_model(B, C, H, W, F, filter_size, blur, iterations=ITERATIONS, itemsiz
     total_flops = iterations * per_iter_flops
     seconds = max(total_bytes / HBM_BYTES_PER_S, total_flops / FP32_FLOP_PER_S)
     return total_bytes, total_flops, seconds
+
+
+#: (name, B, C, H, W, filter_size, blur, normalization) of the backward benchmark.
+BACKWARD_PROBLEMS = [
+    ("500x500x21 k7 b4", 1, 21, 500, 500, 7, 4, None),
+    ("500x500x21 k7 b4 sym", 1, 21, 500, 500, 7, 4, "symmetric"),
+    ("500x500x21 k7 b1", 1, 21, 500, 500, 7, 1, None),
+    ("8x512x512x21 k7 b4", 8, 21, 512, 512, 7, 4, None),
+]
+#: Backward time / forward time the CUDA backward aims at (500x500x21, filter 7, blur 4).
+BACKWARD_TARGET = 3.0
+
+
+def backward_floor_model(B, C, H, W, F, filter_size, blur, iterations=ITERATIONS, itemsize=4):
+    """Lower bound of ``mean_field_backward`` (merged kernel, Potts; docs/kernels.md "Backward").
+
+    Per iteration every full-resolution class map is moved 6 times (softmax vjp: read Q, write
+    gL; grad_scaled += gL: read 2, write 1; Up^T: read gL), coarse ones a few times; once: the
+    incoming gradient, the last softmax vjp, the unary-weight sum and the unary gradient (12
+    full-resolution maps), and the kernel gradient over the T C stacked coarse classes
+    (2 (k^2 - 1) T C multiply-adds per cell, plus the kernel values per chunk of 16).
+    Returns ``(bytes, flops, seconds)``.
+    """
+    h, w = -(-H // blur), -(-W // blur)
+    full = B * C * H * W * itemsize
+    coarse = B * C * h * w * itemsize
+    pairs = B * h * w * (filter_size ** 2 - 1)
+    per_iter_bytes = 6 * full + 8 * coarse
+    per_iter_flops = pairs * (2 * C + 3 * F + 12) + B * C * H * W * 12 + B * C * h * w * 2 * (2 * blur) ** 2
+    ct = iterations * C
+    # incoming gradient; softmax vjp of Q_0 (2) and its += (3); <grad_scaled, U> (3 + 1); a grad_scaled (2);
+    # stacked G, P (concatenate: read + write) and the kernel gradient's reads; Pool^T of the features.
+    once_bytes = 12 * full + 6 * iterations * coarse + 2 * B * F * H * W * itemsize
+    once_flops = pairs * (4 * ct + -(-ct // 16) * (4 * F + 30))
+    total_bytes = iterations * per_iter_bytes + once_bytes
+    total_flops = iterations * per_iter_flops + once_flops
+    return total_bytes, total_flops, max(total_bytes / HBM_BYTES_PER_S, total_flops / FP32_FLOP_PER_S)
 
 
 def _time(cupy, fn, warmup=2, repeat=10, budget_s=20.0):
@@ -226,6 +268,64 @@ def run(print_fn=print, problems=None, with_torch=True):
     return rows
 
 
+def run_backward(print_fn=print, problems=None):
+    """Time the backward pass against the forward; print a table (last) and return the rows."""
+    import cupy
+
+    import cucrf
+    from cucrf import _cupy_backend as cb
+    from cucrf import _meanfield
+
+    params = cucrf.CRFParams(theta_alpha=80.0, theta_beta=13.0, theta_gamma=3.0)
+    pool = cupy.get_default_memory_pool()
+    rows = []
+    for name, B, C, H, W, k, blur, norm in problems or BACKWARD_PROBLEMS:
+        row = dict(problem=name)
+        try:
+            unary, image = _problem(cupy, B, C, H, W)
+            features = cupy.ascontiguousarray(cupy.moveaxis(image, -1, 1))
+            go = cupy.random.default_rng(1).standard_normal(unary.shape, dtype=np.float32)
+            config = _meanfield.CRFConfig(k, blur, ITERATIONS, norm)
+            row["forward_ms"] = _time(cupy, lambda: _meanfield.mean_field(cb, unary, features, params, config))
+            row["taped_ms"] = _time(cupy, lambda: _meanfield.mean_field(cb, unary, features, params, config,
+                                                                         tape=_meanfield.Tape()))
+            tape = _meanfield.Tape()
+            _meanfield.mean_field(cb, unary, features, params, config, tape=tape)
+            pool.free_all_blocks()
+            before = pool.total_bytes()
+            _meanfield.mean_field_backward(cb, tape, go)
+            cupy.cuda.Device().synchronize()
+            row["backward_peak_mib"] = (pool.total_bytes() - before) / 2**20
+            row["backward_ms"] = _time(cupy, lambda: _meanfield.mean_field_backward(cb, tape, go))
+            del tape
+            kw = dict(filter_size=k, blur=blur, iterations=ITERATIONS, normalization=norm)
+            row["vjp_ms"] = _time(cupy, lambda: cucrf.infer_vjp(unary, image, params, grad_output=go, **kw))
+            del unary, image, features, go
+        except Exception as exc:  # noqa: BLE001 - report it in the table and go on
+            row.setdefault("forward_ms", float("nan"))
+            for key in ("taped_ms", "backward_ms", "vjp_ms", "backward_peak_mib"):
+                row.setdefault(key, float("nan"))
+            row["error"] = f"{type(exc).__name__}: {exc}"
+        row["ratio"] = row["backward_ms"] / row["forward_ms"]
+        row["floor_ms"] = backward_floor_model(B, C, H, W, FEATURES, k, blur)[2] * 1e3
+        rows.append(row)
+        pool.free_all_blocks()
+    header = (f"{'problem':22s} {'fwd ms':>8s} {'taped ms':>9s} {'bwd ms':>8s} {'bwd/fwd':>8s} {'vjp ms':>8s} "
+              f"{'bwd MiB':>8s} {'bwd floor':>9s}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(f"{r['problem']:22s} {r['forward_ms']:8.3f} {r['taped_ms']:9.3f} {r['backward_ms']:8.3f} "
+                     f"{r['ratio']:8.2f} {r['vjp_ms']:8.3f} {r['backward_peak_mib']:8.1f} {r['floor_ms']:9.3f}")
+    for r in rows:
+        if "error" in r:
+            print_fn(f"{r['problem']}: {r['error']}")
+    print_fn(f"\ncucrf CUDA backward, float32, {ITERATIONS} iterations, F={FEATURES}: backward (mean_field_backward "
+             f"on a taped run) / forward (mean_field); target <= {BACKWARD_TARGET:g} at 500x500x21 k7 b4")
+    for line in lines:
+        print_fn(line)
+    return rows
+
+
 def _torch_row(torch, cupy, unary, image, params, k, blur):
     import cucrf
 
@@ -257,3 +357,4 @@ def _torch_row(torch, cupy, unary, image, params, k, blur):
 
 if __name__ == "__main__":
     run()
+    run_backward()

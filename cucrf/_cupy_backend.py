@@ -2,7 +2,9 @@
 
 A module-level view of ``cucrf._cuda.backend.make_backend(cupy, load_module)``, offering what
 :func:`cucrf._meanfield.mean_field` needs (``xp``, ``prepare``, ``full_message``, ``update``,
-``softmax``) plus ``available_memory_bytes``. Kernels are compiled on first use, per device.
+``softmax``), what :func:`cucrf._meanfield.mean_field_backward` needs (``softmax_backward``,
+``compatibility_backward``, ``full_message_backward``, ``prepare_backward``) plus
+``available_memory_bytes``. Kernels are compiled on first use, per device.
 """
 
 from __future__ import annotations
@@ -21,6 +23,12 @@ full_message = backend.full_message
 update = backend.update
 softmax = backend.softmax
 available_memory_bytes = backend.available_memory_bytes
+# the backward pass (cucrf._meanfield.mean_field_backward)
+softmax_backward = backend.softmax_backward
+compatibility_backward = backend.compatibility_backward
+full_message_backward = backend.full_message_backward
+prepare_backward = backend.prepare_backward
 
 __all__ = ["backend", "xp", "name", "prepare", "full_message", "update", "softmax",
-           "available_memory_bytes"]
+           "available_memory_bytes", "softmax_backward", "compatibility_backward",
+           "full_message_backward", "prepare_backward"]

@@ -443,7 +443,7 @@ def fit(unaries, images, labels, params=None, *, validation=None, val_fraction=0
     dtype : numpy.float32 or numpy.float64
         Compute precision.
     device : {None, 'cpu', 'gpu'}
-        As for :func:`cucrf.infer` (the GPU needs a backend with the backward primitives).
+        As for :func:`cucrf.infer`; CuPy arrays (or device="gpu") train on the GPU.
     weight_decay : float
         Decoupled weight decay of Adam (applies to every learned parameter).
     lr_schedule : callable, optional

@@ -13,11 +13,14 @@ and, for learning (reverse mode, see :func:`mean_field_backward`),
 
 * ``softmax_backward(q, grad) -> grad_logits``: vjp of the softmax over axis 1, given its output;
 * ``compatibility_backward(grad_logits, msg, compat) -> (grad_msg, grad_compat)``: vjp of
-  ``logits = a U - mu M``; ``grad_compat`` is a (C, C) float64 NumPy array, the gradient with
-  respect to the full matrix (also for Potts, ``compat`` None, where it is evaluated at 1 - I);
+  ``logits = a U - mu M``; ``grad_compat`` is a (C, C) float64 array (NumPy, or of the backend's
+  array library: it is converted once, after the last iteration), the gradient with respect to
+  the full matrix (also for Potts, ``compat`` None, where it is evaluated at 1 - I); ``grad_msg``
+  may be a lazy object the backend's own ``full_message_backward`` understands;
 * ``full_message_backward(setup, q, grad_msg, config, grads) -> grad_q``: vjp of
   ``full_message`` with respect to ``q``; what the parameter gradient needs is recorded in
-  ``grads`` (a :class:`MessageGradients`);
+  ``grads`` (a :class:`MessageGradients`); ``grad_q`` may be a lazy object the backend's own
+  ``softmax_backward`` understands (it is only ever passed there);
 * ``prepare_backward(setup, features, params, config, grads) -> (grad_features, dict)``: turns
   what ``grads`` collected over all iterations into the gradient with respect to the features
   (B, F, H, W) and to ``theta_alpha``, ``theta_beta`` (an (F,) float64 array), ``theta_gamma``,
@@ -288,7 +291,7 @@ def mean_field_backward(backend, tape: Tape, grad_output):
     dt = unary.dtype
     C = unary.shape[1]
     g = grad_output.astype(dt, copy=False)
-    grad_compat = np.zeros((C, C))
+    grad_compat = None
     if config.iterations == 0:
         grad_scaled = g if tape.return_logits else backend.softmax_backward(tape.output, g)
         grad_features = xp.zeros_like(features)
@@ -307,10 +310,15 @@ def mean_field_backward(backend, tape: Tape, grad_output):
                 grad_logits = backend.softmax_backward(tape.qs[t + 1], g)
             grad_scaled = grad_logits.copy() if grad_scaled is None else grad_scaled + grad_logits
             grad_msg, gc = backend.compatibility_backward(grad_logits, tape.msgs[t], tape.compat)
-            grad_compat += gc
+            grad_compat = gc if grad_compat is None else grad_compat + gc
             g = backend.full_message_backward(setup, tape.qs[t], grad_msg, config, collected)
         grad_scaled += backend.softmax_backward(tape.qs[0], g)
         grad_features, kernel_grads = backend.prepare_backward(setup, features, params, config, collected)
+    if grad_compat is None:
+        grad_compat = np.zeros((C, C))
+    else:  # summed where the backend computed it; a device array is fetched once, at the end
+        grad_compat = np.asarray(grad_compat.get() if hasattr(grad_compat, "get") else grad_compat,
+                                 dtype=np.float64)
     grads = dict(kernel_grads)
     grads["compatibility"] = grad_compat
     grads["unary_weight"] = float(xp.sum(grad_scaled * unary, dtype=xp.float64))

@@ -10,6 +10,8 @@ the emulator notices.
 import functools
 import shutil
 
+import zlib
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -117,7 +119,7 @@ def chunk_rule(request, monkeypatch):
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_mean_field_matches_numpy(case, chunk_rule):
     B, C, H, W, F, k, blur, potts, norm, T, dtype, order = case
-    rng = np.random.default_rng(abs(hash(_case_id(case))) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(_case_id(case).encode()))  # stable across runs
     unary, features, params = random_problem(rng, B, C, H, W, F, dtype, potts)
     config = _meanfield.CRFConfig(k, blur, T, norm)
     backend = emulated(order)

@@ -1,8 +1,10 @@
-"""The CUDA backend on a real GPU through cucrf.infer, against the NumPy backend.
+"""The CUDA backend on a real GPU through cucrf.infer / infer_vjp / fit, against the NumPy backend.
 
 Skipped when CuPy is missing or no CUDA device is usable (CI has none; scripts/gpu-check runs
 these on a GPU machine).
 """
+
+import zlib
 
 import numpy as np
 import pytest
@@ -58,7 +60,7 @@ def _case_id(c):
 @pytest.mark.parametrize("output", ["probabilities", "logits"])
 def test_infer_on_gpu_matches_numpy(case, output):
     B, C, H, W, F, k, blur, potts, norm, dtype = case
-    rng = np.random.default_rng(abs(hash(_case_id(case))) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(_case_id(case).encode()))  # stable across runs
     unary, image, params = random_problem(rng, B, C, H, W, F, dtype, potts)
     kw = dict(filter_size=k, blur=blur, iterations=5, normalization=norm, output=output)
     want = cucrf.infer(unary, image, params, **kw)
@@ -102,3 +104,119 @@ def test_mean_field_primitives_on_gpu():
         got = _meanfield.mean_field(cb, cupy.asarray(unary), cupy.asarray(features), params, config,
                                     return_logits=True)
         np.testing.assert_allclose(cupy.asnumpy(got), want, **TOL[np.float64])
+
+
+# ---------------------------------------------------------------------------------------------
+# the backward pass (cucrf.infer_vjp, cucrf.fit) on the GPU
+# ---------------------------------------------------------------------------------------------
+#: Gradient tolerances, relative to the largest magnitude of the NumPy reference array.
+GRAD_RTOL = {np.float32: 1e-4, np.float64: 1e-9}
+
+
+def _assert_grad_close(got, want, dtype, what, excuse=0.0):
+    got = np.asarray(got.get() if hasattr(got, "get") else got, dtype=np.float64)
+    want = np.asarray(want, dtype=np.float64)
+    assert np.all(np.isfinite(got)), what
+    scale = max(float(np.max(np.abs(want))), 1e-30)
+    err = float(np.max(np.abs(got - want)))
+    allowed = GRAD_RTOL[dtype] * scale + excuse
+    assert err <= allowed, f"{what}: max |diff| {err:.3e} > {allowed:.3e} (scale {scale:.3e}, excuse {excuse:.1e})"
+
+
+def _float32_parameter_noise(unary, image, params, go, kw):
+    """Per parameter gradient, how far float32 rounding alone moves it on the CPU: the largest
+    distance from the float64 gradient of the float32 gradients of the problem and of two copies
+    whose inputs are moved by one ulp (see tests/test_cuda_backward_emulated.py)."""
+    truth = cucrf.infer_vjp(unary, image, params, grad_output=go, dtype=np.float64, **kw).params
+    rng = np.random.default_rng(0)
+    eps = np.finfo(np.float32).eps
+    noise = dict.fromkeys(truth, 0.0)
+    for amount in (0, 1, 1):
+        u, im, g = ((a * (1 + amount * eps * rng.choice([-1.0, 1.0], size=a.shape))).astype(np.float32)
+                    for a in (unary, image, go))
+        draw = cucrf.infer_vjp(u, im, params, grad_output=g, **kw).params
+        for name in noise:
+            noise[name] = max(noise[name], float(np.max(np.abs(np.asarray(draw[name]) - truth[name]))))
+    return noise
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("output", ["probabilities", "logits"])
+def test_infer_vjp_on_gpu_matches_numpy(case, output):
+    B, C, H, W, F, k, blur, potts, norm, dtype = case
+    rng = np.random.default_rng(zlib.crc32(_case_id(case).encode()) + 1)
+    unary, image, params = random_problem(rng, B, C, H, W, F, dtype, potts)
+    go = rng.normal(size=unary.shape).astype(dtype)
+    kw = dict(filter_size=k, blur=blur, iterations=5, normalization=norm, output=output)
+    want = cucrf.infer_vjp(unary, image, params, grad_output=go, **kw)
+    got = cucrf.infer_vjp(cupy.asarray(unary), cupy.asarray(image), params, grad_output=cupy.asarray(go), **kw)
+    assert isinstance(got.unary, cupy.ndarray) and isinstance(got.image, cupy.ndarray)
+    assert got.unary.dtype == dtype and got.image.dtype == dtype
+    _assert_grad_close(got.output, want.output, dtype, "output")
+    _assert_grad_close(got.unary, want.unary, dtype, "unary")
+    _assert_grad_close(got.image, want.image, dtype, "image")
+    # A float32 parameter gradient (a sum over every pair of cells) can be ill-conditioned:
+    # 10 times its float32 rounding noise is excused, as in the emulator tests.
+    noise = _float32_parameter_noise(unary, image, params, go, kw) if dtype == np.float32 else {}
+    for name, value in want.params.items():
+        _assert_grad_close(got.params[name], value, dtype, name, 10 * noise.get(name, 0.0))
+
+
+def test_backward_on_gpu_is_deterministic():
+    rng = np.random.default_rng(3)
+    unary, image, params = random_problem(rng, 2, 21, 64, 80, 3, np.float32, potts=False)
+    go = cupy.asarray(rng.normal(size=unary.shape).astype(np.float32))
+    u, im = cupy.asarray(unary), cupy.asarray(image)
+    for norm in (None, "symmetric"):
+        runs = [cucrf.infer_vjp(u, im, params, grad_output=go, filter_size=7, blur=4, normalization=norm)
+                for _ in range(3)]
+        for r in runs[1:]:
+            cupy.testing.assert_array_equal(r.unary, runs[0].unary)
+            cupy.testing.assert_array_equal(r.image, runs[0].image)
+            for name in r.params:
+                np.testing.assert_array_equal(r.params[name], runs[0].params[name])
+
+
+def test_mean_field_backward_primitives_on_gpu():
+    from cucrf import _cupy_backend as cb
+
+    rng = np.random.default_rng(2)
+    B, C, H, W, F = 2, 6, 29, 31, 3
+    unary, image, params = random_problem(rng, B, C, H, W, F, np.float64, potts=False)
+    features = np.ascontiguousarray(np.moveaxis(image, -1, 1))
+    go = rng.normal(size=unary.shape)
+    for norm in (None, "symmetric"):
+        config = _meanfield.CRFConfig(7, 2, 3, norm)
+        results = []
+        for backend, xp in ((nb, np), (cb, cupy)):
+            tape = _meanfield.Tape()
+            _meanfield.mean_field(backend, xp.asarray(unary), xp.asarray(features), params, config, tape=tape)
+            results.append(_meanfield.mean_field_backward(backend, tape, xp.asarray(go)))
+        (wu, wf, wp), (gu, gf, gp) = results
+        _assert_grad_close(gu, wu, np.float64, "unary")
+        _assert_grad_close(gf, wf, np.float64, "features")
+        for name in wp:
+            _assert_grad_close(gp[name], wp[name], np.float64, name)
+
+
+def test_fit_on_gpu_matches_cpu():
+    rng = np.random.default_rng(4)
+    C, H, W = 3, 40, 48
+    unaries, images, labels = [], [], []
+    for _ in range(3):
+        label = rng.integers(0, C, size=(H // 8, W // 8)).repeat(8, 0).repeat(8, 1)
+        images.append(np.clip(label[..., None] * 80.0 + rng.normal(0, 10, (H, W, 3)), 0, 255))
+        unaries.append(rng.normal(size=(C, H, W)) + 2.0 * (np.arange(C)[:, None, None] == label))
+        labels.append(label.astype(np.uint8))
+    kw = dict(epochs=2, lr=0.05, filter_size=5, blur=2, iterations=3, progress=False, dtype=np.float64)
+    cpu = cucrf.fit(unaries, images, labels, **kw)
+    gpu = cucrf.fit([cupy.asarray(u) for u in unaries], [cupy.asarray(i) for i in images], labels, **kw)
+    # float64 throughout: only rounding (FMA contraction, summation order) separates the two runs
+    assert [h["epoch"] for h in gpu.history] == [h["epoch"] for h in cpu.history]
+    for a, b in zip(cpu.history, gpu.history):
+        if a["train_loss"] is not None:
+            assert abs(a["train_loss"] - b["train_loss"]) <= 1e-6 * abs(a["train_loss"])
+    np.testing.assert_allclose(gpu.params.compatibility_matrix(C), cpu.params.compatibility_matrix(C),
+                               rtol=1e-5, atol=1e-5)
+    for name in ("theta_alpha", "theta_gamma", "appearance_weight", "smoothness_weight", "unary_weight"):
+        np.testing.assert_allclose(getattr(gpu.params, name), getattr(cpu.params, name), rtol=1e-5)

@@ -1,5 +1,7 @@
 """cucrf.infer against the brute-force oracle, and properties of the model."""
 
+import zlib
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -57,7 +59,7 @@ CASES = [
 @pytest.mark.parametrize("output", ["probabilities", "logits"])
 def test_matches_bruteforce_oracle(case, output):
     B, C, H, W, F, k, blur, potts, norm, T = case
-    rng = np.random.default_rng(hash(case) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(repr(case).encode()))  # stable across runs
     unary, image = random_problem(rng, B, C, H, W, F)
     p = random_params(rng, C, F, potts)
     got = cucrf.infer(unary, image, to_crfparams(p), filter_size=k, blur=blur, iterations=T,

@@ -13,7 +13,11 @@ Specialisation axes:
 * message passing: feature count ``NF`` in 1..5 kept in registers, ``0`` for any other ``F``;
   ``CHUNK`` classes per thread (8, 16 or 32; more classes are covered by several chunks);
   merged kernel or separate appearance/smoothness kernels (symmetric normalisation);
-* update: ``CMAX`` classes in registers (8, 16, 32), Potts or full compatibility matrix.
+* update: ``CMAX`` classes in registers (8, 16, 32), Potts or full compatibility matrix;
+* backward (``backward.cu``): ``NS`` / ``MODE``, how many per-pixel factors and which incoming
+  gradient (array, or a coarse one pooled-transposed on the fly);
+* kernel gradient (``kernel_grad.cu``): ``NF`` as for message passing, ``CHUNK`` 8 or 16 stacked
+  classes per thread.
 
 The filter size is a runtime argument of the message kernel: its loops are over a window of
 (2r + 1)^2 cells with a per-cell body of tens of instructions, so a compile-time radius would
@@ -30,10 +34,13 @@ import numpy as np
 __all__ = [
     "KERNEL_FILES", "COMPILE_OPTIONS", "kernel_source", "specialisations", "ctype",
     "message_spec", "message_launch", "pool_spec", "update_spec", "upsample_spec",
+    "upsample_backward_spec", "pool_backward_spec", "softmax_backward_spec", "upsampled_dot_spec",
+    "class_products_spec", "class_products_launch",
+    "kernel_grad_spec", "kernel_grad_launch",
     "MAX_FUSED_CLASSES", "SHARED_MEMORY_LIMIT", "BLOCK_1D",
 ]
 
-KERNEL_FILES = ("message.cu", "pool.cu", "update.cu")
+KERNEL_FILES = ("message.cu", "pool.cu", "update.cu", "backward.cu", "kernel_grad.cu")
 
 #: Extra NVRTC options (CuPy adds its own); the kernels need none.
 COMPILE_OPTIONS = ()
@@ -43,6 +50,9 @@ SHARED_MEMORY_LIMIT = 48 * 1024
 
 #: Threads per block of the element-wise (1-D) kernels.
 BLOCK_1D = 256
+
+#: Largest grid z of a launch (CUDA's limit); the tiled kernels loop over the z slices beyond it.
+MAX_GRID_Z = 65535
 
 #: Feature counts with a register specialisation; others use the generic NF = 0 instance.
 FEATURE_SPECIALISATIONS = (1, 2, 3, 4, 5)
@@ -161,6 +171,112 @@ def upsample_spec(dtype):
     return f"crf_upsample<{ctype(dtype)}>"
 
 
+def upsample_backward_spec(dtype, num_scales):
+    """Name expression of Up^T with 0, 1 or 2 per-pixel factors (``crf_upsample_backward``)."""
+    if num_scales not in (0, 1, 2):
+        raise ValueError(f"num_scales must be 0, 1 or 2, got {num_scales}")
+    return f"crf_upsample_backward<{ctype(dtype)}, {num_scales}>"
+
+
+def pool_backward_spec(dtype, scaled):
+    """Name expression of Pool^T (``scaled``: n0 Pool^T(r0) + n1 Pool^T(r1))."""
+    return f"crf_pool_backward<{ctype(dtype)}, {2 if scaled else 0}>"
+
+
+def softmax_backward_spec(dtype, mode):
+    """Name expression of the softmax vjp; ``mode`` 0 array, 1 pooled, 2 pooled and normalised."""
+    if mode not in (0, 1, 2):
+        raise ValueError(f"mode must be 0, 1 or 2, got {mode}")
+    return f"crf_softmax_backward<{ctype(dtype)}, {mode}>"
+
+
+def upsampled_dot_spec(dtype):
+    """Name expression of the per-pixel ``sum_c a Up(x)`` accumulation."""
+    return f"crf_upsampled_dot<{ctype(dtype)}>"
+
+
+def class_products_spec(dtype):
+    """Name expression of the (C, C) compatibility-gradient reduction."""
+    return f"crf_class_products<{ctype(dtype)}>"
+
+
+#: Upper bound on the blocks of ``crf_class_products`` (two per SM of an H100), and on the
+#: size of its per-block (C, C) double partials (bytes).
+CLASS_PRODUCT_BLOCKS = 264
+CLASS_PRODUCT_PARTIAL_BYTES = 16 << 20
+
+
+def class_products_launch(batch, classes, n, two, itemsize):
+    """``(grid, tn, shared_mem)`` of ``crf_class_products``: tiles of ``tn`` <= 64 columns."""
+    tn = 64
+    arrays = 4 if two else 2
+
+    def smem(tn):
+        return arrays * classes * (tn + 1) * itemsize
+
+    while smem(tn) > SHARED_MEMORY_LIMIT and tn > 1:
+        tn //= 2
+    if smem(tn) > SHARED_MEMORY_LIMIT:
+        raise ValueError(f"{classes} classes are too many for the compatibility gradient kernel")
+    tiles = batch * -(-n // tn)
+    cap = max(1, CLASS_PRODUCT_PARTIAL_BYTES // (8 * classes * classes))
+    return max(1, min(tiles, CLASS_PRODUCT_BLOCKS, cap)), tn, smem(tn)
+
+
+#: Stacked classes per thread of the kernel-gradient kernel. Its per-thread registers are the
+#: centre cell's G and P for the chunk (2 CHUNK values) plus a dozen accumulators, so 16 keeps
+#: double precision well inside the register file; every extra chunk recomputes kernel values.
+KERNEL_GRAD_CHUNKS = (8, 16)
+
+
+def kernel_grad_spec(dtype, num_features, stacked_classes, num_cells=None):
+    """``(name_expression, nf, chunk)`` of ``crf_kernel_grad`` for a problem.
+
+    ``stacked_classes`` is iterations x classes. Small grids (``num_cells`` = B h w below
+    :data:`SMALL_GRID_CELLS`) use chunks of 8 (more blocks along grid z); otherwise 16.
+    """
+    nf = num_features if num_features in FEATURE_SPECIALISATIONS else 0
+    small = num_cells is not None and num_cells < SMALL_GRID_CELLS
+    chunk = KERNEL_GRAD_CHUNKS[0] if small or stacked_classes <= KERNEL_GRAD_CHUNKS[0] else KERNEL_GRAD_CHUNKS[-1]
+    return f"crf_kernel_grad<{ctype(dtype)}, {nf}, {chunk}>", nf, chunk
+
+
+def kernel_grad_shared_bytes(tx, ty, radius, num_features, itemsize, generic):
+    """Dynamic shared memory of ``crf_kernel_grad`` for a (tx, ty) block (see the kernel)."""
+    nth = tx * ty
+    tile = num_features * (ty + 2 * radius) * (tx + 2 * radius) * itemsize
+    red = (6 if generic else 6 + num_features) * nth * 8
+    front = (max(tile, red) + 15) & ~15
+    return front + (2 * num_features * nth * itemsize if generic else 0)
+
+
+def kernel_grad_launch(h, w, radius, num_features, itemsize):
+    """``(block, shared_mem)`` of the kernel-gradient kernel: a (TX, TY) tile, x fastest.
+
+    As :func:`message_launch`, shrinking the block (powers of two, for the tree reduction) until
+    the feature tile, the reduction buffer and the generic instance's per-thread accumulators fit
+    in :data:`SHARED_MEMORY_LIMIT`.
+    """
+    generic = num_features not in FEATURE_SPECIALISATIONS
+    tx = 32 if w >= 32 else max(8, _next_pow2(w))
+    ty = max(1, min(256 // tx, _next_pow2(h)))
+
+    def smem(tx, ty):
+        return kernel_grad_shared_bytes(tx, ty, radius, num_features, itemsize, generic)
+
+    while smem(tx, ty) > SHARED_MEMORY_LIMIT and ty > 1:
+        ty //= 2
+    while smem(tx, ty) > SHARED_MEMORY_LIMIT and tx > 1:
+        tx //= 2
+    if smem(tx, ty) > SHARED_MEMORY_LIMIT:
+        raise ValueError(
+            f"{num_features} feature channels with filter_size={2 * radius + 1} need "
+            f"{smem(tx, ty)} bytes of shared memory per block for the kernel gradient, more than "
+            f"{SHARED_MEMORY_LIMIT}; use fewer channels or a smaller filter_size on the GPU"
+        )
+    return (tx, ty), smem(tx, ty)
+
+
 def specialisations():
     """Every specialisation the library launches: ``{file: [(options, [name_expression...])]}``.
 
@@ -178,4 +294,12 @@ def specialisations():
         names = [f"crf_update<{t}, {c}, {'true' if m else 'false'}>"
                  for m in (False, True) for c in _UPDATE_CMAX[(t, m)]]
         out.setdefault("update.cu", []).append((COMPILE_OPTIONS, names + [upsample_spec(dt)]))
+        names = ([upsample_backward_spec(dt, n) for n in (0, 1, 2)]
+                 + [pool_backward_spec(dt, s) for s in (False, True)]
+                 + [softmax_backward_spec(dt, m) for m in (0, 1, 2)]
+                 + [upsampled_dot_spec(dt), class_products_spec(dt)])
+        out.setdefault("backward.cu", []).append((COMPILE_OPTIONS, names))
+        names = [f"crf_kernel_grad<{t}, {nf}, {chunk}>"
+                 for nf in (0,) + FEATURE_SPECIALISATIONS for chunk in KERNEL_GRAD_CHUNKS]
+        out.setdefault("kernel_grad.cu", []).append((COMPILE_OPTIONS, names))
     return out

@@ -16,6 +16,21 @@ Per mean-field iteration the backend launches (merged kernel, no normalisation):
 
 With symmetric normalisation step 1 produces Pool(n_a Q) and Pool(n_s Q) in one pass and step 2
 both kernels' messages in one pass.
+
+The backward pass (reverse mode through the taped iterations, driven by
+:func:`cucrf._meanfield.mean_field_backward`) launches per iteration (merged kernel):
+
+1. ``crf_softmax_backward``: ``gL = Q (g - sum_c Q g)``, with ``g`` the previous step's
+   ``Pool^T(r)`` formed on the fly from the coarse ``r`` (never written at full resolution);
+2. ``crf_upsample_backward``: ``Lc = Up^T(gL)`` (coarse; ``Up^T(n_s gL)`` for both kernels when
+   normalised); the compatibility gradient ``-sum Lc m^T`` and ``G = -mu^T Lc`` are coarse
+   array operations;
+3. ``crf_message`` on ``G`` (the message operator is its own transpose on the coarse grid):
+   ``r = K G``, handed to step 1 of the next (earlier) iteration as a lazy :class:`PixelGradient`.
+
+``prepare_backward`` then runs ``crf_kernel_grad`` once over every iteration's stacked ``G`` and
+pooled ``Q`` (parameter and pooled-feature gradients, deterministic block sums) and
+``crf_pool_backward`` for the per-pixel features. See docs/kernels.md, "Backward".
 """
 
 from __future__ import annotations
@@ -28,7 +43,8 @@ import numpy as np
 from .. import _cuda
 from .._geometry import axis_geometry
 
-__all__ = ["make_backend", "CudaBackend", "CudaSetup", "CoarseMessage"]
+__all__ = ["make_backend", "CudaBackend", "CudaSetup", "CoarseMessage", "MessageGradient",
+           "PixelGradient"]
 
 #: Same constant as cucrf._meanfield.NORM_EPS (kept here to avoid an import cycle).
 _NORM_EPS = 1e-20
@@ -69,6 +85,8 @@ class CudaSetup:
     radius: int
     keep_centre: bool
     dtype: np.dtype
+    #: Device tables of the backward pass, built on first use (see ``CudaBackend._backward_tables``).
+    backward_tables: Optional[dict] = None
 
     @property
     def separate(self) -> bool:
@@ -78,11 +96,58 @@ class CudaSetup:
 
 @dataclasses.dataclass
 class CoarseMessage:
-    """The message of one iteration before upsampling: ``m0`` (and ``m1``), (B, C, h, w)."""
+    """The message of one iteration before upsampling: ``m0`` (and ``m1``), (B, C, h, w).
+
+    ``pooled`` keeps the coarse message inputs ``Pool(n_s Q)`` (what the kernel gradient needs,
+    so the backward pass does not pool ``Q`` again) and ``source`` identifies the ``Q`` they came
+    from (:func:`_array_key`).
+    """
 
     setup: CudaSetup
     m0: object
     m1: object = None
+    pooled: Optional[tuple] = None
+    source: Optional[tuple] = None
+
+
+@dataclasses.dataclass
+class MessageGradient:
+    """The gradient with respect to a full-resolution message, kept factored (lazy).
+
+    It is ``-mu^T grad_logits`` (Potts: ``grad_logits - sum_c grad_logits``); ``coarse`` holds
+    ``Up^T(n_s grad_logits)`` per kernel (``n_s = 1`` when merged), from which the coarse message
+    gradient is ``-mu^T`` of it. ``msg`` is the forward message of the same iteration.
+    """
+
+    grad_logits: object
+    compat: object
+    coarse: tuple
+    msg: CoarseMessage
+
+
+@dataclasses.dataclass
+class PixelGradient:
+    """The gradient with respect to ``Q`` of one message, kept on the coarse grid (lazy).
+
+    Its value is ``Pool^T(r0)`` (merged) or ``n_a Pool^T(r0) + n_s Pool^T(r1)`` (normalised).
+    For symmetric normalisation the normaliser gradient still owes ``sum_c q Pool^T(r_s)``, with
+    ``q`` the message's input; ``pending`` is True until it has been added (by
+    ``softmax_backward`` on that same ``q``, or by ``prepare_backward``).
+    """
+
+    setup: CudaSetup
+    r0: object
+    r1: object
+    q: object
+    grads: object
+    pending: bool = False
+
+
+def _array_key(a):
+    """(address, shape, strides, dtype) of a NumPy or CuPy array: which memory it views."""
+    data = a.data
+    ptr = data.ptr if hasattr(data, "ptr") else a.__array_interface__["data"][0]
+    return (int(ptr), tuple(a.shape), tuple(a.strides), str(a.dtype))
 
 
 def _axis_tables(centres, radius, inv_theta_alpha2, inv_theta_gamma2, dtype):
@@ -105,6 +170,36 @@ def _upsample_taps(geometry, dtype):
     return idx, geometry.frac.astype(dtype)
 
 
+def _axis_distances(centres, radius, dtype):
+    """(n, 2r + 1) squared distances between a cell centre and the cell ``j - r`` away (0 outside)."""
+    n = centres.shape[0]
+    j = np.arange(-radius, radius + 1)
+    idx = np.arange(n)[:, None] + j[None, :]
+    valid = (idx >= 0) & (idx < n)
+    d = np.where(valid, centres[np.clip(idx, 0, n - 1)] - centres[:, None], 0.0)
+    return (d * d).astype(dtype)
+
+
+def _transpose_taps(geometry, dtype):
+    """Gather tables of Up^T along one axis: ``(start, count, weights, L)``.
+
+    Coarse cell ``c`` receives from pixels ``start[c] .. start[c] + count[c] - 1`` with weights
+    ``weights[c, p - start[c]]``: the bilinear taps ``(lo, 1 - frac)`` and ``(hi, frac)`` of
+    every pixel, transposed (a pixel whose two taps are the same clamped cell gives it 1).
+    """
+    lo, hi, frac = geometry.lo, geometry.hi, geometry.frac
+    cells = np.arange(geometry.coarse)
+    start = np.minimum(np.searchsorted(lo, cells, "left"), np.searchsorted(hi, cells, "left"))
+    end = np.maximum(np.searchsorted(lo, cells, "right"), np.searchsorted(hi, cells, "right"))
+    count = np.maximum(end - start, 0)
+    length = max(1, int(count.max()))
+    weights = np.zeros((geometry.coarse, length))
+    pixels = np.arange(geometry.size)
+    np.add.at(weights, (lo, pixels - start[lo]), 1.0 - frac)
+    np.add.at(weights, (hi, pixels - start[hi]), frac)
+    return start.astype(np.int32), count.astype(np.int32), weights.astype(dtype), length
+
+
 class CudaBackend:
     """Mean-field primitives on hand-written CUDA kernels (see the module docstring)."""
 
@@ -113,6 +208,7 @@ class CudaBackend:
         self.name = name
         self._load_module = load_module
         self._memory_info = memory_info
+        self._neg_compat_t = None  # (mu, -mu^T) of the last backward pass
 
     # -- plumbing ---------------------------------------------------------------------------
     def _function(self, file_name, name_expression):
@@ -164,8 +260,11 @@ class CudaBackend:
         )
         return (o0, o1) if scaled else o0
 
-    def coarse_message(self, setup: CudaSetup, q0, q1=None):
-        """Message on the coarse grid: ``K q0`` (merged), or ``(K_a q0, K_s q1)`` (separate)."""
+    def coarse_message(self, setup: CudaSetup, q0, q1=None, weights=None):
+        """Message on the coarse grid: ``K q0`` (merged), or ``(K_a q0, K_s q1)`` (separate).
+
+        ``weights`` (separate only): ``(w0, w1)`` multiplying the two messages (default 1, 1).
+        """
         xp = self.xp
         separate = q1 is not None
         q0 = self._contiguous(q0)
@@ -179,7 +278,7 @@ class CudaBackend:
         m0 = xp.empty_like(q0)
         m1 = xp.empty_like(q0) if separate else self._dummy(dt)
         q1 = self._contiguous(q1) if separate else self._dummy(dt)
-        wa, ws = (1.0, 1.0) if separate else setup.weights
+        wa, ws = (weights or (1.0, 1.0)) if separate else setup.weights
         i32, T = np.int32, dt.type
         self._function("message.cu", name)(
             grid, block,
@@ -248,10 +347,16 @@ class CudaBackend:
 
     def full_message(self, setup: CudaSetup, q, config=None) -> CoarseMessage:
         """The message of ``q`` (B, C, H, W), kept on the coarse grid until :meth:`update`."""
+        # The pooled inputs are kept for the backward pass when they are coarse (blur > 1): at
+        # blur 1 they are Q itself or full-size products that inference should not hold on to.
+        keep = setup.blur > 1
         if setup.separate:
             qa, qs = self.pool(q, setup.blur, *setup.normalisers)
-            return CoarseMessage(setup, *self.coarse_message(setup, qa, qs))
-        return CoarseMessage(setup, self.coarse_message(setup, self.pool(q, setup.blur)))
+            return CoarseMessage(setup, *self.coarse_message(setup, qa, qs),
+                                 pooled=(qa, qs) if keep else None, source=_array_key(q) if keep else None)
+        pooled = self.pool(q, setup.blur)
+        return CoarseMessage(setup, self.coarse_message(setup, pooled), pooled=(pooled,) if keep else None,
+                             source=_array_key(q) if keep else None)
 
     def update(self, scaled_unary, msg, compat, return_logits=False, out=None):
         """``softmax(a U - Phi)`` (or the logits), with ``Phi`` from the message ``msg``.
@@ -314,6 +419,344 @@ class CudaBackend:
              i32(1), i32(0), i32(0), T(0), T(0)),
         )
         return out
+
+    # -- the backward pass (the interface of cucrf._meanfield.mean_field_backward) --------------
+    def _backward_tables(self, setup: CudaSetup) -> dict:
+        """Up^T gather tables and squared-distance tables, built once per setup on first use."""
+        if setup.backward_tables is None:
+            H, W = setup.size
+            gy, gx = axis_geometry(H, setup.blur), axis_geometry(W, setup.blur)
+            dt = setup.dtype
+            ys, yc, yw, ly = _transpose_taps(gy, dt)
+            xs, xc, xw, lx = _transpose_taps(gx, dt)
+            ints = [ys, yc, xs, xc]
+            reals = [yw, xw, _axis_distances(gy.centres, setup.radius, dt),
+                     _axis_distances(gx.centres, setup.radius, dt)]
+            # Two host-to-device copies; the tables are contiguous slices of them.
+            dev_i = self._dev(np.concatenate([a.ravel() for a in ints]), dtype=np.int32)
+            dev_r = self._dev(np.concatenate([a.ravel() for a in reals]), dtype=dt)
+            tables = {}
+            for dev, names, arrays in ((dev_i, ("ystart", "ycount", "xstart", "xcount"), ints),
+                                       (dev_r, ("yw", "xw", "dy2", "dx2"), reals)):
+                offset = 0
+                for name, a in zip(names, arrays):
+                    tables[name] = dev[offset:offset + a.size].reshape(a.shape)
+                    offset += a.size
+            setup.backward_tables = dict(tables, ly=ly, lx=lx)
+        return setup.backward_tables
+
+    def upsample_backward(self, setup: CudaSetup, x, scales=None):
+        """Up^T of a full-resolution (B, C, H, W) array: ``(Up^T(x),)`` or ``Up^T(x * s)`` per scale.
+
+        ``scales``: None, or a tuple of one or two (B, 1, H, W) per-pixel factors. Returns a tuple
+        of coarse (B, C, h, w) arrays (``x`` itself at blur 1 without scales).
+        """
+        x = self._contiguous(x)
+        ns = 0 if scales is None else len(scales)
+        if setup.blur == 1 and ns == 0:
+            return (x,)
+        tab = self._backward_tables(setup)
+        B, C, H, W = x.shape
+        h, w = setup.coarse
+        dt = setup.dtype
+        outs = [self.xp.empty((B, C, h, w), dtype=dt) for _ in range(max(ns, 1))]
+        s0 = self._contiguous(scales[0]) if ns >= 1 else self._dummy(dt)
+        s1 = self._contiguous(scales[1]) if ns == 2 else self._dummy(dt)
+        o1 = outs[1] if ns == 2 else self._dummy(dt)
+        grid, block = self._grid_1d(B * C * h * w)
+        i32 = np.int32
+        self._function("backward.cu", _cuda.upsample_backward_spec(dt, ns))(
+            grid, block,
+            (x, s0, s1, tab["ystart"], tab["ycount"], tab["yw"], tab["xstart"], tab["xcount"], tab["xw"],
+             outs[0], o1, i32(B), i32(C), i32(H), i32(W), i32(h), i32(w), i32(tab["ly"]), i32(tab["lx"])),
+        )
+        return tuple(outs)
+
+    def pool_backward(self, setup: CudaSetup, r0, r1=None):
+        """Pool^T of coarse (B, C, h, w): ``Pool^T(r0)``, or ``n_a Pool^T(r0) + n_s Pool^T(r1)``."""
+        scaled = r1 is not None
+        r0 = self._contiguous(r0)
+        if setup.blur == 1 and not scaled:
+            return r0
+        B, C, h, w = r0.shape
+        H, W = setup.size
+        dt = setup.dtype
+        out = self.xp.empty((B, C, H, W), dtype=dt)
+        n0, n1 = setup.normalisers if scaled else (self._dummy(dt), self._dummy(dt))
+        grid, block = self._grid_1d(B * C * H * W)
+        i32 = np.int32
+        self._function("backward.cu", _cuda.pool_backward_spec(dt, scaled))(
+            grid, block,
+            (r0, self._contiguous(r1) if scaled else self._dummy(dt), n0, n1, out, i32(B), i32(C), i32(H),
+             i32(W), i32(h), i32(w), i32(setup.blur), i32(setup.pads[0]), i32(setup.pads[1])),
+        )
+        return out
+
+    def materialise_gradient(self, grad):
+        """The full-resolution array of a lazy :class:`MessageGradient` / :class:`PixelGradient`."""
+        if isinstance(grad, PixelGradient):
+            return self.pool_backward(grad.setup, grad.r0, grad.r1)
+        if isinstance(grad, MessageGradient):
+            return self._compat_transpose(grad.grad_logits, grad.compat)
+        return grad
+
+    def _compat_transpose(self, x, compat):
+        """``-mu^T x`` over the class axis of (B, C, ...) (Potts: ``x - sum_c x``)."""
+        xp = self.xp
+        if compat is None:
+            return x - x.sum(axis=1, keepdims=True)
+        B, C = x.shape[:2]
+        cached = self._neg_compat_t
+        if cached is None or cached[0] is not compat or cached[1].dtype != x.dtype:
+            # -mu^T, once per matrix (every iteration of a backward pass uses the same one)
+            cached = self._neg_compat_t = (compat, self._contiguous((-compat.astype(x.dtype, copy=False)).T))
+        return xp.matmul(cached[1], x.reshape(B, C, -1)).reshape(x.shape)
+
+    def _settle_normaliser_term(self, grad: PixelGradient):
+        """Add the pending ``sum_c q Pool^T(r_s)`` of a normalised :class:`PixelGradient`."""
+        if not grad.pending:
+            return
+        grad.pending = False
+        gn = self._normaliser_gradients(grad.grads, grad.q)
+        for s, r in enumerate((grad.r0, grad.r1)):
+            gn[s] += (grad.q * self.pool_backward(grad.setup, r)).sum(axis=1, keepdims=True)
+
+    def _normaliser_gradients(self, grads, q):
+        """The in-place accumulators (B, 1, H, W) of the normaliser gradients in ``grads``."""
+        B, _, H, W = q.shape
+        for s in range(2):
+            if grads.normalisers[s] is None:
+                grads.normalisers[s] = self.xp.zeros((B, 1, H, W), dtype=q.dtype)
+        return grads.normalisers
+
+    def softmax_backward(self, q, grad):
+        """Vector-Jacobian product of the softmax over classes, given its output ``q``.
+
+        ``grad`` is an array (B, C, H, W) or a lazy :class:`PixelGradient` (formed on the fly;
+        when it is the gradient of this same ``q``'s message its pending normaliser term is added
+        in the same pass).
+        """
+        xp = self.xp
+        q = self._contiguous(q)
+        B, C, H, W = q.shape
+        dt = np.dtype(q.dtype)
+        d = self._dummy(dt)
+        out = xp.empty_like(q)
+        accumulate = 0
+        if isinstance(grad, PixelGradient):
+            setup = grad.setup
+            g, r0 = d, grad.r0
+            if grad.r1 is None:
+                mode, r1, n0, n1, gn0, gn1 = 1, d, d, d, d, d
+            else:
+                mode, r1 = 2, grad.r1
+                n0, n1 = setup.normalisers
+                if grad.pending and grad.q is q:
+                    gn0, gn1 = self._normaliser_gradients(grad.grads, q)
+                    accumulate, grad.pending = 1, False
+                else:
+                    self._settle_normaliser_term(grad)
+                    gn0, gn1 = d, d
+            h, w = setup.coarse
+            blur, (pad_y, pad_x) = setup.blur, setup.pads
+        else:
+            mode, g = 0, self._contiguous(grad.astype(dt, copy=False))
+            r0 = r1 = n0 = n1 = gn0 = gn1 = d
+            h, w, blur, pad_y, pad_x = H, W, 1, 0, 0
+        grid, block = self._grid_1d(B * H * W)
+        i32 = np.int32
+        self._function("backward.cu", _cuda.softmax_backward_spec(dt, mode))(
+            grid, block,
+            (q, g, r0, r1, n0, n1, gn0, gn1, out, i32(B), i32(C), i32(H), i32(W), i32(h), i32(w),
+             i32(blur), i32(pad_y), i32(pad_x), i32(accumulate)),
+        )
+        return out
+
+    def compatibility_backward(self, grad, msg, compat):
+        """Vector-Jacobian product of ``logits = a U - mu M``: ``(grad_msg, grad_compat)``.
+
+        With a :class:`CoarseMessage` ``msg`` (what ``full_message`` returns) ``grad_msg`` is a lazy
+        :class:`MessageGradient` and ``grad_compat = -sum_s w_s sum_b Up^T(n_s grad) m_s^T`` is
+        formed on the coarse grid, in float64; it is a (C, C) float64 array of ``xp`` (converted
+        by ``mean_field_backward`` at the end, so the iterations never wait for the device).
+        """
+        grad = self._contiguous(grad)
+        if not isinstance(msg, CoarseMessage):
+            msg = self._contiguous(msg.astype(grad.dtype, copy=False))
+            return self._compat_transpose(grad, compat), self._class_products(grad, msg)
+        setup = msg.setup
+        if setup.separate:
+            coarse = self.upsample_backward(setup, grad, setup.normalisers)
+            gc = self._class_products(coarse[0], msg.m0, coarse[1], msg.m1, setup.weights)
+        else:
+            coarse = self.upsample_backward(setup, grad)
+            gc = self._class_products(coarse[0], msg.m0)
+        return MessageGradient(grad, compat, coarse, msg), gc
+
+    def _class_products(self, a0, m0, a1=None, m1=None, weights=(1.0, 1.0)):
+        """``-(w0 sum_{b, i} a0 m0^T + w1 sum_{b, i} a1 m1^T)``: a (C, C) float64 array of ``xp``."""
+        B, C = a0.shape[:2]
+        n = int(np.prod(a0.shape[2:]))
+        two = a1 is not None
+        dt = np.dtype(a0.dtype)
+        grid, tn, smem = _cuda.class_products_launch(B, C, n, two, dt.itemsize)
+        partials = self.xp.empty((grid, C, C), dtype=np.float64)
+        self._function("backward.cu", _cuda.class_products_spec(dt))(
+            (grid,), (256,),
+            (self._contiguous(a0), self._contiguous(m0), self._contiguous(a1) if two else self._dummy(dt),
+             self._contiguous(m1) if two else self._dummy(dt), partials, np.int32(B), np.int32(C), np.int64(n),
+             np.int32(tn), np.int32(two), np.float64(weights[0]), np.float64(weights[1])),
+            shared_mem=smem,
+        )
+        return partials.sum(axis=0) if grid > 1 else partials[0]
+
+    def full_message_backward(self, setup: CudaSetup, q, grad_msg, config, grads):
+        """Vector-Jacobian product of :meth:`full_message` with respect to ``q``.
+
+        Records the coarse message gradients ``G_s`` and inputs ``P_s`` in ``grads`` (a
+        :class:`cucrf._meanfield.MessageGradients`), and for symmetric normalisation adds the
+        normaliser gradient (in place). Returns a lazy :class:`PixelGradient`.
+        """
+        xp = self.xp
+        q = self._contiguous(q)
+        sep = setup.separate
+        dt = setup.dtype
+        msg = None
+        if isinstance(grad_msg, MessageGradient):
+            msg = grad_msg.msg
+            coarse = tuple(self._compat_transpose(lc, grad_msg.compat) for lc in grad_msg.coarse)
+        else:
+            grad_msg = self._contiguous(self.materialise_gradient(grad_msg).astype(dt, copy=False))
+            coarse = self.upsample_backward(setup, grad_msg, setup.normalisers if sep else None)
+        if msg is not None and msg.pooled is not None and msg.source == _array_key(q):
+            pooled = msg.pooled
+        elif sep:
+            pooled = self.pool(q, setup.blur, *setup.normalisers)
+        else:
+            pooled = (self.pool(q, setup.blur),)
+        for s in range(len(coarse)):
+            grads.left[s].append(coarse[s])
+            grads.right[s].append(pooled[s])
+        wa, ws = setup.weights
+        if not sep:
+            r = self.coarse_message(setup, coarse[0])
+            return PixelGradient(setup, r, None, q, grads)
+        # The normaliser gradient's own-factor term, w_s sum_c grad_msg Up(m_s) per pixel, formed
+        # as sum_c a Up(x_s) with coarse x_s: a = grad_logits, x_s = -w_s mu m_s from the lazy
+        # gradient; else a = grad_msg, x_s = w_s m_s (the message recomputed).
+        if msg is not None:
+            a = grad_msg.grad_logits
+            xs = []
+            for m, weight in ((msg.m0, wa), (msg.m1, ws)):
+                if grad_msg.compat is None:
+                    x = (m - m.sum(axis=1, keepdims=True)) * dt.type(weight)
+                else:
+                    B, C = m.shape[:2]
+                    mu = self._contiguous(grad_msg.compat.astype(dt, copy=False) * dt.type(-weight))
+                    x = xp.matmul(mu, m.reshape(B, C, -1)).reshape(m.shape)
+                xs.append(self._contiguous(x))
+        else:
+            a = grad_msg
+            xs = list(self.coarse_message(setup, pooled[0], pooled[1], weights=(wa, ws)))
+        gn0, gn1 = self._normaliser_gradients(grads, q)
+        self._upsampled_dot(setup, a, xs[0], xs[1], gn0, gn1)
+        r0, r1 = self.coarse_message(setup, coarse[0], coarse[1], weights=(wa, ws))
+        lazy = PixelGradient(setup, r0, r1, q, grads, pending=True)
+        if not hasattr(grads, "cuda_pending"):
+            grads.cuda_pending = []
+        grads.cuda_pending.append(lazy)
+        return lazy
+
+    def _upsampled_dot(self, setup, a, x0, x1, gn0, gn1):
+        """``gn_s += sum_c a Up(x_s)`` per pixel (in place)."""
+        a = self._contiguous(a)
+        B, C, H, W = a.shape
+        h, w = setup.coarse
+        grid, block = self._grid_1d(B * H * W)
+        i32 = np.int32
+        self._function("backward.cu", _cuda.upsampled_dot_spec(setup.dtype))(
+            grid, block,
+            (a, x0, x1, setup.yidx, setup.yfrac, setup.xidx, setup.xfrac, gn0, gn1, i32(B), i32(C), i32(H),
+             i32(W), i32(h), i32(w)),
+        )
+
+    def prepare_backward(self, setup: CudaSetup, features, params, config, grads):
+        """Gradient with respect to the features and the kernel parameters: ``(grad_features, dict)``.
+
+        One ``crf_kernel_grad`` launch over every iteration's stacked ``G_s`` and ``P_s``, then
+        ``Pool^T`` of the pooled-feature gradient. Parameter sums are per-block partials (a
+        fixed-order tree in shared memory, in double) added on the host in a fixed order.
+        """
+        xp = self.xp
+        for lazy in getattr(grads, "cuda_pending", ()):
+            self._settle_normaliser_term(lazy)
+        B, F, H, W = features.shape
+        h, w = setup.coarse
+        dt = setup.dtype
+        sep = setup.separate
+        S = 2 if sep else 1
+        tab = self._backward_tables(setup)
+        wa, ws = setup.weights
+        theta_beta = params.theta_beta_vector(F)
+        zero = {"theta_alpha": 0.0, "theta_beta": np.zeros(F), "theta_gamma": 0.0,
+                "appearance_weight": 0.0, "smoothness_weight": 0.0}
+        if not grads.left[0]:
+            return xp.zeros((B, F, H, W), dtype=dt), zero
+        left = [self._contiguous(xp.concatenate(grads.left[s], axis=1)) for s in range(S)]
+        right = [self._contiguous(xp.concatenate(grads.right[s], axis=1)) for s in range(S)]
+        CT = left[0].shape[1]
+        rows = [self._dummy(dt), self._dummy(dt)]
+        has_rows = False
+        if sep:
+            for s in range(2):
+                gn = grads.normalisers[s]
+                if gn is None:
+                    rows[s] = xp.zeros((B, 1, h, w), dtype=dt)
+                    continue
+                n = setup.normalisers[s]
+                factor = (n * n * n) * dt.type(-0.5)
+                rows[s] = self.upsample_backward(setup, gn, (factor,))[0] if setup.blur > 1 else gn * factor
+                rows[s] = self._contiguous(rows[s])
+                has_rows = True
+        name, nf, chunk = _cuda.kernel_grad_spec(dt, F, CT, num_cells=B * h * w)
+        block, smem = _cuda.kernel_grad_launch(h, w, setup.radius, F, dt.itemsize)
+        nchunks = -(-CT // chunk)
+        nz = B * S * nchunks
+        grid = (-(-w // block[0]), -(-h // block[1]), min(nz, _cuda.MAX_GRID_Z))
+        feat_out = xp.empty((B, S * nchunks, F, h, w), dtype=dt)
+        partials = xp.empty((nz, grid[1], grid[0], 6 + F), dtype=np.float64)
+        inv_beta = self._dev(1.0 / theta_beta, dtype=dt)
+        i32, T = np.int32, dt.type
+        self._function("kernel_grad.cu", name)(
+            grid, block,
+            (setup.features, setup.ay, setup.ax, setup.sy, setup.sx, tab["dy2"], tab["dx2"],
+             left[0], right[0], left[-1], right[-1], rows[0], rows[1], inv_beta, feat_out, partials,
+             i32(B), i32(CT), i32(F), i32(h), i32(w), i32(setup.radius), i32(setup.keep_centre), i32(S),
+             i32(nchunks), i32(has_rows), T(1.0 if not sep else wa), T(1.0 if not sep else ws),
+             T(wa if not sep else 1.0)),
+            shared_mem=smem,
+        )
+        grad_features = self.pool_backward(setup, feat_out.sum(axis=1))  # a new array (blur 1: the sum)
+        host = np.asarray(partials.get() if hasattr(partials, "get") else partials, dtype=np.float64)
+        sums = host.reshape(B, S, -1, 6 + F).transpose(1, 0, 2, 3).reshape(S, -1, 6 + F).sum(axis=1)
+        # alpha / beta: how much each slice's appearance / smoothness terms count.
+        alpha = (wa,) if not sep else (1.0, 0.0)
+        beta = (ws,) if not sep else (0.0, 1.0)
+        g_ia2 = sum(-0.25 * alpha[s] * sums[s, 2] for s in range(S))
+        g_ig2 = sum(-0.25 * beta[s] * sums[s, 3] for s in range(S))
+        g_ib = sum(-0.5 * alpha[s] * sums[s, 6:] for s in range(S)) * theta_beta  # / (1 / theta_beta)
+        result = {
+            "theta_alpha": float(g_ia2) * -2.0 / params.theta_alpha ** 3,
+            "theta_beta": np.asarray(g_ib, dtype=np.float64) * -1.0 / theta_beta ** 2,
+            "theta_gamma": float(g_ig2) * -2.0 / params.theta_gamma ** 3,
+        }
+        if sep:
+            result["appearance_weight"] = float(0.5 * sums[0, 4])
+            result["smoothness_weight"] = float(0.5 * sums[1, 5])
+        else:
+            result["appearance_weight"] = float(0.5 * sums[0, 0])
+            result["smoothness_weight"] = float(0.5 * sums[0, 1])
+        return grad_features, result
 
     # -- beyond the fused kernels' class limit: array operations (same formulas as NumPy) --------
     def _softmax_unfused(self, logits):

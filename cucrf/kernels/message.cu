@@ -9,7 +9,8 @@
 //          ceil(C / CHUNK) chunks along gridDim.z (so C has no upper bound)
 //   SEP    false: one merged kernel  K = wa * k_app + ws * k_smooth  applied to q0 -> m0
 //          true:  appearance and smoothness kept apart (symmetric normalisation):
-//                 m0 = k_app (q0),  m1 = k_smooth (q1), in the same pass
+//                 m0 = wa * k_app (q0),  m1 = ws * k_smooth (q1), in the same pass (the forward
+//                 passes wa = ws = 1; the backward pass its kernel weights)
 //
 // Layout: features (B, F, h, w), already multiplied by 1 / theta_beta per channel; q and m
 // (B, C, h, w). The window of cell (y, x) is every cell (y + dy, x + dx), |dy|, |dx| <= radius,
@@ -143,8 +144,8 @@ __global__ void crf_message(
 #pragma unroll
             for (int j = 0; j < CHUNK; ++j) {
                 if (c0 + j < C) {
-                    m0[out + j * plane] = acc0[j];
-                    if (SEP) m1[out + j * plane] = acc1[SEP ? j : 0];
+                    m0[out + j * plane] = SEP ? wa * acc0[j] : acc0[j];
+                    if (SEP) m1[out + j * plane] = ws * acc1[SEP ? j : 0];
                 }
             }
         }
