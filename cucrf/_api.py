@@ -298,7 +298,8 @@ def _prepare_inputs(unary, image, params, *, filter_size, blur, iterations, unar
     compute_dtype = np.dtype(dtype) if dtype is not None else (
         np.dtype(np.float64) if unary.dtype == np.float64 else np.dtype(np.float32)
     )
-    need = _meanfield.estimate_bytes(B, C, H, W, max(F, F_out), config, compute_dtype.itemsize)
+    need = _meanfield.estimate_bytes(B, C, H, W, max(F, F_out), config, compute_dtype.itemsize,
+                                     stored_kernels=getattr(backend, "stores_kernels", True))
     if training:
         # The tape keeps 2 T full-size arrays, the backward pass about as many again.
         need += 4 * max(config.iterations, 1) * B * C * H * W * compute_dtype.itemsize

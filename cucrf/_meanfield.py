@@ -411,14 +411,19 @@ def prepare_backward(backend, setup: PairwiseSetup, features, params, config: CR
     return grad_features, result
 
 
-def estimate_bytes(batch, classes, height, width, channels, config: CRFConfig, itemsize) -> int:
-    """Upper estimate of the working memory of :func:`mean_field`, in bytes."""
+def estimate_bytes(batch, classes, height, width, channels, config: CRFConfig, itemsize,
+                   stored_kernels=True) -> int:
+    """Upper estimate of the working memory of :func:`mean_field`, in bytes.
+
+    ``stored_kernels`` is False for a backend that computes kernel values on the fly (CUDA)
+    instead of keeping the (S, B, k*k, h, w) kernel stack.
+    """
     h = -(-height // config.blur)
     w = -(-width // config.blur)
     full = batch * classes * height * width
     n_kernels = 2 if config.normalization == "symmetric" else 1
     window = config.filter_size ** 2
-    kernels = n_kernels * batch * window * h * w
+    kernels = n_kernels * batch * window * h * w if stored_kernels else 0
     # unary copy, scaled unary, q, message, upsampling temporaries; padded coarse q; features.
     elements = 6 * full + 3 * batch * classes * (h + config.filter_size) * (w + config.filter_size)
     elements += kernels + 3 * batch * channels * height * width + 2 * n_kernels * batch * height * width

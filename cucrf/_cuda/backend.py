@@ -229,6 +229,9 @@ class CudaBackend:
     def _grid_1d(total):
         return (max(1, min(-(-int(total) // _cuda.BLOCK_1D), 1 << 20)),), (_cuda.BLOCK_1D,)
 
+    #: Kernel values are computed on the fly, never stored (for the memory estimate).
+    stores_kernels = False
+
     def available_memory_bytes(self):
         """Free device memory (plus memory held free by the array pool), or None if unknown."""
         return None if self._memory_info is None else self._memory_info()
