@@ -164,9 +164,11 @@ def from_dlpack(name, value):
         try:
             return consumer(value, copy=False)
         except TypeError as exc:
-            if "copy" not in str(exc):
+            # An older consumer or producer without the copy keyword (NumPy 1.x: "takes no
+            # keyword arguments"); it never copies silently either.
+            if "copy" not in str(exc) and "keyword" not in str(exc):
                 raise
-            return consumer(value)  # an older consumer or producer without the copy keyword
+            return consumer(value)
     except BufferError as exc:
         message = str(exc)
         if "require" in message and "grad" in message:
@@ -181,6 +183,13 @@ def from_dlpack(name, value):
     _warn_copy(name, value, "its producer cannot share it without a copy")
     try:
         return consumer(value, copy=True)
+    except TypeError as exc:
+        if "keyword" in str(exc):  # NumPy 1.x: from_dlpack cannot ask for a copy
+            raise TypeError(f"{name} ({describe(value)}) can only be shared through DLPack as a copy, which "
+                            f"NumPy {np.__version__} cannot ask for; pass a NumPy array (np.asarray) or "
+                            "upgrade NumPy to 2.x") from exc
+        raise TypeError(f"{name} ({describe(value)}) cannot be shared through DLPack, not even as a copy: "
+                        f"{exc}") from exc
     except Exception as exc:  # noqa: BLE001
         raise TypeError(f"{name} ({describe(value)}) cannot be shared through DLPack, not even as a copy: "
                         f"{exc}") from exc
