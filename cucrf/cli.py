@@ -556,9 +556,9 @@ the cells replaced; seed = --seed + image index); any other NAME reads <unary-di
 (an array 'logits', (C, H, W)).
 
 examples:
-  cucrf eval --data ../shared/data --set voc --methods unary,cucrf:5x4,cucrf:7x1,densecrf
-  cucrf eval --data ../shared/data --set voc --unaries espnet2_384 --csv voc-real.csv
-  cucrf eval --data ../shared/data --max-images 10 --per-class
+  cucrf eval --data DATA_DIR --set voc --methods unary,cucrf:5x4,cucrf:7x1,densecrf
+  cucrf eval --data DATA_DIR --set voc --unaries espnet2_384 --csv voc-real.csv
+  cucrf eval --data DATA_DIR --max-images 10 --per-class
 """
 
 

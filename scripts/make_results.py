@@ -320,7 +320,7 @@ def report(tasks, out_dir, figures, examples, data, max_images, elapsed, seeds=N
     add("")
     add("## Protocol")
     add("")
-    add("* **Data:** the development sets of `../shared/data` (" + ", ".join(
+    add("* **Data:** the data folder given to the script (" + ", ".join(
         f"{r.name} {len(r.images)} images" for t, r, _ in tasks if t.endswith("synthetic")) + ")"
         + ("" if max_images is None else f", at most {max_images} images per set") + "; label 255 is ignored.")
     add("* **Synthetic task** (the paper's Table 1 protocol): `cucrf.datasets.synthetic_unary` — the one-hot "
