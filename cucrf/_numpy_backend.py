@@ -213,6 +213,31 @@ def upsample_backward(grad, blur, coarse_size):
 # ---------------------------------------------------------------------------------------------
 # pairwise kernels and message passing on the (coarse) grid
 # ---------------------------------------------------------------------------------------------
+def _offset_kernels(pos_y, pos_x, scaled, inv_theta_alpha2, inv_theta_gamma2, offsets):
+    """Kernel values of each window offset on the cells where the neighbour is inside the grid.
+
+    Yields ``(o, (ys, xs), (yn, xn), d2, appearance, spatial_s)``: the centre and neighbour
+    slices, squared distances (h', w') in pixels, the unweighted appearance kernel (B, h', w')
+    and smoothness kernel (h', w'). ``scaled`` is the features times ``1 / theta_beta``.
+    """
+    h, w = scaled.shape[-2:]
+    dt = scaled.dtype
+    py = pos_y.astype(np.float64)
+    px = pos_x.astype(np.float64)
+    for o, (dy, dx) in enumerate(offsets):
+        ys, yn = _valid(h, dy)
+        xs, xn = _valid(w, dx)
+        if ys.start >= ys.stop or xs.start >= xs.stop:
+            continue
+        d2 = ((py[yn] - py[ys]) ** 2)[:, None] + ((px[xn] - px[xs]) ** 2)[None, :]
+        spatial_a = (d2 * inv_theta_alpha2).astype(dt)
+        spatial_s = np.exp(-0.5 * d2 * inv_theta_gamma2).astype(dt)
+        diff = scaled[:, :, yn, xn] - scaled[:, :, ys, xs]
+        colour = np.einsum("bfyx,bfyx->byx", diff, diff)
+        appearance = np.exp(-0.5 * (colour + spatial_a))
+        yield o, (ys, xs), (yn, xn), d2, appearance, spatial_s
+
+
 def pairwise_kernels(pos_y, pos_x, features, inv_theta_beta, inv_theta_alpha2, inv_theta_gamma2,
                      filter_size, weights, keep_centre=False):
     """Kernel values between every cell and every other cell of its window.
@@ -246,19 +271,8 @@ def pairwise_kernels(pos_y, pos_x, features, inv_theta_beta, inv_theta_alpha2, i
     offsets = window_offsets(filter_size, keep_centre)
     scaled = features * inv_theta_beta.astype(dt)[None, :, None, None]
     out = np.zeros((len(weights), B, len(offsets), h, w), dtype=dt)
-    py = pos_y.astype(np.float64)
-    px = pos_x.astype(np.float64)
-    for o, (dy, dx) in enumerate(offsets):
-        ys, yn = _valid(h, dy)
-        xs, xn = _valid(w, dx)
-        if ys.start >= ys.stop or xs.start >= xs.stop:
-            continue
-        d2 = ((py[yn] - py[ys]) ** 2)[:, None] + ((px[xn] - px[xs]) ** 2)[None, :]
-        spatial_a = (d2 * inv_theta_alpha2).astype(dt)
-        spatial_s = np.exp(-0.5 * d2 * inv_theta_gamma2).astype(dt)
-        diff = scaled[:, :, yn, xn] - scaled[:, :, ys, xs]
-        colour = np.einsum("bfyx,bfyx->byx", diff, diff)
-        appearance = np.exp(-0.5 * (colour + spatial_a))
+    for o, (ys, xs), _, _, appearance, spatial_s in _offset_kernels(
+            pos_y, pos_x, scaled, inv_theta_alpha2, inv_theta_gamma2, offsets):
         for s, (wa, ws) in enumerate(weights):
             val = out[s, :, o, ys, xs]
             if wa:
@@ -340,8 +354,6 @@ def pairwise_kernels_backward(pos_y, pos_x, features, inv_theta_beta, inv_theta_
     ib = inv_theta_beta.astype(dt)[None, :, None, None]
     ib2 = ib * ib
     scaled = features * ib
-    py = pos_y.astype(np.float64)
-    px = pos_x.astype(np.float64)
     g_feat = np.zeros_like(features)
     g_ib = np.zeros(F, dtype=np.float64)
     g_ia2 = 0.0
@@ -350,17 +362,8 @@ def pairwise_kernels_backward(pos_y, pos_x, features, inv_theta_beta, inv_theta_
     pair_dot = np.zeros(S)
     if row_grads is None:
         row_grads = (None,) * S
-    for o, (dy, dx) in enumerate(offsets):
-        ys, yn = _valid(h, dy)
-        xs, xn = _valid(w, dx)
-        if ys.start >= ys.stop or xs.start >= xs.stop:
-            continue
-        d2 = ((py[yn] - py[ys]) ** 2)[:, None] + ((px[xn] - px[xs]) ** 2)[None, :]
-        spatial_a = (d2 * inv_theta_alpha2).astype(dt)
-        spatial_s = np.exp(-0.5 * d2 * inv_theta_gamma2).astype(dt)
-        diff = scaled[:, :, yn, xn] - scaled[:, :, ys, xs]
-        colour = np.einsum("bfyx,bfyx->byx", diff, diff)
-        appearance = np.exp(-0.5 * (colour + spatial_a))
+    for o, (ys, xs), (yn, xn), d2, appearance, spatial_s in _offset_kernels(
+            pos_y, pos_x, scaled, inv_theta_alpha2, inv_theta_gamma2, offsets):
         g_app = None
         g_smo = None
         for s, (wa, ws) in enumerate(weights):

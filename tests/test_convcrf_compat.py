@@ -1,8 +1,8 @@
 """The ConvCRF-compatible mode (cucrf.convcrf) against upstream's outputs and a brute-force model.
 
-Reference outputs of upstream ConvCRF are read from the folder named by the environment variable
-``CUCRF_CONVCRF_REFERENCE`` (``.ci/run`` sets it when ../shared/reference/convcrf exists); those
-tests are skipped when it is unset.
+Reference outputs of upstream ConvCRF are read from a folder named by the environment variable
+``CUCRF_CONVCRF_REFERENCE`` (``.ci/run`` sets it when such a folder is available); those tests are
+skipped when it is unset. Every other test here makes its own data.
 
 Tolerance against the reference: every array must satisfy ``max |ours - ref| <= 1e-5 * max |ref|``
 (float32, normwise). An element-wise relative error is not meaningful for the log-space outputs,

@@ -127,29 +127,33 @@ def _next_pow2(n):
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def _fit_tile(h, w, shared_bytes, what, purpose):
+    """Largest (TX, TY) block, x fastest (32 wide when the grid is), whose ``shared_bytes(tx, ty)``
+    fits in :data:`SHARED_MEMORY_LIMIT`: TY shrinks first, then TX, by halves (powers of two)."""
+    tx = 32 if w >= 32 else max(8, _next_pow2(w))
+    ty = max(1, min(256 // tx, _next_pow2(h)))
+    while shared_bytes(tx, ty) > SHARED_MEMORY_LIMIT and ty > 1:
+        ty //= 2
+    while shared_bytes(tx, ty) > SHARED_MEMORY_LIMIT and tx > 1:
+        tx //= 2
+    if shared_bytes(tx, ty) > SHARED_MEMORY_LIMIT:
+        raise ValueError(
+            f"{what} need {shared_bytes(tx, ty)} bytes of shared memory per block{purpose}, more than "
+            f"{SHARED_MEMORY_LIMIT}; use fewer channels or a smaller filter_size on the GPU"
+        )
+    return (tx, ty), shared_bytes(tx, ty)
+
+
 def message_launch(h, w, radius, num_features, itemsize):
     """``(block, shared_mem)`` of the message kernel: a (TX, TY) tile of cells, x fastest.
 
     The block holds the tile's features with a halo of ``radius`` cells in shared memory;
     TY (then TX) shrinks until that fits in :data:`SHARED_MEMORY_LIMIT`.
     """
-    tx = 32 if w >= 32 else max(8, _next_pow2(w))
-    ty = max(1, min(256 // tx, _next_pow2(h)))
-
     def smem(tx, ty):
         return num_features * (ty + 2 * radius) * (tx + 2 * radius) * itemsize
 
-    while smem(tx, ty) > SHARED_MEMORY_LIMIT and ty > 1:
-        ty //= 2
-    while smem(tx, ty) > SHARED_MEMORY_LIMIT and tx > 1:
-        tx //= 2
-    if smem(tx, ty) > SHARED_MEMORY_LIMIT:
-        raise ValueError(
-            f"{num_features} feature channels with filter_size={2 * radius + 1} need "
-            f"{smem(tx, ty)} bytes of shared memory per block, more than {SHARED_MEMORY_LIMIT}; "
-            "use fewer channels or a smaller filter_size on the GPU"
-        )
-    return (tx, ty), smem(tx, ty)
+    return _fit_tile(h, w, smem, f"{num_features} feature channels with filter_size={2 * radius + 1}", "")
 
 
 def pool_spec(dtype, scaled):
@@ -258,23 +262,12 @@ def kernel_grad_launch(h, w, radius, num_features, itemsize):
     in :data:`SHARED_MEMORY_LIMIT`.
     """
     generic = num_features not in FEATURE_SPECIALISATIONS
-    tx = 32 if w >= 32 else max(8, _next_pow2(w))
-    ty = max(1, min(256 // tx, _next_pow2(h)))
 
     def smem(tx, ty):
         return kernel_grad_shared_bytes(tx, ty, radius, num_features, itemsize, generic)
 
-    while smem(tx, ty) > SHARED_MEMORY_LIMIT and ty > 1:
-        ty //= 2
-    while smem(tx, ty) > SHARED_MEMORY_LIMIT and tx > 1:
-        tx //= 2
-    if smem(tx, ty) > SHARED_MEMORY_LIMIT:
-        raise ValueError(
-            f"{num_features} feature channels with filter_size={2 * radius + 1} need "
-            f"{smem(tx, ty)} bytes of shared memory per block for the kernel gradient, more than "
-            f"{SHARED_MEMORY_LIMIT}; use fewer channels or a smaller filter_size on the GPU"
-        )
-    return (tx, ty), smem(tx, ty)
+    return _fit_tile(h, w, smem, f"{num_features} feature channels with filter_size={2 * radius + 1}",
+                     " for the kernel gradient")
 
 
 def specialisations():
