@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Optional
 
 import numpy as np
@@ -34,8 +35,29 @@ def _choice(name, value, allowed):
     return value
 
 
+def check_include_self(include_self):
+    """Return ``include_self`` as a Python bool; anything but ``True`` / ``False`` is a TypeError.
+
+    NumPy booleans are accepted; integers, strings and None are not (``1`` or ``"yes"`` would
+    otherwise pass silently as true, ``None`` or ``0`` as false).
+    """
+    if not isinstance(include_self, (bool, np.bool_)):
+        raise TypeError(f"include_self must be True or False (a bool), got {include_self!r} of type "
+                        f"{type(include_self).__name__}")
+    return bool(include_self)
+
+
 def check_config(filter_size, blur, iterations, normalization, height, width, keep_centre=False):
-    """Validate the structural settings against an image of ``height`` x ``width``."""
+    """Validate the structural settings against an image of ``height`` x ``width``.
+
+    ``keep_centre`` is the public ``include_self`` (and is checked, and named, as such).
+    """
+    keep_centre = check_include_self(keep_centre)
+    if (not keep_centre and isinstance(filter_size, numbers.Integral)
+            and not isinstance(filter_size, (bool, np.bool_)) and filter_size == 1):
+        raise ValueError("filter_size must be >= 3 with include_self=False (the window leaves out its centre, so "
+                         "a 1-cell window would be empty), got 1; pass include_self=True for a window of the "
+                         "centre alone")
     filter_size = check_int("filter_size", filter_size, minimum=3 if not keep_centre else 1, odd=True)
     blur = check_int("blur", blur, minimum=1)
     iterations = check_int("iterations", iterations, minimum=0)
@@ -66,8 +88,8 @@ def _check_params(params, num_classes, num_channels):
 
 def infer(unary, image, params=None, *, filter_size=DEFAULT_FILTER_SIZE, blur=DEFAULT_BLUR,
           iterations=DEFAULT_ITERATIONS, unary_kind="logits", num_classes=None, confidence=0.5,
-          unknown_label=None, clip=1e-5, normalization=None, output="probabilities", dtype=None,
-          device=None, feature_transform=None, like=None):
+          unknown_label=None, clip=1e-5, normalization=None, include_self=False, output="probabilities",
+          dtype=None, device=None, feature_transform=None, like=None):
     """Refine a segmentation with a convolutional CRF (mean-field inference).
 
     Parameters
@@ -97,6 +119,12 @@ def infer(unary, image, params=None, *, filter_size=DEFAULT_FILTER_SIZE, blur=DE
         For ``unary_kind='probabilities'``: see :func:`cucrf.unary_from_probabilities`.
     normalization : {None, 'symmetric'}
         ``'symmetric'`` normalises each kernel as ``n * K(n * Q)`` with ``n = 1 / sqrt(K(1))``.
+    include_self : bool
+        False (the default): each pixel's window leaves out its own centre cell, so messages come
+        from neighbours only (the mean-field update of the CRF energy). True: the window keeps its
+        centre, as upstream ConvCRF's does: each (coarse) cell also sends a message to itself,
+        with value 1 in both kernels (distance 0), so its previous estimate comes back as an
+        extra unary; ``filter_size=1`` is then allowed. Anything but a bool is a TypeError.
     output : {'probabilities', 'logits'}
         Return the marginals ``Q`` or the final logits ``a * U - Phi`` (whose softmax is ``Q``).
     dtype : {None, numpy.float32, numpy.float64}
@@ -145,8 +173,8 @@ def infer(unary, image, params=None, *, filter_size=DEFAULT_FILTER_SIZE, blur=DE
         prepared = _prepare_inputs(
             unary, image, params, filter_size=filter_size, blur=blur, iterations=iterations,
             unary_kind=unary_kind, num_classes=num_classes, confidence=confidence, unknown_label=unknown_label,
-            clip=clip, normalization=normalization, output=output, dtype=dtype, device=device,
-            feature_transform=feature_transform, training=False,
+            clip=clip, normalization=normalization, include_self=include_self, output=output, dtype=dtype,
+            device=device, feature_transform=feature_transform, training=False,
         )
         result = _meanfield.mean_field(prepared.backend, prepared.unary, prepared.features, prepared.params,
                                        prepared.config, return_logits=output == "logits")
@@ -257,8 +285,9 @@ def apply_feature_transform(xp, features, transform):
 
 def _prepare_inputs(unary, image, params, *, filter_size, blur, iterations, unary_kind, num_classes,
                     confidence, unknown_label, clip, normalization, output, dtype, device, feature_transform,
-                    training):
+                    training, include_self=False):
     """Every check of :func:`infer`; returns a :class:`_Prepared` ready for the mean-field loop."""
+    include_self = check_include_self(include_self)
     _choice("unary_kind", unary_kind, _UNARY_KINDS)
     _choice("output", output, _OUTPUTS)
     _choice("device", device, _DEVICES)
@@ -292,7 +321,7 @@ def _prepare_inputs(unary, image, params, *, filter_size, blur, iterations, unar
     F = image4.shape[-1]
     transform = check_feature_transform(feature_transform, F)
     F_out = F if transform is None else transform[0].shape[0]
-    config = check_config(filter_size, blur, iterations, normalization, H, W)
+    config = check_config(filter_size, blur, iterations, normalization, H, W, keep_centre=include_self)
     params = _check_params(params, C, F_out)
 
     compute_dtype = np.dtype(dtype) if dtype is not None else (
@@ -381,8 +410,8 @@ def params_gradient_dict(params, grads):
 
 
 def infer_vjp(unary, image, params=None, *, grad_output, filter_size=DEFAULT_FILTER_SIZE, blur=DEFAULT_BLUR,
-              iterations=DEFAULT_ITERATIONS, unary_kind="logits", normalization=None, output="probabilities",
-              dtype=None, device=None, feature_transform=None, like=None):
+              iterations=DEFAULT_ITERATIONS, unary_kind="logits", normalization=None, include_self=False,
+              output="probabilities", dtype=None, device=None, feature_transform=None, like=None):
     """Run :func:`infer` and back-propagate ``grad_output`` through it (a vector-Jacobian product).
 
     For a loss ``L`` of the output, pass ``grad_output = dL/doutput`` and get ``dL/d`` every input:
@@ -392,10 +421,12 @@ def infer_vjp(unary, image, params=None, *, grad_output, filter_size=DEFAULT_FIL
 
     Parameters
     ----------
-    unary, image, params, filter_size, blur, iterations, normalization, output, dtype, device, like
-        As for :func:`infer`; checked the same way. With ``like='input'`` the output and the unary
-        gradient are of the unary's kind and the image gradient of the image's kind; parameter
-        gradients stay floats and NumPy arrays.
+    unary, image, params, filter_size, blur, iterations, normalization, include_self
+        As for :func:`infer`; checked the same way.
+    output, dtype, device, like
+        As for :func:`infer`. With ``like='input'`` the output and the unary gradient are of the
+        unary's kind and the image gradient of the image's kind; parameter gradients stay floats
+        and NumPy arrays.
     grad_output : array, shape of the output (that is, of ``unary``)
         ``dL/doutput``, where the output is the probabilities or the logits (``output=``).
     unary_kind : {'logits'}
@@ -428,7 +459,8 @@ def infer_vjp(unary, image, params=None, *, grad_output, filter_size=DEFAULT_FIL
         prepared = _prepare_inputs(
             unary, image, params, filter_size=filter_size, blur=blur, iterations=iterations, unary_kind="logits",
             num_classes=None, confidence=0.5, unknown_label=None, clip=1e-5, normalization=normalization,
-            output=output, dtype=dtype, device=device, feature_transform=feature_transform, training=True,
+            include_self=include_self, output=output, dtype=dtype, device=device,
+            feature_transform=feature_transform, training=True,
         )
         backend, xp = prepared.backend, prepared.backend.xp
         _meanfield.check_backward_support(backend)

@@ -422,6 +422,7 @@ def estimate_bytes(batch, classes, height, width, channels, config: CRFConfig, i
     w = -(-width // config.blur)
     full = batch * classes * height * width
     n_kernels = 2 if config.normalization == "symmetric" else 1
+    # k*k kernel entries per cell with the centre (include_self), k*k - 1 without: k*k covers both.
     window = config.filter_size ** 2
     kernels = n_kernels * batch * window * h * w if stored_kernels else 0
     # unary copy, scaled unary, q, message, upsampling temporaries; padded coarse q; features.

@@ -68,10 +68,12 @@ class _Spec:
     normalization: object
     output: str
     device: object
+    include_self: bool = False
 
     def settings(self):
         return dict(filter_size=self.filter_size, blur=self.blur, iterations=self.iterations,
-                    normalization=self.normalization, output=self.output, device=self.device)
+                    normalization=self.normalization, include_self=self.include_self, output=self.output,
+                    device=self.device)
 
     def params(self, dynamic):
         """CRFParams from the constants and the (NumPy or CuPy) values of the array-valued fields."""
@@ -220,7 +222,8 @@ def param_arrays(params=None, num_classes=None, dtype=jnp.float32):
 
 
 def infer(unary, image, params=None, *, filter_size=DEFAULT_FILTER_SIZE, blur=DEFAULT_BLUR,
-          iterations=DEFAULT_ITERATIONS, normalization=None, output="probabilities", device=None):
+          iterations=DEFAULT_ITERATIONS, normalization=None, include_self=False, output="probabilities",
+          device=None):
     """:func:`cucrf.infer` for JAX arrays, differentiable (``jax.custom_vjp``) and jit-compatible.
 
     Parameters
@@ -234,8 +237,9 @@ def infer(unary, image, params=None, *, filter_size=DEFAULT_FILTER_SIZE, blur=DE
         (scalars; ``theta_beta`` a scalar or (F,); ``compatibility`` (C, C)), and so are NumPy
         arrays (converted); Python numbers, tuples and ``'potts'`` are constants. :func:`param_arrays` builds a complete dict. Bandwidths must stay positive:
         parametrise them as ``jnp.exp(log_theta)``.
-    filter_size, blur, iterations, normalization, output
-        As for :func:`cucrf.infer` (static: changing them retraces).
+    filter_size, blur, iterations, normalization, include_self, output
+        As for :func:`cucrf.infer` (static: changing them retraces). ``include_self=True``: the
+        window keeps its centre cell, as upstream ConvCRF's does.
     device : {None, 'cpu', 'gpu'}
         Where cucrf computes inside the callback; None: where the callback's data is.
 
@@ -270,6 +274,9 @@ def infer(unary, image, params=None, *, filter_size=DEFAULT_FILTER_SIZE, blur=DE
     if image.ndim != unary.ndim or image.shape[-3:-1] != unary.shape[-2:] or image.shape[:-3] != unary.shape[:-3]:
         raise ValueError(f"image must have shape {'(B, H, W, F)' if unary.ndim == 4 else '(H, W, F)'} matching the "
                          f"unary {unary.shape}, got shape {image.shape}")
-    _api.check_config(filter_size, blur, iterations, normalization, unary.shape[-2], unary.shape[-1])
-    spec = _Spec(constants, tuple(sorted(dynamic)), filter_size, blur, iterations, normalization, output, device)
+    include_self = _api.check_include_self(include_self)
+    _api.check_config(filter_size, blur, iterations, normalization, unary.shape[-2], unary.shape[-1],
+                      keep_centre=include_self)
+    spec = _Spec(constants, tuple(sorted(dynamic)), filter_size, blur, iterations, normalization, output, device,
+                 include_self)
     return _crf(spec, unary, image, dynamic)

@@ -166,7 +166,8 @@ class _CRFFunction(torch.autograd.Function):
 
 
 def infer(unary, image, params=None, *, filter_size=DEFAULT_FILTER_SIZE, blur=DEFAULT_BLUR,
-          iterations=DEFAULT_ITERATIONS, normalization=None, output="probabilities", dtype=None):
+          iterations=DEFAULT_ITERATIONS, normalization=None, include_self=False, output="probabilities",
+          dtype=None):
     """:func:`cucrf.infer` on PyTorch tensors, differentiable by autograd.
 
     Parameters
@@ -183,8 +184,9 @@ def infer(unary, image, params=None, *, filter_size=DEFAULT_FILTER_SIZE, blur=DE
         tensors for ``theta_alpha``, ``theta_gamma``, the weights and ``unary_weight``; a scalar
         or an (F,) tensor for ``theta_beta``; a (C, C) tensor for ``compatibility`` (or the string
         ``'potts'``). Bandwidths must be positive: parametrise them as ``log_theta.exp()``.
-    filter_size, blur, iterations, normalization, output, dtype
-        As for :func:`cucrf.infer`.
+    filter_size, blur, iterations, normalization, include_self, output, dtype
+        As for :func:`cucrf.infer` (``include_self=True``: the window keeps its centre cell, as
+        upstream ConvCRF's does).
 
     Returns
     -------
@@ -212,9 +214,10 @@ def infer(unary, image, params=None, *, filter_size=DEFAULT_FILTER_SIZE, blur=DE
     if not unary.is_floating_point():
         raise TypeError(f"unary must hold floating-point logits, got dtype {unary.dtype}; for a label map use "
                         "cucrf.unary_from_labels first")
+    include_self = _api.check_include_self(include_self)
     constants, names, tensors = _split_params(params)
     settings = dict(filter_size=filter_size, blur=blur, iterations=iterations, normalization=normalization,
-                    output=output, dtype=dtype)
+                    include_self=include_self, output=output, dtype=dtype)
     return _CRFFunction.apply(_Spec(constants, names, settings), unary, image, *tensors)
 
 
@@ -263,8 +266,9 @@ class ConvCRF(torch.nn.Module):
     params : cucrf.CRFParams or dict, optional
         Starting values (defaults: ``CRFParams()``). A tuple ``theta_beta`` gives one learned
         bandwidth per image channel.
-    filter_size, blur, iterations, normalization
-        As for :func:`cucrf.infer`; fixed for the module's life.
+    filter_size, blur, iterations, normalization, include_self
+        As for :func:`cucrf.infer`; fixed for the module's life (``include_self=True``: the window
+        keeps its centre cell, as upstream ConvCRF's does).
     learn : 'all' or sequence of str
         What to learn, from ``'weights'``, ``'bandwidths'``, ``'compatibility'``,
         ``'unary_weight'`` (default: all four); ``()`` makes a fixed CRF that still passes
@@ -287,8 +291,8 @@ class ConvCRF(torch.nn.Module):
     """
 
     def __init__(self, num_classes=None, params=None, *, filter_size=DEFAULT_FILTER_SIZE, blur=DEFAULT_BLUR,
-                 iterations=DEFAULT_ITERATIONS, normalization=None, learn=DEFAULT_LEARN, output="logits",
-                 dtype=None):
+                 iterations=DEFAULT_ITERATIONS, normalization=None, include_self=False, learn=DEFAULT_LEARN,
+                 output="logits", dtype=None):
         super().__init__()
         if params is None:
             params = CRFParams()
@@ -307,10 +311,12 @@ class ConvCRF(torch.nn.Module):
             raise ValueError(f"output must be one of {list(_OUTPUTS)}, got {output!r}")
         learn = _check_learn(learn)
         # Checked now rather than at the first forward pass.
-        _api.check_config(filter_size, blur, iterations, normalization, 10**6, 10**6)
+        include_self = _api.check_include_self(include_self)
+        _api.check_config(filter_size, blur, iterations, normalization, 10**6, 10**6, keep_centre=include_self)
         self.num_classes = num_classes if num_classes is not None else params.num_classes
         self.filter_size, self.blur, self.iterations = filter_size, blur, iterations
         self.normalization, self.output, self.dtype = normalization, output, dtype
+        self.include_self = include_self
         self.learn = learn
 
         def add(name, value, learned):
@@ -366,10 +372,10 @@ class ConvCRF(torch.nn.Module):
     def forward(self, unary, image):
         """Refine ``unary`` (B, C, H, W) or (C, H, W) logits with ``image`` (B, H, W, F) or (H, W, F)."""
         return infer(unary, image, self.param_tensors(), filter_size=self.filter_size, blur=self.blur,
-                     iterations=self.iterations, normalization=self.normalization, output=self.output,
-                     dtype=self.dtype)
+                     iterations=self.iterations, normalization=self.normalization,
+                     include_self=self.include_self, output=self.output, dtype=self.dtype)
 
     def extra_repr(self):
         return (f"num_classes={self.num_classes}, filter_size={self.filter_size}, blur={self.blur}, "
-                f"iterations={self.iterations}, normalization={self.normalization!r}, output={self.output!r}, "
-                f"learn={self.learn}")
+                f"iterations={self.iterations}, normalization={self.normalization!r}, "
+                f"include_self={self.include_self}, output={self.output!r}, learn={self.learn}")

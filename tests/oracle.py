@@ -94,10 +94,10 @@ def coarse_operator(kind, image, blur, filter_size, p, keep_centre=False):
     return A
 
 
-def full_operator(kind, image, blur, filter_size, p):
+def full_operator(kind, image, blur, filter_size, p, keep_centre=False):
     """Dense (H*W, H*W) matrix of Up o K o Pool for one kernel."""
     H, W, _ = image.shape
-    A = coarse_operator(kind, image, blur, filter_size, p)
+    A = coarse_operator(kind, image, blur, filter_size, p, keep_centre)
     n = H * W
     cols = []
     for k in range(n):
@@ -108,11 +108,15 @@ def full_operator(kind, image, blur, filter_size, p):
     return np.stack(cols, axis=1)
 
 
-def infer(unary, image, p, filter_size, blur, iterations, normalization=None, output="probabilities"):
-    """Mean-field inference for one image: unary (C, H, W), image (H, W, F). Returns (C, H, W)."""
+def infer(unary, image, p, filter_size, blur, iterations, normalization=None, output="probabilities",
+          keep_centre=False):
+    """Mean-field inference for one image: unary (C, H, W), image (H, W, F). Returns (C, H, W).
+
+    ``keep_centre``: the window contains its centre cell (a cell interacts with itself).
+    """
     C, H, W = unary.shape
     n = H * W
-    ops = {m: full_operator(m, image, blur, filter_size, p) for m in ("appearance", "smoothness")}
+    ops = {m: full_operator(m, image, blur, filter_size, p, keep_centre) for m in ("appearance", "smoothness")}
     weights = {"appearance": p["appearance_weight"], "smoothness": p["smoothness_weight"]}
     if normalization == "symmetric":
         norms = {m: 1.0 / np.sqrt(ops[m] @ np.ones(n) + 1e-20) for m in ops}
