@@ -1,16 +1,20 @@
 """Learning CRF parameters from labelled images: :func:`cucrf.fit`.
 
-The loss is the mean cross-entropy of the CRF's output (the logits of the last mean-field
-iteration) against the labels; its gradient flows back through the unrolled iterations
-(:func:`cucrf._meanfield.mean_field_backward`) to every learnable parameter, and Adam
-(:class:`cucrf.optim.Adam`) takes the steps. Positive bandwidths are optimised as ``log theta``.
+The parts live in :mod:`cucrf._learning` (data, objective, parameters, selection, checkpoint,
+trainer); this module drives them:
+
+1. read and check every sample once (before any training);
+2. decide how candidates are scored: a held-out validation set, or cross-validation for tiny sets;
+3. score the start (epoch 0), then per epoch: Adam steps over minibatches, a validation score,
+   the best epoch so far, a checkpoint, early stopping;
+4. return the best epoch's parameters, or the exact starting parameters when no epoch beat them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
+import logging
 import math
 import os
 import time
@@ -19,18 +23,30 @@ from typing import Optional
 import numpy as np
 
 from . import _api, _meanfield
+from ._learning import checkpoint as _checkpoint
+from ._learning import data as _data
+from ._learning import parameters as _parameters
+from ._learning import selection as _selection
+from ._learning import trainer as _trainer
+from ._learning.data import batches as _batches_of_shapes
+from ._learning.objective import balanced_class_weights, cross_entropy
+from ._learning.parameters import DEFAULT_LEARN, LEARNABLE, TrainingDivergedError
 from ._params import CRFParams
-from .metrics import SegmentationScore
 from .optim import Adam
 
-__all__ = ["fit", "FitResult", "FeatureTransform", "LEARNABLE", "DEFAULT_LEARN"]
+__all__ = ["fit", "FitResult", "FeatureTransform", "LEARNABLE", "DEFAULT_LEARN", "METRICS",
+           "TrainingDivergedError", "cross_entropy"]
 
-#: Everything :func:`fit` can learn.
-LEARNABLE = ("weights", "bandwidths", "compatibility", "unary_weight", "feature_transform")
-#: What :func:`fit` learns unless told otherwise.
-DEFAULT_LEARN = ("weights", "bandwidths", "compatibility", "unary_weight")
+logger = logging.getLogger("cucrf.fit")
 
-_CHECKPOINT_VERSION = 1
+#: Validation metrics :func:`fit` can select by.
+METRICS = tuple(_selection.METRICS)
+#: With at least this many images (and ``val_fraction='auto'``), a quarter is held out for validation;
+#: with fewer, candidates are scored by leave-one-out cross-validation.
+MIN_HOLDOUT_IMAGES = 8
+DEFAULT_METRIC = "miou"
+DEFAULT_LR = 0.01
+DEFAULT_PRIOR = 0.01
 
 
 @dataclasses.dataclass
@@ -68,309 +84,57 @@ class FitResult:
     Attributes
     ----------
     params : CRFParams
-        The best parameters: those of the epoch with the highest validation mIoU (the starting
-        parameters count as epoch 0), or the last epoch's without a validation set.
+        The selected parameters: those of the epoch with the best validation score, or the
+        starting ``params`` object itself (bit-identical, Potts stays Potts) when no epoch beat it.
     feature_transform : FeatureTransform or None
-        The learned (or given) feature transform belonging to ``params``; pass it to
-        :func:`cucrf.infer` as ``feature_transform=``. None when none was used.
+        The feature transform belonging to ``params`` (pass it to :func:`cucrf.infer` as
+        ``feature_transform=``); the starting one (None without) when no epoch beat the start.
     history : list of dict
-        One entry per epoch, epoch 0 being the starting parameters: ``epoch``, ``train_loss``
-        (mean over the epoch's steps; at epoch 0 the loss of the starting parameters),
-        ``val_loss``, ``val_accuracy``, ``val_miou`` (None without a validation set), ``lr``
-        (of the epoch's last step), ``seconds`` (wall time of the epoch) and ``images``.
+        One entry per epoch, epoch 0 being the start: ``epoch``, ``train_loss``, ``val_loss``,
+        ``val_accuracy``, ``val_miou``, ``val_miou_gt`` (None without validation), ``score`` (the
+        selection metric's value), ``lr``, ``seconds``, ``images``, ``temperature``. With
+        cross-validation the validation entries pool the held-out predictions of every fold.
     best_epoch : int
+        The selected epoch (0: the start).
+    improved : bool
+        Whether an epoch beat the start (``params`` is then not the start).
+    metric : str
+        The selection metric.
+    temperature : float
+        The learned output temperature: ``softmax(logits / temperature)`` of
+        ``infer(..., output='logits')`` are calibrated probabilities. It never changes the argmax.
+    validation : str
+        How candidates were scored: ``'holdout'`` (N images), ``'given'``, ``'cross-validation'``
+        (leave-one-out over N images), ``'training images'`` or ``'none'``.
     """
 
     params: CRFParams
     feature_transform: Optional[FeatureTransform]
     history: list
     best_epoch: int
+    improved: bool = False
+    metric: str = DEFAULT_METRIC
+    temperature: float = 1.0
+    validation: str = "none"
 
     def to_dict(self):
         return {"params": self.params.to_dict(),
                 "feature_transform": None if self.feature_transform is None else self.feature_transform.to_dict(),
-                "best_epoch": self.best_epoch, "history": self.history}
+                "best_epoch": self.best_epoch, "improved": self.improved, "metric": self.metric,
+                "temperature": self.temperature, "validation": self.validation, "history": self.history}
 
     def save(self, path):
         """Write :meth:`to_dict` as JSON (atomically)."""
-        _atomic_write(path, (json.dumps(self.to_dict(), indent=2) + "\n").encode("utf-8"))
-
-
-# -------------------------------------------------------------------------------------------------
-# data
-# -------------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class _Sample:
-    unary: object     # (1, C, H, W) compute dtype
-    features: object  # (1, F, H, W) compute dtype (image channels, before the transform)
-    label: np.ndarray  # (H, W) int64
-    library: str
-
-
-def _as_list(name, value):
-    if value is None:
-        raise TypeError(f"{name} must be a sequence or iterable of arrays, got None")
-    if isinstance(value, (str, bytes)):
-        raise TypeError(f"{name} must be a sequence or iterable of arrays, got a string")
-    if hasattr(value, "ndim") and hasattr(value, "shape"):
-        return [value[i] for i in range(value.shape[0])]  # a batch array: one item per image
-    try:
-        return list(value)
-    except TypeError:
-        raise TypeError(f"{name} must be a sequence or iterable of arrays, got {type(value).__name__}") from None
-
-
-def _load_samples(what, unaries, images, labels, config_kwargs, dtype, device, ignore_index):
-    unaries, images, labels = (_as_list(f"{what}unaries", unaries), _as_list(f"{what}images", images),
-                               _as_list(f"{what}labels", labels))
-    if not unaries:
-        raise ValueError(f"{what}unaries is empty; expected at least one image")
-    if not (len(unaries) == len(images) == len(labels)):
-        raise ValueError(f"{what}unaries, {what}images and {what}labels must have the same length, got "
-                         f"{len(unaries)}, {len(images)} and {len(labels)}")
-    samples = []
-    classes = channels = None
-    for i, (u, im, lab) in enumerate(zip(unaries, images, labels)):
-        where = f"{what or 'training '}sample {i}"
-        try:
-            prep = _api._prepare_inputs(
-                u, im, None, unary_kind="logits", num_classes=None, confidence=0.5, unknown_label=None,
-                clip=1e-5, output="logits", dtype=dtype, device=device, feature_transform=None, training=True,
-                **config_kwargs,
-            )
-        except (ValueError, TypeError) as exc:
-            raise type(exc)(f"{where}: {exc}") from exc
-        if prep.batched:
-            raise ValueError(f"{where}: unary must be one image (C, H, W), got shape {tuple(np.shape(u))}")
-        C, H, W = prep.unary.shape[1:]
-        F = prep.image_features.shape[1]
-        if classes is None:
-            classes, channels = C, F
-        elif C != classes:
-            raise ValueError(f"{where}: unary has {C} classes but sample 0 has {classes}")
-        elif F != channels:
-            raise ValueError(f"{where}: image has {F} channels but sample 0 has {channels}")
-        lab = lab.get() if type(lab).__module__.split(".")[0] == "cupy" else np.asarray(lab)
-        if lab.dtype.kind not in "iu":
-            raise TypeError(f"{where}: label must hold integer class ids, got dtype {lab.dtype}")
-        if lab.shape != (H, W):
-            raise ValueError(f"{where}: label has shape {lab.shape} but the unary is {H}x{W}; expected ({H}, {W})")
-        lab = lab.astype(np.int64)
-        bad = (lab != ignore_index) & ((lab < 0) | (lab >= C))
-        if bad.any():
-            raise ValueError(f"{where}: label holds class id {int(lab[bad][0])}, outside [0, {C}) and not the "
-                             f"ignore index {ignore_index}")
-        samples.append(_Sample(prep.unary, prep.image_features, lab, prep.library))
-    return samples, classes, channels
+        _checkpoint.atomic_write(path, (json.dumps(self.to_dict(), indent=2) + "\n").encode("utf-8"))
 
 
 def _batches(samples, batch_size, rng):
-    """Groups of up to ``batch_size`` equal-size samples, in a random order."""
-    by_size = {}
-    for i in rng.permutation(len(samples)):
-        by_size.setdefault(tuple(samples[i].label.shape), []).append(int(i))
-    groups = []
-    for idx in by_size.values():
-        groups += [idx[j:j + batch_size] for j in range(0, len(idx), batch_size)]
-    order = rng.permutation(len(groups))
-    return [groups[j] for j in order]
+    """Groups of up to ``batch_size`` equal-size samples (objects with ``.label``), in a random order."""
+    return _batches_of_shapes([tuple(s.label.shape) for s in samples], batch_size, rng)
 
 
 # -------------------------------------------------------------------------------------------------
-# parameters as a dict of float64 arrays
-# -------------------------------------------------------------------------------------------------
-def _initial_vector(params, C, F, transform):
-    vec = {
-        "appearance_weight": np.array(params.appearance_weight),
-        "smoothness_weight": np.array(params.smoothness_weight),
-        "log_theta_alpha": np.array(math.log(params.theta_alpha)),
-        "log_theta_beta": (np.array(math.log(params.theta_beta)) if isinstance(params.theta_beta, float)
-                           else np.log(np.array(params.theta_beta))),
-        "log_theta_gamma": np.array(math.log(params.theta_gamma)),
-        "compatibility": params.compatibility_matrix(C),
-        "unary_weight": np.array(params.unary_weight),
-    }
-    if transform is not None:
-        vec["transform_matrix"] = np.array(transform.matrix, dtype=np.float64)
-        vec["transform_offset"] = np.array(transform.offset, dtype=np.float64)
-    return vec
-
-
-def _learned_keys(learn, vec):
-    keys = []
-    if "weights" in learn:
-        keys += ["appearance_weight", "smoothness_weight"]
-    if "bandwidths" in learn:
-        keys += ["log_theta_alpha", "log_theta_beta", "log_theta_gamma"]
-    if "compatibility" in learn:
-        keys += ["compatibility"]
-    if "unary_weight" in learn:
-        keys += ["unary_weight"]
-    if "feature_transform" in learn:
-        keys += ["transform_matrix", "transform_offset"]
-    return [k for k in keys if k in vec]
-
-
-def _vector_to_params(vec, base, keys):
-    """CRFParams from the vector; fields that are not learned keep ``base``'s exact values."""
-    if not all(np.isfinite(vec[k]).all() for k in keys):
-        raise FloatingPointError("training diverged (a parameter became NaN or infinite); lower lr")
-    changes = {}
-    if "appearance_weight" in keys:
-        changes.update(appearance_weight=float(vec["appearance_weight"]),
-                       smoothness_weight=float(vec["smoothness_weight"]))
-    if "log_theta_alpha" in keys:
-        tb = np.exp(vec["log_theta_beta"])
-        changes.update(theta_alpha=float(np.exp(vec["log_theta_alpha"])),
-                       theta_beta=float(tb) if tb.ndim == 0 else tuple(float(v) for v in tb),
-                       theta_gamma=float(np.exp(vec["log_theta_gamma"])))
-    if "compatibility" in keys:
-        changes.update(compatibility=vec["compatibility"])
-    if "unary_weight" in keys:
-        changes.update(unary_weight=float(vec["unary_weight"]))
-    return base.replace(**changes) if changes else base
-
-
-def _vector_transform(vec):
-    if "transform_matrix" not in vec:
-        return None
-    return FeatureTransform(np.array(vec["transform_matrix"]), np.array(vec["transform_offset"]))
-
-
-def _vector_gradient(vec, params, grads, grad_transform):
-    g = {
-        "appearance_weight": np.array(grads["appearance_weight"]),
-        "smoothness_weight": np.array(grads["smoothness_weight"]),
-        "log_theta_alpha": np.array(grads["theta_alpha"] * params.theta_alpha),
-        "log_theta_beta": np.asarray(grads["theta_beta"], dtype=np.float64) * np.exp(vec["log_theta_beta"]),
-        "log_theta_gamma": np.array(grads["theta_gamma"] * params.theta_gamma),
-        "compatibility": np.asarray(grads["compatibility"], dtype=np.float64),
-        "unary_weight": np.array(grads["unary_weight"]),
-    }
-    if vec["log_theta_beta"].ndim == 0:
-        g["log_theta_beta"] = np.array(np.sum(g["log_theta_beta"]))
-    if grad_transform is not None:
-        g["transform_matrix"] = grad_transform["matrix"]
-        g["transform_offset"] = grad_transform["offset"]
-    return g
-
-
-# -------------------------------------------------------------------------------------------------
-# loss
-# -------------------------------------------------------------------------------------------------
-def cross_entropy(logits, labels, class_weights=None, ignore_index=255):
-    """Mean (weighted) cross-entropy of softmax(logits) over axis 1 and its gradient.
-
-    Parameters
-    ----------
-    logits : array (B, C, H, W)
-    labels : NumPy int array (B, H, W); ``ignore_index`` pixels do not count
-    class_weights : (C,) array or None
-        Weighted mean as in PyTorch: ``sum_i w[y_i] (-log q_i(y_i)) / sum_i w[y_i]``.
-
-    Returns
-    -------
-    loss : float
-    grad : array like ``logits``
-    weight : float
-        ``sum_i w[y_i]`` (the number of counted pixels without class weights).
-    """
-    xp = _namespace(logits)
-    dt = logits.dtype
-    lab = xp.asarray(labels)
-    valid = lab != ignore_index
-    safe = xp.where(valid, lab, 0)
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    e = xp.exp(shifted)
-    s = e.sum(axis=1, keepdims=True)
-    logp = shifted - xp.log(s)
-    picked = xp.take_along_axis(logp, safe[:, None], axis=1)[:, 0]
-    if class_weights is None:
-        w = valid.astype(dt)
-    else:
-        w = xp.asarray(class_weights, dtype=dt)[safe] * valid.astype(dt)
-    total = float(w.sum(dtype=xp.float64))
-    if total <= 0:
-        return float("nan"), xp.zeros_like(logits), 0.0
-    loss = float(-(w * picked).sum(dtype=xp.float64)) / total
-    grad = e / s
-    onehot = xp.zeros_like(grad)
-    xp.put_along_axis(onehot, safe[:, None], 1.0, axis=1)
-    grad -= onehot
-    grad *= (w / dt.type(total))[:, None]
-    return loss, grad, total
-
-
-def _namespace(a):
-    if type(a).__module__.split(".")[0] == "cupy":
-        import cupy
-
-        return cupy
-    return np
-
-
-# -------------------------------------------------------------------------------------------------
-# checkpoints
-# -------------------------------------------------------------------------------------------------
-def _atomic_write(path, data: bytes):
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _save_checkpoint(path, state):
-    arrays = {}
-    for group in ("vec", "best_vec"):
-        for k, v in state[group].items():
-            arrays[f"{group}/{k}"] = np.asarray(v)
-    opt = state["optimizer"]
-    for group in ("m", "v"):
-        for k, v in opt[group].items():
-            arrays[f"adam_{group}/{k}"] = np.asarray(v)
-    meta = {"version": _CHECKPOINT_VERSION, "epoch": state["epoch"], "history": state["history"],
-            "best_epoch": state["best_epoch"], "best_score": state["best_score"], "adam_t": opt["t"],
-            "signature": state["signature"]}
-    arrays["meta"] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    _atomic_write(path, buf.getvalue())
-
-
-def _load_checkpoint(path):
-    try:
-        with np.load(os.fspath(path), allow_pickle=False) as z:
-            meta = json.loads(bytes(z["meta"]).decode("utf-8"))
-            state = {"vec": {}, "best_vec": {}, "optimizer": {"t": meta["adam_t"], "m": {}, "v": {}}}
-            for name in z.files:
-                if name == "meta":
-                    continue
-                group, key = name.split("/", 1)
-                if group in ("vec", "best_vec"):
-                    state[group][key] = np.array(z[name])
-                else:
-                    state["optimizer"][group[len("adam_"):]][key] = np.array(z[name])
-    except (OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"cannot read checkpoint {os.fspath(path)!r}: {exc}") from exc
-    if meta.get("version") != _CHECKPOINT_VERSION:
-        raise ValueError(f"checkpoint {os.fspath(path)!r} has version {meta.get('version')}, expected "
-                         f"{_CHECKPOINT_VERSION}")
-    state.update(epoch=meta["epoch"], history=meta["history"], best_epoch=meta["best_epoch"],
-                 best_score=meta["best_score"], signature=meta["signature"])
-    return state
-
-
-# -------------------------------------------------------------------------------------------------
-# fit
+# argument checks
 # -------------------------------------------------------------------------------------------------
 def _check_learn(learn):
     if isinstance(learn, str):
@@ -393,21 +157,175 @@ def _positive_int(name, value, minimum=1):
     return int(value)
 
 
-def fit(unaries, images, labels, params=None, *, validation=None, val_fraction=0.0,
-        learn=DEFAULT_LEARN, epochs=10, lr=0.02, batch_size=1, class_weights=None, ignore_index=255,
+def _number(name, value, lo=None, lo_open=False, hi=None, hi_open=False):
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    ok = math.isfinite(value) and (lo is None or (value > lo if lo_open else value >= lo)) and (
+        hi is None or (value < hi if hi_open else value <= hi))
+    if not ok:
+        lo_s = "" if lo is None else f"{'>' if lo_open else '>='} {lo}"
+        hi_s = "" if hi is None else f"{'<' if hi_open else '<='} {hi}"
+        raise ValueError(f"{name} must be a finite number {' and '.join(s for s in (lo_s, hi_s) if s)}, got {value!r}")
+    return value
+
+
+def _check_class_weights(class_weights, C):
+    if class_weights is None:
+        return None
+    if isinstance(class_weights, str):
+        if class_weights != "balanced":
+            raise ValueError(f"class_weights must be None, 'balanced' or {C} non-negative numbers, "
+                             f"got {class_weights!r}")
+        return "balanced"
+    w = np.asarray(class_weights, dtype=np.float64)
+    if w.shape != (C,) or not np.isfinite(w).all() or (w < 0).any():
+        raise ValueError(f"class_weights must be {C} finite non-negative numbers (one per class), got shape "
+                         f"{w.shape}")
+    if not (w > 0).any():
+        raise ValueError("class_weights are all zero, so no pixel would count; give at least one class a "
+                         "positive weight")
+    return w
+
+
+def _cosine_schedule(total_steps, warmup_steps):
+    """Linear warm-up, then cosine decay to a tenth of the learning rate at ``total_steps``."""
+    def schedule(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        span = max(total_steps - warmup_steps, 1)
+        t = min((step - warmup_steps) / span, 1.0)
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * t))
+    return schedule
+
+
+class _Say:
+    """Log lines to logger 'cucrf.fit'; printed above the progress bars when nothing else shows them."""
+
+    def __init__(self, progress):
+        self.echo = progress and not logger.hasHandlers()
+
+    def __call__(self, text, level=logging.INFO):
+        logger.log(level, text)
+        if self.echo:
+            from tqdm import tqdm
+
+            tqdm.write(text)
+
+
+def _fmt(entry):
+    parts = [f"epoch {entry['epoch']}"]
+    if entry.get("train_loss") is not None:
+        parts.append(f"train loss {entry['train_loss']:.4f}")
+    if entry.get("val_accuracy") is not None:
+        parts.append(f"val loss {entry['val_loss']:.4f}, accuracy {100 * entry['val_accuracy']:.2f} %, "
+                     f"mIoU {100 * entry['val_miou']:.2f} %, mIoU (gt classes) {100 * entry['val_miou_gt']:.2f} %")
+    return ", ".join(parts)
+
+
+# -------------------------------------------------------------------------------------------------
+# one training run: epoch 0 (the start), then epochs of steps, scores, selection, checkpoints
+# -------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Run:
+    history: list
+    best_vec: dict
+    selection: _selection.Selection
+
+
+def _train_run(trainer, train, val, vec_start, settings, say, *, stop_at=None, ckpt=None, resume_state=None,
+               signature=None, callback=None, label=""):
+    """Train from ``vec_start`` on ``train``, scoring ``val`` (a data set, or None) after every epoch.
+
+    ``resume_state`` is a checkpoint already read and checked (:func:`_checkpoint.load`).
+    """
+    s = settings
+    selection = _selection.Selection(s["metric"], s["patience"] if val is not None else None, s["min_improvement"],
+                                     s["guard"])
+    units = _parameters.scales(vec_start)
+    z_start = {k: vec_start[k] / units[k] for k in trainer.keys}
+    steps_per_epoch = len(_batches_of_shapes(train.shapes, s["batch_size"], np.random.default_rng(0)))
+    schedule = s["lr_schedule"]
+    if schedule == "cosine":
+        schedule = _cosine_schedule(s["epochs"] * steps_per_epoch, min(steps_per_epoch, 20))
+    optimizer = Adam(lr=s["lr"], weight_decay=s["weight_decay"], schedule=schedule)
+    last = s["epochs"] if stop_at is None else stop_at
+    progress = s["progress"]
+
+    if resume_state is not None:
+        state = resume_state
+        meta = state["meta"]
+        vec = {k: state["vec"][k] for k in vec_start}
+        best_vec = {k: state["best_vec"][k] for k in vec_start}
+        optimizer.load_state_dict(state["optimizer"])
+        history = meta["history"]
+        selection.load(meta["selection"])
+        trainer.step_count = optimizer.t
+        say(f"resuming at epoch {meta['epoch'] + 1} from {os.fspath(ckpt)} (epochs 0-{meta['epoch']} done)")
+    else:
+        t0 = time.perf_counter()
+        vec, train_scores = trainer.start_temperature(vec_start, train, progress=progress)
+        val_scores = trainer.evaluate(vec, val, progress=progress, desc="epoch 0: validation") if val else None
+        first = _trainer.entry(0, train_scores["val_loss"], val_scores, None, _trainer.elapsed(t0), 0, vec)
+        history = [first]
+        selection.update(first)
+        best_vec = vec
+        say(f"{label}{_fmt(first)} (the start)")
+        if callback is not None:
+            callback(_trainer.public([first])[0])
+
+    while len(history) <= last:
+        epoch = len(history)
+        if val is not None and selection.should_stop:
+            say(f"{label}stopping early: no better {s['metric']} for {selection.patience} epochs")
+            break
+        t0 = time.perf_counter()
+        order = _batches_of_shapes(train.shapes, s["batch_size"], np.random.default_rng([s["seed"], epoch]))
+        vec, train_loss, images = trainer.epoch(vec, optimizer, train, order, units=units, z_start=z_start,
+                                                progress=progress, desc=f"{label}epoch {epoch}/{last}")
+        val_scores = trainer.evaluate(vec, val) if val is not None else None
+        e = _trainer.entry(epoch, train_loss, val_scores, optimizer.current_lr(max(optimizer.t - 1, 0)),
+                           _trainer.elapsed(t0), images, vec)
+        history.append(e)
+        if val is None:
+            selection.best_epoch = epoch
+            best_vec = vec
+        elif selection.update(e):
+            best_vec = vec
+        if ckpt is not None:
+            _checkpoint.save(ckpt, {
+                "vec": vec, "best_vec": best_vec, "optimizer": optimizer.state_dict(),
+                "meta": {"epoch": epoch, "history": _trainer.public(history), "selection": selection.state(),
+                         "signature": signature}})
+        say(f"{label}{_fmt(e)}" + (" (best so far)" if selection.best_epoch == epoch and val is not None else ""))
+        if callback is not None:
+            callback(_trainer.public([e])[0])
+    return _Run(history, best_vec, selection)
+
+
+# -------------------------------------------------------------------------------------------------
+# fit
+# -------------------------------------------------------------------------------------------------
+def fit(unaries, images, labels, params=None, *, validation=None, val_fraction="auto", metric=DEFAULT_METRIC,
+        patience=3, min_improvement=0.0, guard=True, learn=DEFAULT_LEARN, epochs=10, lr=DEFAULT_LR, lr_schedule="cosine",
+        batch_size=1, class_weights=None, ignore_index=255, temperature=True, prior=DEFAULT_PRIOR,
         filter_size=_api.DEFAULT_FILTER_SIZE, blur=_api.DEFAULT_BLUR, iterations=_api.DEFAULT_ITERATIONS,
-        normalization=None, feature_transform=None, dtype=np.float32, device=None, weight_decay=0.0,
-        lr_schedule=None, seed=0, progress=True, checkpoint=None, resume=False, callback=None):
+        normalization=None, include_self=False, feature_transform=None, num_classes=None, dtype=np.float32,
+        device=None, weight_decay=0.0, seed=0, progress=True, checkpoint=None, resume=False, callback=None):
     """Learn CRF parameters from labelled images by back-propagation through mean-field inference.
 
-    Minimises the mean cross-entropy of the CRF output (``infer(..., output='logits')``)
-    against the labels with Adam, one step per minibatch.
+    Minimises the cross-entropy of the CRF output at a learned output temperature (plus a weak
+    prior toward the starting parameters) with Adam, scores a segmentation metric on held-out
+    images after every epoch, stops early, and returns the best epoch's parameters, or the
+    starting parameters themselves when no epoch beat them. See docs/learning.md for the
+    measurements behind the defaults.
 
     Parameters
     ----------
     unaries : sequence or iterable of arrays (C, H, W)
-        Per-image class scores (logits, e.g. a network's output or log-probabilities). A
-        (N, C, H, W) array counts as N images.
+        Per-image class scores (logits or log-probabilities). A Sequence (a list, a (N, C, H, W)
+        array, or a lazy reader with ``len`` and indexing) is indexed again every epoch, so a lazy
+        one keeps memory bounded; a one-shot iterable is read into memory once.
     images : sequence or iterable of arrays (H, W, F)
         The matching images (uint8 or float); sizes may differ between images.
     labels : sequence or iterable of integer arrays (H, W)
@@ -415,55 +333,80 @@ def fit(unaries, images, labels, params=None, *, validation=None, val_fraction=0
     params : CRFParams or dict, optional
         Starting parameters (default ``CRFParams()``).
     validation : (unaries, images, labels), optional
-        A held-out set, scored (accuracy, mIoU) after every epoch; the best epoch's parameters
-        are returned.
-    val_fraction : float
-        Without ``validation``, hold out this fraction of the training images (chosen with
-        ``seed``) as the validation set.
+        A held-out set to score candidates on (instead of ``val_fraction``).
+    val_fraction : 'auto' or float in [0, 1)
+        ``'auto'``: with at least 8 images hold out a quarter (at least 2) for validation; with 2
+        to 7 images score candidates by leave-one-out cross-validation and then train on all;
+        with one image score the training image itself. A number holds out that fraction; 0 turns
+        validation off (the last epoch is returned).
+    metric : {'miou', 'miou_gt', 'accuracy', 'loss'}
+        Validation score that selects the epoch: mIoU over the classes in the ground truth or the
+        prediction, mIoU over the classes in the ground truth, pixel accuracy, or loss.
+    patience : int or None
+        Stop after this many epochs without a better validation score (None: never).
+    min_improvement : float
+        An epoch must beat the best so far by more than this (in the metric's units).
+    guard : bool
+        An epoch is eligible only when its validation accuracy, mIoU and mIoU over ground-truth
+        classes are all at least the start's (so a fitted CRF never trades one for another).
     learn : sequence of str
-        What to learn, from ``'weights'`` (appearance and smoothness weights), ``'bandwidths'``
-        (``theta_alpha``, ``theta_beta``, ``theta_gamma``, optimised as logarithms),
-        ``'compatibility'`` (a full C x C matrix, starting from Potts ``1 - I`` when ``params`` are
-        Potts), ``'unary_weight'``, ``'feature_transform'`` (a linear map ``A f + c`` of the image
-        channels, initialised to the identity unless ``feature_transform`` is given).
+        From ``'weights'``, ``'bandwidths'`` (as logarithms), ``'compatibility'`` (a full C x C
+        matrix, starting from ``1 - I`` for Potts), ``'unary_weight'``, ``'feature_transform'``
+        (``A f + c`` on the image channels).
     epochs : int
-        Passes over the training images (>= 0; 0 only scores the starting parameters).
+        At most this many passes over the training images (0 only scores the start).
     lr : float
-        Adam's learning rate (parameters are O(1)-O(10); bandwidths move in log space).
+        Adam's learning rate, in relative units: bandwidths are logarithms and weights are
+        divided by their starting magnitude.
+    lr_schedule : 'cosine', callable or None
+        ``'cosine'``: linear warm-up over the first epoch (at most 20 steps), then cosine decay to
+        ``lr / 10`` at the last epoch. A callable ``step -> factor`` multiplies ``lr``; None keeps it.
     batch_size : int
         Images per step; only images of the same size are batched together.
-    class_weights : (C,) array_like, optional
-        Weight of each class in the loss.
+    class_weights : None, 'balanced' or (C,) array_like
+        Weight of each class in the loss; ``'balanced'`` is median-frequency balancing from the
+        training labels.
     ignore_index : int
         Label value that does not count (default 255).
-    filter_size, blur, iterations, normalization
+    temperature : bool
+        Learn an output temperature for the loss (recommended: it absorbs calibration, so the CRF
+        parameters are fitted for the segmentation). False uses the raw logits.
+    prior : float
+        Strength of a Gaussian prior pulling the learned variables toward their start (per
+        labelled pixel, in the optimiser's relative units); 0 turns it off.
+    filter_size, blur, iterations, normalization, include_self
         As for :func:`cucrf.infer`; the learned parameters belong to these settings.
     feature_transform : FeatureTransform, dict or (matrix, offset), optional
         Starting (or, without ``'feature_transform'`` in ``learn``, fixed) feature transform.
+    num_classes : int, optional
+        When given, every unary must have this many classes.
     dtype : numpy.float32 or numpy.float64
         Compute precision.
     device : {None, 'cpu', 'gpu'}
-        As for :func:`cucrf.infer`; CuPy arrays (or device="gpu") train on the GPU.
+        As for :func:`cucrf.infer`; CuPy arrays (or device='gpu') train on the GPU.
     weight_decay : float
-        Decoupled weight decay of Adam (applies to every learned parameter).
-    lr_schedule : callable, optional
-        ``lr_schedule(step) -> factor`` multiplying ``lr`` at optimiser step ``step`` (0-based).
+        Decoupled weight decay of Adam.
     seed : int
-        Seeds the image order of every epoch (and the validation split).
+        Seeds the image order of every epoch and the validation split.
     progress : bool
-        Show a tqdm progress bar.
+        Progress bars (tqdm); the per-epoch lines also go to the logger ``cucrf.fit`` (INFO).
     checkpoint : path, optional
-        A ``.npz`` file written atomically after every epoch (parameters, optimiser state,
-        history, best parameters).
+        A ``.npz`` written atomically after every epoch (with cross-validation: of the final run).
     resume : bool
-        Continue from ``checkpoint`` when it exists (the settings must match).
+        Continue from ``checkpoint`` when it exists; every setting must match.
     callback : callable, optional
         Called as ``callback(entry)`` with each epoch's history entry.
 
     Returns
     -------
     FitResult
-        ``.params`` (a :class:`CRFParams`), ``.feature_transform``, ``.history``, ``.best_epoch``.
+        ``.params``, ``.feature_transform``, ``.history``, ``.best_epoch``, ``.improved``,
+        ``.metric``, ``.temperature``, ``.validation``.
+
+    Raises
+    ------
+    TrainingDivergedError
+        (a ValueError) when a step produces a non-finite loss or parameter: lower ``lr``.
 
     Examples
     --------
@@ -473,20 +416,42 @@ def fit(unaries, images, labels, params=None, *, validation=None, val_fraction=0
     >>> image = np.where(label[..., None] == 1, 200, 40).astype(np.uint8).repeat(3, axis=2)
     >>> unary = np.stack([label == 0, label == 1]).astype(np.float32) + rng.normal(size=(2, 24, 32))
     >>> result = cucrf.fit([unary], [image], [label], epochs=2, blur=2, progress=False)
-    >>> len(result.history), isinstance(result.params, cucrf.CRFParams)
-    (3, True)
+    >>> len(result.history) <= 3, isinstance(result.params, cucrf.CRFParams), result.validation
+    (True, True, 'training images')
     """
+    # -- settings ---------------------------------------------------------------------------------
     learn = _check_learn(learn)
     epochs = _positive_int("epochs", epochs, minimum=0)
     batch_size = _positive_int("batch_size", batch_size)
+    if patience is not None:
+        patience = _positive_int("patience", patience)
+    min_improvement = _number("min_improvement", min_improvement, lo=0)
+    lr = _number("lr", lr, lo=0, lo_open=True)
+    prior = _number("prior", prior, lo=0)
+    weight_decay = _number("weight_decay", weight_decay, lo=0)
+    if metric not in _selection.METRICS:
+        raise ValueError(f"metric must be one of {list(METRICS)}, got {metric!r}")
+    if not (lr_schedule is None or lr_schedule == "cosine" or callable(lr_schedule)):
+        raise TypeError(f"lr_schedule must be 'cosine', a callable step -> factor, or None, got {lr_schedule!r}")
+    if not isinstance(guard, (bool, np.bool_)):
+        raise TypeError(f"guard must be True or False, got {guard!r}")
+    if not isinstance(temperature, (bool, np.bool_)):
+        raise TypeError(f"temperature must be True or False, got {temperature!r}")
+    if not isinstance(include_self, (bool, np.bool_)):
+        raise TypeError(f"include_self must be True or False, got {include_self!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    if not isinstance(val_fraction, (int, float)) or isinstance(val_fraction, bool) or not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}")
+    if not (val_fraction == "auto" if isinstance(val_fraction, str) else
+            isinstance(val_fraction, (int, float)) and not isinstance(val_fraction, bool) and 0 <= val_fraction < 1):
+        raise ValueError(f"val_fraction must be 'auto' or a number in [0, 1), got {val_fraction!r}")
+    if num_classes is not None:
+        num_classes = _positive_int("num_classes", num_classes, minimum=2)
     if np.dtype(dtype) not in (np.float32, np.float64):
         raise TypeError(f"dtype must be numpy.float32 or numpy.float64, got {dtype!r}")
     if checkpoint is None and resume:
         raise ValueError("resume=True needs a checkpoint path")
+    if checkpoint is not None:
+        _checkpoint.check_path(checkpoint)
     if callback is not None and not callable(callback):
         raise TypeError("callback must be callable")
     if params is None:
@@ -495,152 +460,156 @@ def fit(unaries, images, labels, params=None, *, validation=None, val_fraction=0
         params = CRFParams.from_dict(params)
     if not isinstance(params, CRFParams):
         raise TypeError(f"params must be a cucrf.CRFParams, a dict or None, got {type(params).__name__}")
-    config_kwargs = dict(filter_size=filter_size, blur=blur, iterations=iterations, normalization=normalization)
+    if validation is not None and (not isinstance(validation, (tuple, list)) or len(validation) != 3):
+        raise TypeError("validation must be a tuple (unaries, images, labels)")
+    say = _Say(progress)
 
-    train, C, F = _load_samples("", unaries, images, labels, config_kwargs, dtype, device, ignore_index)
+    # -- data: every sample read and checked once, before any training ----------------------------
+    prepare_kwargs = dict(filter_size=filter_size, blur=blur, iterations=iterations, normalization=normalization,
+                          dtype=dtype, device=device)
+    if include_self:
+        prepare_kwargs["include_self"] = True
+    in_memory = all(isinstance(x, (list, tuple, np.ndarray)) for x in (unaries, images, labels))
+    everything = _data.Dataset("", unaries, images, labels, prepare_kwargs, ignore_index, num_classes,
+                               cache=in_memory).scan(progress, "checking the training images")
+    C, F = everything.num_classes, everything.num_channels
+    given_val = None
     if validation is not None:
-        if not isinstance(validation, (tuple, list)) or len(validation) != 3:
-            raise TypeError("validation must be a tuple (unaries, images, labels)")
-        val, vC, vF = _load_samples("validation ", *validation, config_kwargs, dtype, device, ignore_index)
-        if (vC, vF) != (C, F):
-            raise ValueError(f"validation images have {vC} classes and {vF} channels but the training images "
-                             f"{C} and {F}")
-    elif val_fraction > 0:
-        n_val = int(round(val_fraction * len(train)))
-        if n_val < 1 or n_val >= len(train):
-            raise ValueError(f"val_fraction={val_fraction} of {len(train)} image(s) leaves no validation or no "
-                             "training image")
-        order = np.random.default_rng(seed).permutation(len(train))
-        val = [train[i] for i in sorted(order[:n_val])]
-        train = [train[i] for i in sorted(order[n_val:])]
-    else:
-        val = []
-    if class_weights is not None:
-        class_weights = np.asarray(class_weights, dtype=np.float64)
-        if class_weights.shape != (C,) or not np.isfinite(class_weights).all() or (class_weights < 0).any():
-            raise ValueError(f"class_weights must be {C} finite non-negative numbers, got shape {class_weights.shape}")
+        val_in_memory = all(isinstance(x, (list, tuple, np.ndarray)) for x in validation)
+        given_val = _data.Dataset("validation ", *validation, prepare_kwargs, ignore_index, C,
+                                  cache=val_in_memory).scan(progress, "checking the validation images")
+        if given_val.num_channels != F:
+            raise ValueError(f"validation images have {given_val.num_channels} channels but the training images {F}")
+    class_weights = _check_class_weights(class_weights, C)
+    if isinstance(class_weights, str):
+        class_weights = balanced_class_weights(everything.class_pixels)
 
-    # Parameters and transform: check them against the data (as infer would).
     transform = None
     if feature_transform is not None:
-        checked = _api.check_feature_transform(feature_transform, F)
-        transform = FeatureTransform(*checked)
+        transform = FeatureTransform(*_api.check_feature_transform(feature_transform, F))
     elif "feature_transform" in learn:
         transform = FeatureTransform.identity(F)
     F_out = F if transform is None else transform.matrix.shape[0]
     params = _api._check_params(params, C, F_out)
-    vec = _initial_vector(params, C, F_out, transform)
-    keys = _learned_keys(learn, vec)
-    backend = _api.get_backend(train[0].library)
+    vec_start = _parameters.initial_vector(params, C, transform)
+    if temperature:
+        vec_start["log_temperature"] = np.array(0.0)
+    keys = _parameters.learned_keys(learn, vec_start)
+    backend = _api.get_backend(everything.library)
     _meanfield.check_backward_support(backend)
-    xp = backend.xp
-    optimizer = Adam(lr=lr, weight_decay=weight_decay, schedule=lr_schedule)
-    signature = {"learn": sorted(learn), "classes": C, "channels": F, "keys": keys,
-                 "filter_size": filter_size, "blur": blur, "iterations": iterations,
-                 "normalization": normalization, "train_images": len(train)}
 
-    def configs(sample_shape):
-        return _api.check_config(filter_size, blur, iterations, normalization, *sample_shape)
+    def configs(shape):
+        return _api.check_config(filter_size, blur, iterations, normalization, *shape, keep_centre=include_self)
 
-    def evaluate(samples, vec_now):
-        """(loss, accuracy, mIoU) of the parameters ``vec_now`` on ``samples``."""
-        p = _vector_to_params(vec_now, params, keys)
-        tf = _vector_transform(vec_now)
-        score = SegmentationScore(C, ignore_index)
-        loss_sum = weight_sum = 0.0
-        for s in samples:
-            feats = s.features if tf is None else _api.apply_feature_transform(
-                xp, s.features, (tf.matrix, tf.offset))
-            logits = _meanfield.mean_field(backend, s.unary, feats, p, configs(s.label.shape), return_logits=True)
-            loss, _, w = cross_entropy(logits, s.label[None], class_weights, ignore_index)
-            if w > 0:
-                loss_sum += loss * w
-                weight_sum += w
-            pred = logits[0].argmax(axis=0)
-            score.add(pred.get() if hasattr(pred, "get") else pred, s.label)
-        return (loss_sum / weight_sum if weight_sum else float("nan")), score.accuracy, score.miou
+    trainer = _trainer.Trainer(backend, configs, params, keys, learn_temperature=temperature, prior_strength=prior,
+                               class_weights=class_weights, ignore_index=ignore_index, num_classes=C)
+    settings = dict(metric=metric, patience=patience, min_improvement=min_improvement, guard=bool(guard), epochs=epochs, lr=lr,
+                    lr_schedule=lr_schedule, weight_decay=weight_decay, batch_size=batch_size, seed=seed,
+                    progress=progress)
 
-    # -- resume or start ------------------------------------------------------------------------
-    start_epoch = 0
-    history = []
-    best_vec, best_score, best_epoch = None, None, 0
-    if resume and os.path.exists(os.fspath(checkpoint)):
-        state = _load_checkpoint(checkpoint)
-        if state["signature"] != json.loads(json.dumps(signature)):
-            raise ValueError(f"checkpoint {os.fspath(checkpoint)!r} was written with other settings "
-                             f"({state['signature']}); delete it or pass resume=False")
-        vec = {k: state["vec"][k] for k in vec}
-        best_vec = {k: state["best_vec"][k] for k in vec}
-        optimizer.load_state_dict(state["optimizer"])
-        history, start_epoch = state["history"], state["epoch"]
-        best_epoch, best_score = state["best_epoch"], state["best_score"]
+    # -- how candidates are scored ----------------------------------------------------------------
+    n = len(everything)
+    if given_val is not None:
+        mode, train, val = "given", everything, given_val
+    elif val_fraction == "auto" and n >= MIN_HOLDOUT_IMAGES or not isinstance(val_fraction, str) and val_fraction > 0:
+        n_val = max(2, int(round(n / 4))) if isinstance(val_fraction, str) else int(round(val_fraction * n))
+        if n_val < 1 or n_val >= n:
+            raise ValueError(f"val_fraction={val_fraction} of {n} image(s) leaves no validation or no training "
+                             "image; pass more images, another val_fraction, or validation=")
+        order = np.random.default_rng(seed).permutation(n)
+        mode = "holdout"
+        train, val = _data.Subset(everything, sorted(order[n_val:])), _data.Subset(everything, sorted(order[:n_val]))
+    elif val_fraction == "auto" and n >= 2:
+        mode, train, val = "cross-validation", everything, None
+    elif val_fraction == "auto":
+        mode, train, val = "training images", everything, everything
     else:
-        t0 = time.perf_counter()
-        train_loss = evaluate(train, vec)[0]
-        val_loss, val_acc, val_miou = evaluate(val, vec) if val else (None, None, None)
-        history.append({"epoch": 0, "train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_acc,
-                        "val_miou": val_miou, "lr": None, "seconds": time.perf_counter() - t0, "images": 0})
-        best_vec, best_score, best_epoch = dict(vec), val_miou, 0
-        if callback is not None:
-            callback(history[-1])
+        mode, train, val = "none", everything, None
+    description = {"given": f"{len(val or [])} validation images given", "holdout": f"{len(val or [])} of {n} images "
+                   "held out for validation", "cross-validation": f"leave-one-out cross-validation over {n} images",
+                   "training images": "one image: candidates are scored on the training image itself",
+                   "none": "no validation: the last epoch is returned"}[mode]
+    say(f"fitting {', '.join(learn)} on {len(train)} images ({description}); selecting by {metric}")
+    signature = {"learn": sorted(learn), "classes": C, "channels": F, "filter_size": filter_size,
+                 "blur": blur, "iterations": iterations, "normalization": normalization, "include_self": include_self,
+                 "train_images": len(train), "validation": mode, "metric": metric, "epochs": epochs, "lr": lr,
+                 "lr_schedule": lr_schedule if isinstance(lr_schedule, str) or lr_schedule is None else "custom",
+                 "batch_size": batch_size, "seed": seed, "temperature": bool(temperature), "prior": prior,
+                 "patience": patience, "min_improvement": min_improvement, "guard": bool(guard)}
 
-    from tqdm import tqdm
+    # -- a checkpoint to resume from is read and checked before any training ----------------------
+    resume_state = None
+    if resume and os.path.exists(os.fspath(checkpoint)):
+        resume_state = _checkpoint.load(checkpoint)
+        differs = _checkpoint.signature_difference(resume_state["meta"].get("signature", {}), signature)
+        if differs:
+            raise ValueError(f"checkpoint {os.fspath(checkpoint)!r} was written with other settings ({differs}); "
+                             "delete it, pass resume=False, or use the settings it was written with")
+        missing = sorted(set(vec_start) - set(resume_state["vec"]) | set(vec_start) - set(resume_state["best_vec"]))
+        if missing:
+            raise ValueError(f"checkpoint {os.fspath(checkpoint)!r} lacks the parameter(s) {missing}; delete it or "
+                             "pass resume=False")
 
-    # -- epochs ---------------------------------------------------------------------------------
-    for epoch in range(start_epoch + 1, epochs + 1):
-        t0 = time.perf_counter()
-        rng = np.random.default_rng([seed, epoch])
-        batches = _batches(train, batch_size, rng)
-        loss_sum = weight_sum = 0.0
-        images_done = 0
-        bar = tqdm(batches, desc=f"epoch {epoch}/{epochs}", unit="batch", disable=not progress, leave=False,
-                   dynamic_ncols=True)
-        for idx in bar:
-            p = _vector_to_params(vec, params, keys)
-            tf = _vector_transform(vec)
-            unary = xp.concatenate([train[i].unary for i in idx], axis=0)
-            image_features = xp.concatenate([train[i].features for i in idx], axis=0)
-            lab = np.stack([train[i].label for i in idx])
-            feats = image_features if tf is None else _api.apply_feature_transform(
-                xp, image_features, (tf.matrix, tf.offset))
-            tape = _meanfield.Tape()
-            logits = _meanfield.mean_field(backend, unary, feats, p, configs(lab.shape[1:]), return_logits=True,
-                                           tape=tape)
-            loss, g_logits, w = cross_entropy(logits, lab, class_weights, ignore_index)
-            images_done += len(idx)
-            if w == 0:
-                continue  # nothing labelled in this batch
-            _, g_feats, grads = _meanfield.mean_field_backward(backend, tape, g_logits)
-            g_tf = None
-            if tf is not None:
-                _, g_tf = _api._feature_transform_backward(xp, image_features, g_feats, (tf.matrix, tf.offset))
-            g = _vector_gradient(vec, p, grads, g_tf)
-            lr_now = optimizer.current_lr()
-            updated = optimizer.step({k: vec[k] for k in keys}, {k: g[k] for k in keys})
-            vec = {**vec, **updated}
-            loss_sum += loss * w
-            weight_sum += w
-            bar.set_postfix(loss=f"{loss:.4f}")
-        bar.close()
-        val_loss, val_acc, val_miou = evaluate(val, vec) if val else (None, None, None)
-        entry = {"epoch": epoch, "train_loss": loss_sum / weight_sum if weight_sum else None,
-                 "val_loss": val_loss, "val_accuracy": val_acc, "val_miou": val_miou,
-                 "lr": optimizer.current_lr(max(optimizer.t - 1, 0)), "seconds": time.perf_counter() - t0,
-                 "images": images_done}
-        history.append(entry)
-        if not val or (val_miou is not None and not math.isnan(val_miou)
-                       and (best_score is None or math.isnan(best_score) or val_miou > best_score)):
-            best_vec, best_score, best_epoch = dict(vec), val_miou, epoch
-        if checkpoint is not None:
-            _save_checkpoint(checkpoint, {"vec": vec, "best_vec": best_vec, "optimizer": optimizer.state_dict(),
-                                          "epoch": epoch, "history": history, "best_epoch": best_epoch,
-                                          "best_score": best_score, "signature": signature})
-        if progress:
-            text = f"epoch {epoch}: train loss {entry['train_loss']:.4f}" if entry["train_loss"] is not None else \
-                f"epoch {epoch}"
-            if val:
-                text += f", val mIoU {val_miou:.4f}, accuracy {val_acc:.4f}"
-            tqdm.write(text)
+    # -- train ------------------------------------------------------------------------------------
+    if mode == "cross-validation":
+        history, best_epoch, best_vec = _cross_validate(trainer, everything, vec_start, settings, say, checkpoint,
+                                                        resume_state, signature, callback)
+    else:
+        run = _train_run(trainer, train, val, vec_start, settings, say, ckpt=checkpoint, resume_state=resume_state,
+                         signature=signature, callback=callback)
+        history, best_epoch, best_vec = run.history, run.selection.best_epoch, run.best_vec
+
+    # -- the result -------------------------------------------------------------------------------
+    improved = best_epoch > 0
+    temperature_value = float(np.exp(best_vec.get("log_temperature", 0.0)))
+    if improved:
+        best_params = _parameters.to_params(best_vec, params, keys)
+        best_transform = (FeatureTransform(np.array(best_vec["transform_matrix"]), np.array(best_vec["transform_offset"]))
+                          if "transform_matrix" in best_vec else None)
+        say(f"selected epoch {best_epoch} ({metric} {_score_text(history, 0)} -> {_score_text(history, best_epoch)})")
+    else:
+        best_params = params
+        best_transform = None if feature_transform is None else transform
+        if epochs > 0:
+            say(f"no epoch beat the start on the validation {metric}; returning the starting parameters unchanged",
+                logging.WARNING)
+    return FitResult(best_params, best_transform, _trainer.public(history), best_epoch, improved, metric,
+                     temperature_value, description)
+
+
+def _score_text(history, epoch):
+    for h in history:
+        if h["epoch"] == epoch and h.get("score") is not None:
+            return f"{h['score']:.4f}"
+    return "n/a"
+
+
+def _cross_validate(trainer, everything, vec_start, settings, say, checkpoint, resume_state, signature, callback):
+    """Leave-one-out: per epoch, the held-out predictions of every fold pooled; then all images for the best count."""
+    n = len(everything)
+    folds = []
+    quiet = dict(settings, patience=None, progress=False)
+    for i in range(n):
+        others = [j for j in range(n) if j != i]
+        run = _train_run(trainer, _data.Subset(everything, others), _data.Subset(everything, [i]), vec_start, quiet,
+                         lambda text, level=logging.DEBUG: logger.log(logging.DEBUG, text), label=f"fold {i + 1}/{n}: ")
+        folds.append(run.history)
+        say(f"fold {i + 1}/{n} done")
+    pooled = _selection.pooled_history(folds)
+    choice = _selection.Selection(settings["metric"], None, settings["min_improvement"], settings["guard"])
+    for e in pooled:
+        e.update(score=None, lr=None, seconds=None, images=None, temperature=None)
+        choice.update(e)
+        say(f"cross-validated {_fmt(e)}")
         if callback is not None:
-            callback(entry)
-    return FitResult(_vector_to_params(best_vec, params, keys), _vector_transform(best_vec), history, best_epoch)
+            callback(_trainer.public([e])[0])
+    best_epoch = choice.best_epoch
+    if best_epoch == 0:
+        return pooled, 0, vec_start
+    say(f"training on all {n} images for {best_epoch} epoch(s), the cross-validated best")
+    final = _train_run(trainer, everything, None, vec_start, settings, say, stop_at=best_epoch, ckpt=checkpoint,
+                       resume_state=resume_state, signature=signature)
+    for e, f in zip(pooled, final.history):
+        e.update(train_loss=f["train_loss"], lr=f["lr"], seconds=f["seconds"], images=f["images"],
+                 temperature=f["temperature"])
+    return pooled, best_epoch, final.best_vec

@@ -1,26 +1,28 @@
 #!/usr/bin/env python3
-"""Does learning help? Fit CRF parameters from the defaults and score held-out images.
+"""Does learning pay? ``cucrf.fit`` on a fixed split, scored on test images it never saw.
 
 Usage::
 
-    python scripts/evaluate_fit.py DATA_DIR [--epochs 6] [--lr 0.02] [--scale 2] [--out results.json]
+    python scripts/evaluate_fit.py DATA_DIR [--seeds 0,1,2] [--sets msrc,camvid,voc,voc-espnet2,voc-espnet1]
+                                   [--config default] [--out fit-eval.json] [--split-dir DIR]
 
-DATA_DIR holds ``voc/``, ``msrc/``, ``camvid/`` (``<id>_image.png`` / ``<id>_label.png`` pairs) and
-optionally ``unaries/`` (``<id>_espnet2_384.npz`` with real network logits for the VOC images).
+DATA_DIR holds ``voc/``, ``msrc/``, ``camvid/`` (``<id>_image.png`` / ``<id>_label.png``) and
+``unaries/`` (``<id>_espnet2_384.npz``, ``<id>_espnet1_256.npz``: real network logits for voc/).
 
-Protocol (documented in docs/learning.md):
+Protocol (docs/learning.md):
 
-* split: the pairs of each set sorted by id; even positions train, odd positions validate
-  (VOC 4 / 4, MSRC 30 / 30, CamVid 16 / 15), capped by ``--max-train`` / ``--max-val``;
-* everything downscaled by ``--scale`` (2x2 area average for images and logits, the top-left pixel
-  of each 2x2 block for labels) to keep the run short on two shared cores;
-* unaries: the synthetic protocol (``datasets.synthetic_unary`` on the downscaled label,
-  seed = position in the sorted list), and, for VOC, the real ESPNet logits;
-* ``--noise-copies N``: each training image gets N synthetic unaries with different noise seeds;
-* ``cucrf.fit`` from the defaults (``CRFParams()``, ``cucrf.DEFAULT_FILTER_SIZE``,
-  ``DEFAULT_BLUR``, ``DEFAULT_ITERATIONS``), learning weights, bandwidths and unary weight, and the
-  compatibility matrix when there are at least 10 training images; the validation mIoU of the
-  unary alone, of the default CRF (epoch 0) and of the best epoch are reported.
+* split, fixed: the pairs of each set sorted by id; even positions form the fitting pool,
+  odd positions the test set (MSRC 30 / 30, CamVid 16 / 15, VOC 4 / 4). ``fit`` chooses its own
+  validation images from the pool (its default ``val_fraction='auto'``); test images are only
+  read after fitting. ``--split-dir`` writes each split as JSON for ``cucrf fit/eval --split``;
+* everything downscaled by ``--scale`` (2x2 area average for images and logits, the top-left
+  pixel of each block for labels) to keep the run short on two CPU cores;
+* unaries: the paper's synthetic protocol (``datasets.synthetic_unary``, noise seed
+  ``1000 * seed + index``) or the real ESPNet logits;
+* per seed: ``cucrf.fit`` from ``CRFParams()`` with its defaults (``--config`` picks other
+  objectives for comparison), then on the test images: the unary's argmax, the default CRF, the
+  fitted CRF and DenseCRF (pydensecrf2, when installed; the parameters of ``cucrf eval``);
+  accuracy, mIoU (classes in ground truth or prediction) and mIoU over the ground-truth classes.
 """
 
 import argparse
@@ -34,123 +36,187 @@ import numpy as np
 import cucrf
 from cucrf import datasets, metrics
 
-SETS = {"voc": 21, "msrc": 23, "camvid": 11}
+SETS = {  # name: (folder, classes, unaries)
+    "msrc": ("msrc", 23, "synthetic"),
+    "camvid": ("camvid", 11, "synthetic"),
+    "voc": ("voc", 21, "synthetic"),
+    "voc-espnet2": ("voc", 21, "espnet2_384"),
+    "voc-espnet1": ("voc", 21, "espnet1_256"),
+}
+
+#: Objectives compared in docs/learning.md: keyword arguments of cucrf.fit.
+CONFIGS = {
+    "default": {},
+    "plain-ce": dict(temperature=False, prior=0.0, lr=0.02, lr_schedule=None),
+    "plain-ce-selected": dict(temperature=False, prior=0.0),
+    "temperature": dict(prior=0.0),
+    "temperature-prior0.1": dict(prior=0.1),
+    "temperature-lr0.02": dict(lr=0.02),
+    "balanced": dict(class_weights="balanced"),
+    "metric-accuracy": dict(metric="accuracy"),
+    "metric-miou-gt": dict(metric="miou_gt"),
+    "metric-loss": dict(metric="loss"),
+    "no-compat": dict(learn=("weights", "bandwidths", "unary_weight")),
+    "no-guard": dict(guard=False),
+    "min-improvement": dict(min_improvement=0.002),
+    "lr0.05": dict(lr=0.05),
+}
 
 
-def downscale(sample, scale):
+def downscale(image, label, unary, scale):
     if scale == 1:
-        return sample.image, sample.label, sample.unary
-    H, W = sample.label.shape
+        return image, label, unary
+    H, W = label.shape
     h, w = H // scale, W // scale
 
     def area(x):  # (..., H, W) -> (..., h, w)
         x = x[..., :h * scale, :w * scale].astype(np.float32)
         return x.reshape(x.shape[:-2] + (h, scale, w, scale)).mean(axis=(-3, -1))
 
-    image = np.moveaxis(area(np.moveaxis(sample.image, -1, 0)), 0, -1)
-    label = sample.label[:h * scale:scale, :w * scale:scale]
-    unary = None if sample.unary is None else area(sample.unary)
-    return image, np.ascontiguousarray(label), unary
+    image = np.moveaxis(area(np.moveaxis(image, -1, 0)), 0, -1)
+    label = np.ascontiguousarray(label[:h * scale:scale, :w * scale:scale])
+    return image, label, None if unary is None else area(unary)
 
 
-def unary_score(unaries, labels, classes):
-    score = metrics.SegmentationScore(classes)
-    for u, lab in zip(unaries, labels):
-        score.add(u.argmax(axis=0), lab)
-    return score.miou
+def load_set(data_dir, name, scale):
+    folder, classes, kind = SETS[name]
+    unary_dir = os.path.join(data_dir, "unaries") if kind != "synthetic" else None
+    pattern = "{name}_" + kind + ".npz"
+    samples = datasets.load_pairs(os.path.join(data_dir, folder), unary_dir=unary_dir, unary_pattern=pattern)
+    out = []
+    for s in samples:
+        image, label, unary = downscale(s.image, s.label, None if s.unary is None else s.unary.astype(np.float32),
+                                        scale)
+        out.append((s.name, image, label, unary))
+    return out, classes, kind
 
 
-def run(name, classes, train, val, args, kind):
-    U, I, L = zip(*train)
-    vU, vI, vL = zip(*val)
+def score(predictions, labels, classes):
+    sc = metrics.SegmentationScore(classes)
+    for p, lab in zip(predictions, labels):
+        sc.add(p, lab)
+    return {"accuracy": sc.accuracy, "miou": sc.miou, "miou_gt": metrics.mean_iou(sc.cm, "gt")}
+
+
+def densecrf_predictions(unaries, images):
+    from cucrf._peers import densecrf_available, densecrf_infer
+    from cucrf.evaluation import DENSECRF_PARAMS
+
+    if not densecrf_available():
+        return None
+    out = []
+    for u, im in zip(unaries, images):
+        logp = u - np.log(np.exp(u - u.max(0)).sum(0)) - u.max(0)
+        q = densecrf_infer(logp, np.ascontiguousarray(np.clip(np.rint(im), 0, 255).astype(np.uint8)), iterations=5,
+                           **DENSECRF_PARAMS)
+        out.append(np.asarray(q).argmax(0))
+    return out
+
+
+def run_one(name, samples, classes, kind, seed, config, args):
+    pool = list(range(0, len(samples), 2))
+    test = list(range(1, len(samples), 2))
+
+    def unary(i):
+        _, _, label, u = samples[i]
+        return datasets.synthetic_unary(label, classes, seed=1000 * seed + i) if kind == "synthetic" else u
+
+    U = [unary(i) for i in pool]
+    I = [samples[i][1] for i in pool]
+    L = [samples[i][2] for i in pool]
     t0 = time.perf_counter()
-    # A C x C compatibility cannot be estimated from a handful of images: learn it only from 10 or more.
-    learn = ("weights", "bandwidths", "unary_weight") + (("compatibility",) if len(train) >= 10 else ())
-    result = cucrf.fit(list(U), list(I), list(L), validation=(list(vU), list(vI), list(vL)), epochs=args.epochs,
-                       lr=args.lr, learn=learn, progress=False, seed=0)
+    result = cucrf.fit(U, I, L, seed=seed, progress=False, num_classes=classes, **CONFIGS[config])
     seconds = time.perf_counter() - t0
-    steps = sum(h["images"] for h in result.history)
-    fit_seconds = sum(h["seconds"] for h in result.history[1:])
-    row = {
-        "set": name, "unaries": kind, "train": len(train), "val": len(val),
-        "unary_miou": unary_score(vU, vL, classes),
-        "default_miou": result.history[0]["val_miou"], "fitted_miou": result.history[result.best_epoch]["val_miou"],
-        "default_accuracy": result.history[0]["val_accuracy"],
-        "fitted_accuracy": result.history[result.best_epoch]["val_accuracy"],
-        "best_epoch": result.best_epoch, "seconds": seconds, "learn": list(learn),
-        "images_per_second": steps / fit_seconds if fit_seconds else None,
-        "history": result.history, "params": result.params.to_dict(),
-    }
-    print(f"{name:7s} {kind:9s} unary {row['unary_miou']:.4f}  default CRF {row['default_miou']:.4f}  "
-          f"fitted {row['fitted_miou']:.4f} (epoch {row['best_epoch']})  {seconds:.0f} s, "
-          f"{row['images_per_second']:.2f} training images/s", flush=True)
+    tU = [unary(i) for i in test]
+    tI = [samples[i][1] for i in test]
+    tL = [samples[i][2] for i in test]
+    row = {"set": name, "unaries": kind, "seed": seed, "config": config, "pool": len(pool), "test": len(test),
+           "fit_seconds": seconds, "best_epoch": result.best_epoch, "improved": result.improved,
+           "validation": result.validation, "temperature": result.temperature,
+           "params": result.params.to_dict(), "history": result.history}
+    row["unary"] = score([u.argmax(0) for u in tU], tL, classes)
+    row["default"] = score([cucrf.infer(u, im).argmax(0) for u, im in zip(tU, tI)], tL, classes)
+    row["fitted"] = score([cucrf.infer(u, im, result.params, feature_transform=result.feature_transform).argmax(0)
+                           for u, im in zip(tU, tI)], tL, classes)
+    if args.densecrf:
+        dense = densecrf_predictions(tU, tI)
+        row["densecrf"] = None if dense is None else score(dense, tL, classes)
+    d = {k: 100 * (row["fitted"][k] - row["default"][k]) for k in ("accuracy", "miou", "miou_gt")}
+    print(f"{name:12s} seed {seed} {config:22s} epoch {result.best_epoch:2d}  fitted - default: "
+          f"acc {d['accuracy']:+.2f}  mIoU {d['miou']:+.2f}  mIoU(gt) {d['miou_gt']:+.2f}   "
+          f"[default mIoU {100 * row['default']['miou']:.2f}]  {seconds:.0f} s", flush=True)
     return row
+
+
+def write_split(path, samples):
+    names = [s[0] for s in samples]
+    split = {"train": [names[i] for i in range(0, len(names), 2)], "validation": [],
+             "test": [names[i] for i in range(1, len(names), 2)]}
+    with open(path, "w") as f:
+        json.dump(split, f, indent=1)
+
+
+def table(rows):
+    """Markdown: per set and config, mean over seeds (min .. max) of each method's test scores."""
+    lines = ["| set | config | method | accuracy | mIoU | mIoU (gt classes) |", "|---|---|---|---|---|---|"]
+    keys = []
+    for r in rows:
+        if (r["set"], r["config"]) not in keys:
+            keys.append((r["set"], r["config"]))
+    for s, c in keys:
+        group = [r for r in rows if (r["set"], r["config"]) == (s, c)]
+        for method in ("unary", "densecrf", "default", "fitted"):
+            vals = [r.get(method) for r in group]
+            if any(v is None for v in vals):
+                continue
+            cells = []
+            for k in ("accuracy", "miou", "miou_gt"):
+                x = 100 * np.array([v[k] for v in vals])
+                cells.append(f"{x.mean():.2f} ({x.min():.2f}..{x.max():.2f})" if len(x) > 1 else f"{x[0]:.2f}")
+            label = {"default": "default CRF", "fitted": "fitted CRF", "unary": "unary", "densecrf": "DenseCRF"}[method]
+            lines.append(f"| {s} | {c} | {label} | " + " | ".join(cells) + " |")
+        diffs = []
+        for k in ("accuracy", "miou", "miou_gt"):
+            x = 100 * np.array([r["fitted"][k] - r["default"][k] for r in group])
+            diffs.append(f"{x.mean():+.2f} ({x.min():+.2f}..{x.max():+.2f})")
+        lines.append(f"| {s} | {c} | **fitted − default** | " + " | ".join(diffs) + " |")
+    return "\n".join(lines)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("data_dir")
-    ap.add_argument("--epochs", type=int, default=6)
-    ap.add_argument("--lr", type=float, default=0.02)
+    ap.add_argument("--sets", default="msrc,camvid,voc,voc-espnet2,voc-espnet1")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--config", default="default", help="comma-separated names from: " + ", ".join(CONFIGS))
     ap.add_argument("--scale", type=int, default=2)
-    ap.add_argument("--max-train", type=int, default=16)
-    ap.add_argument("--max-val", type=int, default=15)
-    ap.add_argument("--sets", default="voc,msrc,camvid")
-    ap.add_argument("--out", default="evaluate_fit.json")
-    ap.add_argument("--plot", default=None, help="training-curve PNG (needs matplotlib)")
-    ap.add_argument("--noise-copies", type=int, default=1,
-                    help="synthetic unaries per training image, each with its own noise seed (default 1)")
+    ap.add_argument("--no-densecrf", dest="densecrf", action="store_false")
+    ap.add_argument("--out", default="fit-eval.json")
+    ap.add_argument("--split-dir", default=None, help="write each set's split as SET.json here")
     args = ap.parse_args()
-
+    seeds = [int(s) for s in args.seeds.split(",")]
+    configs = args.config.split(",")
+    for c in configs:
+        if c not in CONFIGS:
+            ap.error(f"unknown config {c!r}; choose from {', '.join(CONFIGS)}")
     rows = []
     for name in args.sets.split(","):
-        classes = SETS[name]
-        folder = os.path.join(args.data_dir, name)
-        if not os.path.isdir(folder):
-            print(f"skipping {name}: {folder} not found", file=sys.stderr)
+        if name not in SETS:
+            ap.error(f"unknown set {name!r}; choose from {', '.join(SETS)}")
+        if not os.path.isdir(os.path.join(args.data_dir, SETS[name][0])):
+            print(f"skipping {name}: not in {args.data_dir}", file=sys.stderr)
             continue
-        unary_dir = os.path.join(args.data_dir, "unaries") if name == "voc" else None
-        if unary_dir is not None and not os.path.isdir(unary_dir):
-            unary_dir = None
-        samples = datasets.load_pairs(folder, unary_dir=unary_dir, unary_pattern="{name}_espnet2_384.npz")
-        scaled = [downscale(s, args.scale) for s in samples]
-        train_idx = list(range(0, len(scaled), 2))[:args.max_train]
-        val_idx = list(range(1, len(scaled), 2))[:args.max_val]
-        synth = [(datasets.synthetic_unary(lab, classes, seed=i), im, lab) for i, (im, lab, _) in enumerate(scaled)]
-        # Extra noise draws of the training images (seeds 1000 k + i) enlarge a small training set;
-        # the validation unaries stay the single draw with seed i.
-        train_synth = [synth[i] for i in train_idx] + [
-            (datasets.synthetic_unary(scaled[i][1], classes, seed=1000 * k + i), scaled[i][0], scaled[i][1])
-            for k in range(1, args.noise_copies) for i in train_idx]
-        rows.append(run(name, classes, train_synth, [synth[i] for i in val_idx], args, "synthetic"))
-        if unary_dir is not None:
-            real = [(u.astype(np.float32), im, lab) for im, lab, u in scaled]
-            rows.append(run(name, classes, [real[i] for i in train_idx], [real[i] for i in val_idx], args, "real"))
-    with open(args.out, "w") as f:
-        json.dump(rows, f, indent=2)
-    print("\n| set | unaries | train/val | unary mIoU | default CRF mIoU | fitted CRF mIoU | best epoch | training images/s |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['set']} | {r['unaries']} | {r['train']}/{r['val']} | {100 * r['unary_miou']:.2f} | "
-              f"{100 * r['default_miou']:.2f} | {100 * r['fitted_miou']:.2f} | {r['best_epoch']} | {r['images_per_second']:.1f} |")
-    if args.plot:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            print("matplotlib not installed: no plot", file=sys.stderr)
-            return
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for r in rows:
-            ax.plot([h["epoch"] for h in r["history"]], [h["val_miou"] for h in r["history"]], "o-",
-                    label=f"{r['set']} {r['unaries']}")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("validation mIoU")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=100)
+        samples, classes, kind = load_set(args.data_dir, name, args.scale)
+        if args.split_dir:
+            os.makedirs(args.split_dir, exist_ok=True)
+            write_split(os.path.join(args.split_dir, f"{SETS[name][0]}.json"), samples)
+        for config in configs:
+            for seed in seeds:
+                rows.append(run_one(name, samples, classes, kind, seed, config, args))
+                with open(args.out, "w") as f:
+                    json.dump(rows, f, indent=1)
+    print()
+    print(table(rows))
 
 
 if __name__ == "__main__":

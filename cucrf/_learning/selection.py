@@ -1,0 +1,118 @@
+"""Which epoch :func:`cucrf.fit` returns: validation scores, early stopping, the start as a fallback."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..metrics import mean_iou, pixel_accuracy
+
+#: Selection metrics: name -> (history key, larger is better).
+METRICS = {
+    "accuracy": ("val_accuracy", True),
+    "miou": ("val_miou", True),
+    "miou_gt": ("val_miou_gt", True),
+    "loss": ("val_loss", False),
+}
+
+
+def scores_from(confusion, loss_sum, weight_sum):
+    """The validation entries of a history line from a confusion matrix and summed losses."""
+    return {
+        "val_loss": loss_sum / weight_sum if weight_sum else float("nan"),
+        "val_accuracy": pixel_accuracy(confusion),
+        "val_miou": mean_iou(confusion),
+        "val_miou_gt": mean_iou(confusion, "gt"),
+    }
+
+
+class Selection:
+    """Tracks the best epoch by a validation metric; epoch 0 (the start) must be beaten.
+
+    An epoch becomes the best only when its score beats the best so far by more than
+    ``min_improvement`` (absolute, in the metric's units) and, with ``guard``, none of the
+    segmentation scores (accuracy, mIoU, mIoU over ground-truth classes) is below the start's:
+    a fitted CRF must not buy one score with another. ``patience`` epochs in a row without a new
+    best stop training.
+    """
+
+    GUARDED = ("val_accuracy", "val_miou", "val_miou_gt")
+
+    def __init__(self, metric, patience, min_improvement=0.0, guard=True):
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
+        self.metric = metric
+        self.key, self.larger_is_better = METRICS[metric]
+        self.patience = patience
+        self.min_improvement = min_improvement
+        self.guard = guard
+        self.best_epoch = 0
+        self.best_score = None
+        self.start = {}
+        self.stale = 0
+
+    def value(self, entry):
+        v = entry.get(self.key)
+        return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+    def better(self, score, reference):
+        if score is None:
+            return False
+        if reference is None:
+            return True
+        if self.larger_is_better:
+            return score > reference + self.min_improvement
+        return score < reference - self.min_improvement
+
+    def update(self, entry):
+        """Record an epoch's history entry; True when it is the new best."""
+        score = self.value(entry)
+        entry["score"] = score
+        if entry["epoch"] == 0:
+            self.best_epoch, self.best_score, self.stale = 0, score, 0
+            self.start = {k: entry.get(k) for k in self.GUARDED}
+            return True
+        if self.better(score, self.best_score) and self.eligible(entry):
+            self.best_epoch, self.best_score, self.stale = entry["epoch"], score, 0
+            return True
+        self.stale += 1
+        return False
+
+    def eligible(self, entry):
+        """With ``guard``: no segmentation score below the start's."""
+        if not self.guard:
+            return True
+        return all(self.start.get(k) is None or (entry.get(k) is not None and entry[k] >= self.start[k])
+                   for k in self.GUARDED)
+
+    @property
+    def should_stop(self):
+        return self.patience is not None and self.stale >= self.patience
+
+    def state(self):
+        return {"best_epoch": self.best_epoch, "best_score": self.best_score, "stale": self.stale,
+                "start": self.start}
+
+    def load(self, state):
+        self.best_epoch, self.best_score, self.stale = state["best_epoch"], state["best_score"], state["stale"]
+        self.start = state["start"]
+
+
+def pooled_history(fold_histories):
+    """One history from cross-validation folds: per epoch, the folds' confusion matrices summed.
+
+    Each fold history entry carries ``_confusion``, ``_loss_sum`` and ``_weight_sum``; an epoch
+    appears when every fold reached it.
+    """
+    epochs = min(len(h) for h in fold_histories)
+    pooled = []
+    for e in range(epochs):
+        cm = sum(np.asarray(h[e]["_confusion"]) for h in fold_histories)
+        loss_sum = sum(h[e]["_loss_sum"] for h in fold_histories)
+        weight_sum = sum(h[e]["_weight_sum"] for h in fold_histories)
+        entry = {"epoch": e, "train_loss": float(np.mean([h[e]["train_loss"] for h in fold_histories
+                                                          if h[e]["train_loss"] is not None] or [np.nan]))}
+        entry.update(scores_from(cm, loss_sum, weight_sum))
+        pooled.append(entry)
+    return pooled
