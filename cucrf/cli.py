@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import sys
@@ -126,10 +127,67 @@ def _read_label(path: str, what: str = "label") -> np.ndarray:
         raise _CLIError(f"cannot read {what} {path!r}: {_error_text(exc)}") from exc
 
 
-def _load_params(spec):
+def _load_params(spec, option: str = "--params "):
+    """The CRFParams of a file (or JSON text) given to ``option``; None for None."""
     from ._params import CRFParams
 
-    return None if spec is None else CRFParams.from_json(spec)
+    if spec is None:
+        return None
+    try:
+        return CRFParams.from_json(spec)
+    except (ValueError, TypeError) as exc:
+        raise _CLIError(f"{option}{spec!r}: {_error_text(exc)}; expected a JSON object of CRF parameters, as "
+                        "'cucrf params' and 'cucrf fit' write") from exc
+
+
+_TRANSFORM_EXPECTED = ('expected the feature_transform.json that \'cucrf fit\' writes: '
+                       '{"matrix": [[...], ...] (F\' x F), "offset": [...] (F\')}')
+
+
+def _load_feature_transform(path: str, option: str = "--feature-transform ") -> dict:
+    """Read a feature transform file; return ``{'matrix': (F', F), 'offset': (F',)}`` float64 arrays.
+
+    Every problem is a :class:`_CLIError` naming ``option``, the file, what it holds and what is
+    expected.
+    """
+    what = f"{option}{path!r}"
+    p = Path(path)
+    if not p.exists():
+        raise _CLIError(f"{what}: the file does not exist; {_TRANSFORM_EXPECTED}")
+    if not p.is_file():
+        raise _CLIError(f"{what}: not a file; {_TRANSFORM_EXPECTED}")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _CLIError(f"{what}: not valid JSON ({_error_text(exc)}); {_TRANSFORM_EXPECTED}") from exc
+    if not isinstance(data, dict):
+        raise _CLIError(f"{what}: holds a JSON {type(data).__name__}; {_TRANSFORM_EXPECTED}")
+    unknown = sorted(set(data) - {"matrix", "offset"})
+    if unknown or "matrix" not in data:
+        raise _CLIError(f"{what}: has keys {sorted(data)}; {_TRANSFORM_EXPECTED}")
+    try:
+        matrix = np.array(data["matrix"], dtype=np.float64)
+        offset = np.array(data["offset"] if data.get("offset") is not None else np.zeros(len(matrix)),
+                          dtype=np.float64)
+    except (ValueError, TypeError) as exc:
+        raise _CLIError(f"{what}: 'matrix' and 'offset' must hold numbers ({_error_text(exc)}); "
+                        f"{_TRANSFORM_EXPECTED}") from exc
+    if matrix.ndim != 2 or matrix.size == 0:
+        raise _CLIError(f"{what}: 'matrix' has shape {matrix.shape}; {_TRANSFORM_EXPECTED}")
+    if offset.shape != (matrix.shape[0],):
+        raise _CLIError(f"{what}: 'offset' has shape {offset.shape} but 'matrix' is {matrix.shape[0]}x"
+                        f"{matrix.shape[1]}; expected an offset of shape ({matrix.shape[0]},)")
+    if not (np.isfinite(matrix).all() and np.isfinite(offset).all()):
+        raise _CLIError(f"{what}: holds NaN or infinite values; expected finite numbers")
+    return {"matrix": matrix, "offset": offset}
+
+
+def _check_transform_channels(transform, channels: int, option: str, where: str) -> None:
+    """A :class:`_CLIError` unless the transform maps ``channels`` image channels."""
+    f_in = transform["matrix"].shape[1]
+    if f_in != channels:
+        raise _CLIError(f"{option}: the matrix is {transform['matrix'].shape[0]}x{f_in}, for images with {f_in} "
+                        f"channels, but {where} {channels} channels; expected a matrix with {channels} columns")
 
 
 def _normalization(value):
@@ -150,6 +208,8 @@ def _run_crf(unary, image, args, params, **kwargs):
     """Run :func:`cucrf.infer`; return (probabilities as float32 NumPy, seconds)."""
     from ._api import infer
 
+    if getattr(args, "include_self", False):
+        kwargs["include_self"] = True
     start = time.perf_counter()
     q = infer(
         unary, image, params, filter_size=args.filter_size, blur=args.blur,
@@ -387,6 +447,9 @@ def _cmd_refine(args) -> int:
         _existing_file(i, "image")
         _existing_file(u, "unary")
     params = _load_params(args.params)
+    transform = None
+    if args.feature_transform is not None:
+        transform = _load_feature_transform(args.feature_transform)
 
     total = 0.0
     bar = tqdm(total=n, unit="image", disable=n <= 1, file=sys.stderr, dynamic_ncols=True)
@@ -396,6 +459,10 @@ def _cmd_refine(args) -> int:
             unary, kind = _load_unary(upath, args.unary_kind)
             _check_unary_shape(unary, kind, image, upath, ipath)
             extra = {"unary_kind": kind}
+            if transform is not None:
+                _check_transform_channels(transform, image.shape[2], f"--feature-transform {args.feature_transform!r}",
+                                          f"image {ipath!r} has")
+                extra["feature_transform"] = transform
             if kind == "labels":
                 unknown = None if args.unknown_label is None or args.unknown_label < 0 else args.unknown_label
                 extra.update(
@@ -436,18 +503,36 @@ _FIT_EPILOG = """\
 Training data: FOLDER holds <id>_image.png / <id>_label.png pairs (labels: class ids, 255 =
 ignore). Unaries come from --unary-dir (one file per image, named by --unary-pattern: .npz with an
 array 'logits' or a single array, or .npy, shape (C, H, W), logits), or, with --synthetic, are
-made from the labels with the paper's synthetic protocol (seed = image index).
+made from the labels with the paper's synthetic protocol (seed = the image's position among the
+folder's pairs sorted by id). --synthetic needs --num-classes: the labels do not fix the number
+of classes (a folder whose images show 16 of a data set's 23 classes would otherwise give
+parameters for 16). Every label is checked against it (or against the unaries' class count)
+before training. The images are read one at a time, every epoch, so the folder may be large.
 
-A fraction of the images (--val-fraction, chosen with --seed) is held out and scored every epoch;
-the parameters of the best epoch are written to OUT/params.json (use them with --params), the
-feature transform (with --learn feature_transform) to OUT/feature_transform.json, the history to
-OUT/history.json and, when matplotlib is installed, the curves to OUT/training_curve.png.
+Validation: --split FILE names the images of each subset, as JSON
+  {"train": ["id", ...], "validation": ["id", ...], "test": ["id", ...]}
+fit trains on 'train', scores 'validation' after every epoch and never reads 'test' (keep it for
+'cucrf eval --split FILE --subset test'). Without a validation subset, --val-fraction of the
+training images is held out ('auto': cucrf.fit's choice for the number of images). The epoch
+with the best --metric is kept (epoch 0 = the starting parameters, which must be beaten);
+--patience epochs in a row without a new best stop training.
+
+Outputs in OUT: params.json (use it with --params), feature_transform.json (with --learn
+feature_transform; use it with --feature-transform), history.json (one entry per epoch) and,
+when matplotlib is installed, training_curve.png. Each epoch's summary is logged on stderr.
 
 examples:
   cucrf fit data/voc --unary-dir data/unaries --unary-pattern "{name}_espnet2_384.npz" --out fitted
-  cucrf fit data/msrc --synthetic --epochs 5 --learn weights,bandwidths --out fitted-msrc
+  cucrf fit data/msrc --synthetic --num-classes 23 --epochs 5 --learn weights,bandwidths --out fitted-msrc
+  cucrf fit data/msrc --synthetic --num-classes 23 --split split.json --metric miou_gt --out fitted
   cucrf refine img.png --unary img.npz --params fitted/params.json -o refined.png
 """
+
+#: Selection metrics: (name in messages, short name in plots, a percentage?).
+_METRICS = {"accuracy": ("validation pixel accuracy", "pixel accuracy", True),
+            "miou": ("validation mIoU", "mIoU", True),
+            "miou_gt": ("validation mIoU over the classes in the ground truth", "mIoU (ground-truth classes)", True),
+            "loss": ("validation loss", "loss", False)}
 
 
 def _learn_list(text):
@@ -463,79 +548,234 @@ def _learn_list(text):
     return names
 
 
-def _plot_history(history, path) -> bool:
-    try:
-        import matplotlib
+def _json_ready(value):
+    """``value`` with NaN / infinities as None and NumPy scalars as Python numbers (strict JSON)."""
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+
+def _metric_series(history, metric):
+    """Per-epoch values of the selection metric (None where unknown)."""
+    key = "val_loss" if metric == "loss" else f"val_{metric}"
+    values = [h.get(key) for h in history]
+    if all(v is None for v in values):  # no validation set: whatever fit selected on
+        values = [h.get("score") for h in history]
+    return [None if v is None or not np.isfinite(v) else float(v) for v in values]
+
+
+def _training_curve_figure(history, metric, best_epoch):
+    """The training curve: loss (training and validation) above, the selection metric below.
+
+    Parameters
+    ----------
+    history : list of dict
+        :attr:`cucrf.FitResult.history`.
+    metric : str
+        The selection metric (``accuracy``, ``miou``, ``miou_gt`` or ``loss``).
+    best_epoch : int
+        Marked with a vertical line in both panels and a star on the metric's curve.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    def values(key):
+        return [np.nan if h.get(key) is None else float(h[key]) for h in history]
+
+    epochs = [int(h["epoch"]) for h in history]
+    fig, (ax_loss, ax_metric) = plt.subplots(2, 1, figsize=(6.4, 5.6), sharex=True)
+    ax_loss.plot(epochs, values("train_loss"), "o-", color="tab:blue", label="training loss")
+    if any(h.get("val_loss") is not None for h in history):
+        ax_loss.plot(epochs, values("val_loss"), "s-", color="tab:orange", label="validation loss")
+    ax_loss.set_ylabel("cross-entropy")
+    ax_loss.set_title(f"training curve (best epoch {best_epoch}, selected by {metric})")
+
+    _, short, percent = _METRICS.get(metric, (metric, metric, False))
+    series = [np.nan if v is None else (100 * v if percent else v) for v in _metric_series(history, metric)]
+    ax_metric.plot(epochs, series, "o-", color="tab:green", label=f"validation {short} (selection metric)")
+    ax_metric.set_ylabel(f"validation {short} (%)" if percent else f"validation {short}")
+    if best_epoch in epochs and np.isfinite(series[epochs.index(best_epoch)]):
+        ax_metric.plot([best_epoch], [series[epochs.index(best_epoch)]], "*", color="tab:red", markersize=14,
+                       zorder=5)
+    for ax in (ax_loss, ax_metric):
+        ax.axvline(best_epoch, color="tab:red", linestyle="--", linewidth=1, label=f"best epoch ({best_epoch})")
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="best", fontsize="small")
+    ax_metric.set_xlabel("epoch")
+    ax_metric.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    return fig
+
+
+def _plot_history(history, path, metric="miou", best_epoch=0) -> bool:
+    """Write the training curve to ``path``; False (and nothing written) without matplotlib."""
+    try:
+        import matplotlib  # noqa: F401
     except Exception:  # the plot is optional (the 'plot' extra)
         return False
-    epochs = [h["epoch"] for h in history]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train loss")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("cross-entropy")
-    if any(h.get("val_miou") is not None for h in history):
-        ax2 = ax.twinx()
-        ax2.plot(epochs, [h["val_miou"] for h in history], "s-", color="tab:green", label="validation mIoU")
-        ax2.set_ylabel("validation mIoU")
-        ax2.legend(loc="lower right")
-    ax.legend(loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    import matplotlib.pyplot as plt
+
+    fig = _training_curve_figure(history, metric, best_epoch)
+    try:
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
     return True
 
 
-def _cmd_fit(args) -> int:
+class _LogToStderr(logging.Handler):
+    """Log records as lines on stderr, written between progress bars (``tqdm.write``)."""
+
+    def emit(self, record):
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # pragma: no cover - logging must never break the command
+            self.handleError(record)
+
+
+class _FitLogging:
+    """Route the ``cucrf.fit`` logger's INFO lines to stderr for the duration of a command."""
+
+    def __enter__(self):
+        self.logger = logging.getLogger("cucrf.fit")
+        self.handler = _LogToStderr(logging.INFO)
+        self.handler.setFormatter(logging.Formatter("%(message)s"))
+        self.saved = (self.logger.level, self.logger.propagate)
+        self.logger.addHandler(self.handler)
+        self.logger.setLevel(logging.INFO)
+        self.logger.propagate = False  # shown once, here, whatever the root logger does
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self.handler)
+        self.logger.setLevel(self.saved[0])
+        self.logger.propagate = self.saved[1]
+        return False
+
+
+def _format_score(value, metric) -> str:
+    if value is None or not np.isfinite(value):
+        return "-"
+    return f"{value:.2%}" if _METRICS.get(metric, ("", "", False))[2] else f"{value:.4f}"
+
+
+def _fit_data(args):
+    """The training and validation PairDatasets and the number of classes, all checked."""
     from . import datasets
-    from ._fit import fit
+
+    folder = Path(args.folder)
+    try:
+        data = datasets.PairDataset(folder, unary_dir=args.unary_dir, unary_pattern=args.unary_pattern,
+                                    synthetic=args.synthetic, num_classes=args.num_classes if args.synthetic else None)
+        validation = None
+        if args.split is not None:
+            split = _load_split_arg(args.split, folder)
+            if not split["train"]:
+                raise _CLIError(f"--split {args.split!r} names no 'train' ids; expected a non-empty list of the "
+                                "images to fit on")
+            if split["validation"] and args.val_fraction is not None:
+                raise _UsageError(f"--split {args.split!r} names validation images, so --val-fraction "
+                                  f"{args.val_fraction} has nothing to do; give one or the other")
+            train = data.subset(split["train"])
+            if split["validation"]:
+                validation = data.subset(split["validation"])
+        else:
+            train = data
+        if args.max_images is not None:
+            train = train[:args.max_images]
+            validation = None if validation is None else validation[:args.max_images]
+        num_classes = train.check(args.num_classes, name="--num-classes")
+        if validation is not None:
+            validation.check(num_classes, name="--num-classes" if args.num_classes is not None
+                             else "the training unaries' class count")
+    except FileNotFoundError as exc:
+        raise _CLIError(str(exc)) from exc
+    return train, validation, num_classes
+
+
+def _cmd_fit(args) -> int:
+    from . import _fit
 
     folder = Path(args.folder)
     if not folder.is_dir():
         raise _CLIError(f"training folder {args.folder!r} does not exist or is not a directory")
     if args.synthetic == (args.unary_dir is not None):
         raise _UsageError("give either --unary-dir or --synthetic (see 'cucrf fit --help')")
-    samples = datasets.load_pairs(folder, unary_dir=args.unary_dir, unary_pattern=args.unary_pattern)
-    if args.max_images is not None:
-        samples = samples[:args.max_images]
-    labels = [s.label for s in samples]
-    if args.synthetic:
-        known = [lab[lab != _IGNORE] for lab in labels]
-        largest = max((int(k.max()) for k in known if k.size), default=1)
-        num_classes = args.num_classes if args.num_classes is not None else max(largest + 1, 2)
-        if largest >= num_classes:
-            raise _CLIError(f"labels hold class id {largest} but --num-classes is {num_classes}")
-        unaries = [datasets.synthetic_unary(lab, num_classes, seed=i) for i, lab in enumerate(labels)]
-    else:
-        unaries = [s.unary.astype(np.float32) if s.unary.dtype == np.float16 else s.unary for s in samples]
-        if args.num_classes is not None and unaries[0].shape[0] != args.num_classes:
-            raise _CLIError(f"unaries have {unaries[0].shape[0]} classes but --num-classes is {args.num_classes}")
+    if args.synthetic and args.num_classes is None:
+        raise _UsageError("--synthetic needs --num-classes C: the labels alone do not fix the number of classes "
+                          "(e.g. 21 for PASCAL VOC, 23 for MSRC, 11 for CamVid)")
+    if args.resume and args.checkpoint is None:
+        raise _UsageError("--resume needs --checkpoint FILE.npz (the checkpoint to continue from)")
+    params = _load_params(args.params)  # read early: a bad file should fail before any work
+    train, validation, num_classes = _fit_data(args)
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"cucrf fit: {len(samples)} images from {folder} ({'synthetic unaries' if args.synthetic else 'unaries from ' + str(args.unary_dir)}), "
-          f"learning {', '.join(args.learn)}; {args.val_fraction:.0%} held out for validation")
-    result = fit(
-        unaries, [s.image for s in samples], labels, _load_params(args.params),
-        val_fraction=args.val_fraction, learn=args.learn, epochs=args.epochs, lr=args.lr,
-        batch_size=args.batch_size, filter_size=args.filter_size, blur=args.blur, iterations=args.iterations,
+    source = "synthetic unaries" if args.synthetic else f"unaries from {args.unary_dir}"
+    if validation is not None:
+        held_out = f"validating on {len(validation)} images of {args.split}"
+    elif args.val_fraction in (None, "auto"):
+        held_out = "validation images held out as cucrf.fit chooses (--val-fraction auto)"
+    else:
+        held_out = f"{args.val_fraction:.0%} held out for validation"
+    print(f"cucrf fit: {len(train)} training images from {folder} ({source}, {num_classes} classes), "
+          f"learning {', '.join(args.learn)}; {held_out}")
+    sys.stdout.flush()
+
+    kwargs = dict(
+        num_classes=num_classes, learn=args.learn, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+        filter_size=args.filter_size, blur=args.blur, iterations=args.iterations,
         normalization=_normalization(args.normalization), device=args.device, seed=args.seed,
         progress=not args.no_progress, checkpoint=args.checkpoint, resume=args.resume,
     )
+    if validation is not None:
+        kwargs["validation"] = (validation.unaries, validation.images, validation.labels)
+    if args.val_fraction is not None:
+        kwargs["val_fraction"] = args.val_fraction
+    kwargs.update(metric=args.metric, patience=args.patience, include_self=args.include_self)
+    with _FitLogging():
+        result = _fit.fit(train.unaries, train.images, train.labels, params, **kwargs)
+
+    metric, improved = result.metric, result.improved
     result.params.to_json(out / "params.json")
     written = ["params.json"]
     if result.feature_transform is not None:
-        (out / "feature_transform.json").write_text(json.dumps(result.feature_transform.to_dict(), indent=2) + "\n")
+        data = _json_ready(result.feature_transform.to_dict())
+        (out / "feature_transform.json").write_text(json.dumps(data, indent=2) + "\n")
         written.append("feature_transform.json")
-    (out / "history.json").write_text(json.dumps(result.history, indent=2) + "\n")
+    (out / "history.json").write_text(json.dumps(_json_ready(result.history), indent=2) + "\n")
     written.append("history.json")
-    if _plot_history(result.history, out / "training_curve.png"):
+    if _plot_history(result.history, out / "training_curve.png", metric, result.best_epoch):
         written.append("training_curve.png")
-    first, best = result.history[0], result.history[result.best_epoch]
-    if first.get("val_miou") is not None:
-        print(f"validation mIoU {first['val_miou']:.2%} -> {best['val_miou']:.2%} (epoch {result.best_epoch}), "
-              f"accuracy {first['val_accuracy']:.2%} -> {best['val_accuracy']:.2%}")
+
+    series = _metric_series(result.history, metric)
+    epochs = [h["epoch"] for h in result.history]
+    start = series[0] if series else None
+    best = series[epochs.index(result.best_epoch)] if result.best_epoch in epochs else None
+    title = _METRICS.get(metric, (metric,))[0]
+    scored = getattr(result, "validation", None)  # how fit scored the epochs, in words
+    scored = f" ({scored})" if scored and scored != "none" else ""
+    if improved:
+        print(f"fitting beat the start: best epoch {result.best_epoch} of {epochs[-1]}, {title} "
+              f"{_format_score(start, metric)} -> {_format_score(best, metric)}{scored}")
+    else:
+        print(f"fitting did not beat the start: no epoch of {epochs[-1]} improved the {title} "
+              f"({_format_score(start, metric)}){scored}; params.json holds the starting parameters")
     print(f"wrote {' '.join(written)} to {out}{os.sep}")
     return 0
 
@@ -545,31 +785,111 @@ def _cmd_fit(args) -> int:
 _EVAL_EPILOG = """\
 METHODS (comma-separated):
   unary          the argmax of the unary, no CRF
-  cucrf          cucrf.infer with its defaults (filter 5, blur 4); --params applies
+  cucrf          cucrf.infer with its defaults (filter 5, blur 4); a bare --params applies
   cucrf:KxB      cucrf.infer with filter size K and blur B, e.g. cucrf:7x1
   densecrf       the fully connected CRF (pydensecrf2: Gaussian sxy 3 compat 3, bilateral sxy 80
                  srgb 13 compat 10); needs scripts/install-densecrf.sh
   convcrf[:KxB]  upstream ConvCRF's own algorithm (cucrf.convcrf, default config; filter 11, blur 4)
 
+PARAMETERS: a bare --params FILE (and --feature-transform FILE) applies to the cucrf methods.
+Each --params NAME=FILE adds a row NAME: cucrf with those parameters, at the window of the cucrf
+method in --methods (cucrf's default window when there is none; with several cucrf windows, one
+row NAME:KxB per window), with the feature transform --feature-transform NAME=FILE when given.
+So the output folders of several 'cucrf fit' runs compare in one table:
+  --params fit1=run1/params.json --feature-transform fit1=run1/feature_transform.json
+  --params fit2=run2/params.json
+
 UNARIES: 'synthetic' (default) degrades each label as in the ConvCRF paper (downsample 8, 20%% of
-the cells replaced; seed = --seed + image index); any other NAME reads <unary-dir>/<id>_NAME.npz
-(an array 'logits', (C, H, W)).
+the cells replaced; seed = --seed + the image's position in its folder, sorted by id); any other
+NAME reads <unary-dir>/<id>_NAME.npz (an array 'logits', (C, H, W)).
+
+SPLIT: --split FILE (JSON {"train": [ids], "validation": [ids], "test": [ids]}, as for 'cucrf
+fit') with --subset NAME scores only that subset's images (default: test) of a single set.
 
 examples:
   cucrf eval --data DATA_DIR --set voc --methods unary,cucrf:5x4,cucrf:7x1,densecrf
   cucrf eval --data DATA_DIR --set voc --unaries espnet2_384 --csv voc-real.csv
   cucrf eval --data DATA_DIR --max-images 10 --per-class
+  cucrf eval --data DATA_DIR --set msrc --methods unary,cucrf --params fitted=fitted/params.json \\
+             --split split.json --subset test
 """
 
 
 _EVAL_METHODS = "unary,cucrf,densecrf"
+_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_.+-]*")
+
+
+def _split_name(value: str):
+    """``(NAME, FILE)`` for ``NAME=FILE``; ``(None, value)`` for a bare file (or JSON text)."""
+    if value.lstrip().startswith("{") or Path(value).exists():
+        return None, value
+    m = re.fullmatch(r"([^=/\\]*)=(.*)", value, re.S)
+    if m is None:
+        return None, value
+    return m.group(1), m.group(2)
+
+
+def _named_option(values, option: str):
+    """Repeated ``[NAME=]VALUE`` options: ``(the bare value or None, {NAME: VALUE} in order)``."""
+    bare, named = None, {}
+    for value in values or []:
+        name, item = _split_name(value)
+        if name is None:
+            if bare is not None:
+                raise _UsageError(f"{option} given twice without a NAME ({bare!r} and {value!r}); expected one "
+                                  f"bare {option} FILE, and NAME=FILE for each further file")
+            bare = value
+            continue
+        if not _NAME_PATTERN.fullmatch(name):
+            raise _UsageError(f"{option} {value!r}: NAME {name!r} must start with a letter or '_' and hold only "
+                              "letters, digits and _.+-; expected NAME=FILE")
+        if not item:
+            raise _UsageError(f"{option} {value!r}: no FILE after '='; expected NAME=FILE")
+        if name in named:
+            raise _UsageError(f"{option} NAME {name!r} given twice ({named[name]!r} and {item!r}); expected one "
+                              "file per NAME")
+        named[name] = item
+    return bare, named
+
+
+def _load_split_arg(path, folder):
+    """The split file given to ``--split``, checked against ``folder``."""
+    from . import datasets
+
+    try:
+        return datasets.load_split(path, folder=folder)
+    except (FileNotFoundError, ValueError) as exc:
+        raise _CLIError(f"--split: {_one_line(exc)}") from exc
+
+
+def _eval_parameters(args):
+    """Bare params and transform, and ``{NAME: (params, transform)}`` of the named ones."""
+    bare_params, named_params = _named_option(args.params, "--params")
+    bare_transform, named_transforms = _named_option(args.feature_transform, "--feature-transform")
+    for name, path in named_transforms.items():
+        if name not in named_params:
+            known = ", ".join(named_params) or "none"
+            raise _UsageError(f"--feature-transform {name}={path}: no --params named {name!r} (NAMEs given: "
+                              f"{known}); expected the NAME of a --params NAME=FILE")
+    params = _load_params(bare_params)
+    transform = None if bare_transform is None else _load_feature_transform(bare_transform)
+    named = {}
+    for name, path in named_params.items():
+        p = _load_params(path, option=f"--params {name}=")
+        t = None
+        if name in named_transforms:
+            t = _load_feature_transform(named_transforms[name], option=f"--feature-transform {name}=")
+        named[name] = (p, t)
+    return params, transform, named, (bare_transform, named_transforms)
 
 
 def _cmd_eval(args) -> int:
-    from . import evaluation
+    from . import datasets, evaluation
     from ._peers import densecrf_available
 
-    params = _load_params(args.params)
+    if args.subset is not None and args.split is None:
+        raise _UsageError(f"--subset {args.subset} needs --split FILE (the JSON that names each subset's ids)")
+    params, transform, named, transform_files = _eval_parameters(args)
     try:
         methods = evaluation.parse_methods(args.methods or _EVAL_METHODS)
     except ValueError as exc:
@@ -580,11 +900,46 @@ def _cmd_eval(args) -> int:
                             "scripts/install-densecrf.sh or leave densecrf out of --methods")
         methods = [m for m in methods if m.kind != "densecrf"]
         print("cucrf: note: pydensecrf is not installed; densecrf left out", file=sys.stderr)
+    try:
+        methods = evaluation.named_methods(methods, named)
+    except ValueError as exc:
+        raise _UsageError(f"--params: {exc}") from exc
     sets = None
     if args.set:
         sets = [s.strip() for item in args.set for s in item.split(",") if s.strip()]
     try:
-        results = _run_eval(evaluation, args, sets, methods, params)
+        folders = evaluation.find_sets(args.data, sets)
+    except FileNotFoundError as exc:
+        raise _CLIError(str(exc)) from exc
+
+    names = None
+    if args.split is not None:
+        if len(folders) != 1:
+            raise _UsageError(f"--split names the images of one set, but {len(folders)} sets would be evaluated "
+                              f"({', '.join(f.name for f in folders)}); choose one with --set")
+        subset = args.subset or "test"
+        names = _load_split_arg(args.split, folders[0])[subset]
+        if not names:
+            raise _CLIError(f"--split {args.split!r} names no {subset!r} images; expected a non-empty list of ids "
+                            f"under {subset!r} for --subset {subset}")
+        print(f"scoring the {len(names)} '{subset}' images of {args.split}")
+
+    # Feature transforms must fit the images: check each against the first image of each set.
+    checks = [(f"--feature-transform {transform_files[0]!r}", transform)] if transform is not None else []
+    checks += [(f"--feature-transform {n}={transform_files[1][n]}", t) for n, (_, t) in named.items() if t is not None]
+    if checks:
+        for folder in folders:
+            first = (names or datasets.PairDataset(folder).names)[0]
+            image = _read_image(str(folder / f"{first}_image.png"))
+            for option, t in checks:
+                _check_transform_channels(t, image.shape[2], option, f"the images of set {folder.name!r} have")
+    try:
+        results = evaluation.evaluate(
+            args.data, sets, methods, unaries=args.unaries, unary_dir=args.unary_dir, num_classes=args.num_classes,
+            max_images=args.max_images, seed=args.seed, downsample=args.downsample, replace_prob=args.replace_prob,
+            params=params, iterations=args.iterations, progress=not args.no_progress, names=names,
+            feature_transform=transform, include_self=args.include_self,
+        )
     except FileNotFoundError as exc:
         raise _CLIError(str(exc)) from exc
     print(evaluation.format_table(results, per_class=args.per_class), end="")
@@ -592,14 +947,6 @@ def _cmd_eval(args) -> int:
         evaluation.write_csv(results, args.csv)
         print(f"wrote {args.csv}")
     return 0
-
-
-def _run_eval(evaluation, args, sets, methods, params):
-    return evaluation.evaluate(
-        args.data, sets, methods, unaries=args.unaries, unary_dir=args.unary_dir, num_classes=args.num_classes,
-        max_images=args.max_images, seed=args.seed, downsample=args.downsample, replace_prob=args.replace_prob,
-        params=params, iterations=args.iterations, progress=not args.no_progress,
-    )
 
 
 # -- params ---------------------------------------------------------------------------------------
@@ -640,6 +987,40 @@ def _fraction(text):
     return value
 
 
+def _class_count(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of classes (an integer >= 2), got {text!r}") from None
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"expected a number of classes >= 2, got {value}")
+    return value
+
+
+def _val_fraction(text):
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number in [0, 1), got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number in [0, 1), got {value}")
+    return value
+
+
+def _patience(text):
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'none', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'none', got {value}")
+    return value
+
+
 def _label_or_none(text):
     if text.lower() == "none":
         return None
@@ -665,11 +1046,24 @@ def _crf_options() -> argparse.ArgumentParser:
                    help="CRF parameters: a .json file (see 'cucrf params') or JSON text; default: built-in")
     g.add_argument("--normalization", choices=["none", "symmetric"], default="none",
                    help="kernel normalisation (default: %(default)s)")
+    g.add_argument("--include-self", action="store_true",
+                   help="keep the centre of the window (each pixel's message includes itself), as upstream "
+                        "ConvCRF does; parameters fitted with it are meant to be used with it")
     g.add_argument("--device", choices=["cpu", "gpu"], default=None,
                    help="where to compute (default: cpu; gpu needs CuPy)")
     g.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="show the full traceback on errors")
     return p
+
+
+def _fit_defaults() -> dict:
+    """:func:`cucrf.fit`'s defaults, which ``cucrf fit`` shares."""
+    import inspect
+
+    from . import _fit
+
+    return {name: p.default for name, p in inspect.signature(_fit.fit).parameters.items()
+            if p.default is not inspect.Parameter.empty}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -733,6 +1127,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: %(default)s; 'none' for no unknown label)")
     refine.add_argument("--num-classes", type=_positive_int, metavar="C",
                         help="label maps: number of classes (default: largest id + 1); arrays: checked")
+    refine.add_argument("--feature-transform", metavar="FILE",
+                        help="the feature_transform.json that 'cucrf fit --learn feature_transform' writes, used "
+                             "with the --params it wrote")
     refine.add_argument("--save-probabilities", nargs="*", metavar="OUT.npy",
                         help="also save the refined probabilities (C, H, W) as float32 .npy: to the "
                              "paths given (one per image) or, without paths, next to each output PNG")
@@ -752,22 +1149,39 @@ def build_parser() -> argparse.ArgumentParser:
                       help="file name of an image's unary in --unary-dir; {name} is the id (default: %(default)s)")
     fitp.add_argument("--synthetic", action="store_true",
                       help="make the unaries from the labels (the paper's synthetic protocol)")
-    fitp.add_argument("--num-classes", type=_positive_int, metavar="C",
-                      help="number of classes (default: from the unaries, or the largest label + 1)")
-    fitp.add_argument("--val-fraction", type=_fraction, default=0.25, metavar="F",
-                      help="fraction of the images held out for validation (default: %(default)s)")
-    fitp.add_argument("--epochs", type=int, default=10, metavar="N", help="training epochs (default: %(default)s)")
-    fitp.add_argument("--lr", type=float, default=0.02, help="Adam learning rate (default: %(default)s)")
-    fitp.add_argument("--batch-size", type=_positive_int, default=1, metavar="N",
+    fitp.add_argument("--num-classes", type=_class_count, metavar="C",
+                      help="number of classes: required with --synthetic; with --unary-dir checked against the "
+                           "unaries (default: theirs). Every label must hold ids < C (or 255)")
+    fitp.add_argument("--split", metavar="FILE",
+                      help='JSON {"train": [ids], "validation": [ids], "test": [ids]}: fit on train, validate on '
+                           "validation, never read test (default: every pair of FOLDER trains)")
+    fit_defaults = _fit_defaults()
+    fitp.add_argument("--val-fraction", type=_val_fraction, default=None, metavar="F",
+                      help="without validation images from --split: the fraction of the training images held out "
+                           f"for validation, in [0, 1), or 'auto' (default: {fit_defaults['val_fraction']})")
+    fitp.add_argument("--metric", choices=["miou", "miou_gt", "accuracy", "loss"], default=fit_defaults["metric"],
+                      help="validation score that selects the best epoch: mIoU (classes in ground truth or "
+                           "prediction), mIoU over the classes in the ground truth, pixel accuracy, or loss "
+                           "(default: %(default)s)")
+    fitp.add_argument("--patience", type=_patience, default=fit_defaults["patience"], metavar="N",
+                      help="stop after N epochs in a row without a new best; 'none' never stops early "
+                           "(default: %(default)s)")
+    fitp.add_argument("--epochs", type=int, default=fit_defaults["epochs"], metavar="N",
+                      help="at most N training epochs (default: %(default)s)")
+    fitp.add_argument("--lr", type=float, default=fit_defaults["lr"], help="Adam learning rate (default: %(default)s)")
+    fitp.add_argument("--batch-size", type=_positive_int, default=fit_defaults["batch_size"], metavar="N",
                       help="images per step; only equal-size images are batched (default: %(default)s)")
-    fitp.add_argument("--learn", type=_learn_list, default=["weights", "bandwidths", "compatibility", "unary_weight"],
+    fitp.add_argument("--learn", type=_learn_list, default=list(fit_defaults["learn"]),
                       metavar="LIST", help="comma-separated: weights, bandwidths, compatibility, unary_weight, "
-                                           "feature_transform, or all (default: all but feature_transform)")
-    fitp.add_argument("--seed", type=int, default=0, help="seed of the split and image order (default: %(default)s)")
+                                           "feature_transform, or all (default: "
+                                           f"{','.join(fit_defaults['learn'])})")
+    fitp.add_argument("--seed", type=int, default=fit_defaults["seed"],
+                      help="seed of the validation hold-out and the image order (default: %(default)s)")
     fitp.add_argument("--max-images", type=_positive_int, metavar="N", help="use only the first N pairs")
     fitp.add_argument("--checkpoint", metavar="FILE.npz", help="write a checkpoint after every epoch")
     fitp.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
-    fitp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    fitp.add_argument("--no-progress", action="store_true",
+                      help="no progress bars (each epoch's summary is still logged on stderr)")
     fitp.add_argument("-o", "--out", default="cucrf-fit", metavar="DIR",
                       help="output folder (default: %(default)s)")
     fitp.set_defaults(func=_cmd_fit)
@@ -801,7 +1215,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="synthetic unaries: fraction of cells given a random class (default: %(default)s)")
     evalp.add_argument("--iterations", type=int, default=5, metavar="N",
                        help="mean-field iterations of every CRF (default: %(default)s)")
-    evalp.add_argument("--params", metavar="JSON", help="cucrf parameters for the cucrf methods (default: built-in)")
+    evalp.add_argument("--params", action="append", metavar="[NAME=]JSON",
+                       help="cucrf parameters: a bare FILE for the cucrf methods (default: built-in); NAME=FILE "
+                            "(repeatable) adds a row NAME, cucrf with those parameters (see below)")
+    evalp.add_argument("--feature-transform", action="append", metavar="[NAME=]FILE",
+                       help="a feature_transform.json from 'cucrf fit': a bare FILE for the cucrf methods, "
+                            "NAME=FILE for the row of --params NAME=FILE")
+    evalp.add_argument("--include-self", action="store_true",
+                       help="cucrf methods keep the centre of the window, as upstream ConvCRF does")
+    evalp.add_argument("--split", metavar="FILE",
+                       help='JSON {"train": [ids], "validation": [ids], "test": [ids]}: score only the images of '
+                            "--subset (one set only)")
+    evalp.add_argument("--subset", choices=["train", "validation", "test"], default=None,
+                       help="the subset of --split to score (default: test)")
     evalp.add_argument("--max-images", type=_positive_int, metavar="N", help="use the first N images of each set")
     evalp.add_argument("--csv", metavar="OUT.csv", help="also write the results as CSV")
     evalp.add_argument("--per-class", action="store_true", help="also print the IoU of every class")

@@ -3,7 +3,10 @@
 Two pieces:
 
 * :func:`load_pairs` reads a folder of ``<id>_image.png`` / ``<id>_label.png`` pairs (optionally
-  with per-image unary files from another folder) into a list of :class:`Sample`.
+  with per-image unary files from another folder) into a list of :class:`Sample`;
+  :class:`PairDataset` is the same folder as a lazy sequence that reads one pair per access (so
+  hundreds of images are never held in memory at once), and :func:`load_split` reads a JSON
+  split of the ids into train / validation / test.
 * :func:`synthetic_unary` turns a ground-truth label map into a degraded unary, following the
   synthetic protocol of Teichmann & Cipolla (2018), "Convolutional CRFs for Semantic
   Segmentation", Sec. 5.1: downsample the one-hot label 8x, replace the labels of a random 20 %
@@ -12,14 +15,16 @@ Two pieces:
 
 from __future__ import annotations
 
+import collections.abc
+import json
 import os
-import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Sample", "load_pairs", "synthetic_unary"]
+__all__ = ["Sample", "PairDataset", "load_pairs", "load_split", "synthetic_unary", "SPLIT_SUBSETS"]
 
 _IMAGE_SUFFIX = "_image.png"
 _LABEL_SUFFIX = "_label.png"
@@ -43,6 +48,9 @@ class Sample:
         or None when no unary folder was given.
     unary_path : pathlib.Path or None
         The file the unary came from.
+    index : int or None
+        Position of the pair among all pairs of its folder, sorted by id (set by
+        :class:`PairDataset`; seeds its synthetic unary), or None.
     """
 
     name: str
@@ -50,6 +58,7 @@ class Sample:
     label: np.ndarray
     unary: np.ndarray | None = None
     unary_path: Path | None = field(default=None, repr=False)
+    index: int | None = field(default=None, repr=False)
 
     def __repr__(self) -> str:  # arrays are too long for the default repr
         u = None if self.unary is None else f"{self.unary.shape} {self.unary.dtype}"
@@ -121,6 +130,59 @@ def _read_unary(path: Path) -> np.ndarray:
     return arr
 
 
+def _list_files(folder: Path) -> set:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"folder {str(folder)!r} does not exist or is not a directory")
+    return set(os.listdir(folder))
+
+
+def _pair_ids(folder: Path, files=None) -> list[str]:
+    """Sorted ids of every complete pair in ``folder``; an error for an empty folder or a lonely file."""
+    files = _list_files(folder) if files is None else files
+    image_ids = {f[: -len(_IMAGE_SUFFIX)] for f in files if f.endswith(_IMAGE_SUFFIX)}
+    label_ids = {f[: -len(_LABEL_SUFFIX)] for f in files if f.endswith(_LABEL_SUFFIX)}
+    if not image_ids and not label_ids:
+        raise FileNotFoundError(
+            f"folder {str(folder)!r} holds no '<id>{_IMAGE_SUFFIX}' / '<id>{_LABEL_SUFFIX}' files"
+        )
+    unmatched = sorted(image_ids ^ label_ids)
+    if unmatched:
+        lines = [
+            f"{i}{_IMAGE_SUFFIX} has no {i}{_LABEL_SUFFIX}" if i in image_ids
+            else f"{i}{_LABEL_SUFFIX} has no {i}{_IMAGE_SUFFIX}"
+            for i in unmatched[:5]
+        ]
+        more = f" (and {len(unmatched) - 5} more)" if len(unmatched) > 5 else ""
+        raise ValueError(f"unmatched pairs in {str(folder)!r}: " + "; ".join(lines) + more)
+    return sorted(image_ids)
+
+
+def _select_ids(folder: Path, names) -> list[str]:
+    """``names`` (checked to have both files in ``folder``), or every pair's id, sorted."""
+    files = _list_files(folder)
+    if names is None:
+        return _pair_ids(folder, files)
+    ids = [str(n) for n in names]
+    if not ids:
+        raise ValueError("names is empty; expected at least one sample id")
+    for i in ids:
+        for suffix in (_IMAGE_SUFFIX, _LABEL_SUFFIX):
+            if i + suffix not in files:
+                raise FileNotFoundError(f"{i}{suffix} not found in {str(folder)!r}")
+    return ids
+
+
+def _check_unary_dir(unary_dir, unary_pattern):
+    if unary_dir is None:
+        return None
+    unary_dir = Path(unary_dir)
+    if not unary_dir.is_dir():
+        raise FileNotFoundError(f"unary_dir {str(unary_dir)!r} does not exist or is not a directory")
+    if not isinstance(unary_pattern, str) or "{name}" not in unary_pattern:
+        raise ValueError(f"unary_pattern must contain '{{name}}'; received {unary_pattern!r}")
+    return unary_dir
+
+
 def load_pairs(
     folder,
     *,
@@ -157,42 +219,8 @@ def load_pairs(
         If an image has no label (or vice versa), or sizes of image / label / unary differ.
     """
     folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"folder {str(folder)!r} does not exist or is not a directory")
-    files = set(os.listdir(folder))
-    image_ids = {f[: -len(_IMAGE_SUFFIX)] for f in files if f.endswith(_IMAGE_SUFFIX)}
-    label_ids = {f[: -len(_LABEL_SUFFIX)] for f in files if f.endswith(_LABEL_SUFFIX)}
-
-    if names is None:
-        if not image_ids and not label_ids:
-            raise FileNotFoundError(
-                f"folder {str(folder)!r} holds no '<id>{_IMAGE_SUFFIX}' / '<id>{_LABEL_SUFFIX}' files"
-            )
-        unmatched = sorted(image_ids ^ label_ids)
-        if unmatched:
-            lines = [
-                f"{i}{_IMAGE_SUFFIX} has no {i}{_LABEL_SUFFIX}" if i in image_ids
-                else f"{i}{_LABEL_SUFFIX} has no {i}{_IMAGE_SUFFIX}"
-                for i in unmatched[:5]
-            ]
-            more = f" (and {len(unmatched) - 5} more)" if len(unmatched) > 5 else ""
-            raise ValueError(f"unmatched pairs in {str(folder)!r}: " + "; ".join(lines) + more)
-        ids = sorted(image_ids)
-    else:
-        ids = [str(n) for n in names]
-        if not ids:
-            raise ValueError("names is empty; expected at least one sample id")
-        for i in ids:
-            for suffix in (_IMAGE_SUFFIX, _LABEL_SUFFIX):
-                if i + suffix not in files:
-                    raise FileNotFoundError(f"{i}{suffix} not found in {str(folder)!r}")
-
-    if unary_dir is not None:
-        unary_dir = Path(unary_dir)
-        if not unary_dir.is_dir():
-            raise FileNotFoundError(f"unary_dir {str(unary_dir)!r} does not exist or is not a directory")
-        if "{name}" not in unary_pattern:
-            raise ValueError(f"unary_pattern must contain '{{name}}'; received {unary_pattern!r}")
+    ids = _select_ids(folder, names)
+    unary_dir = _check_unary_dir(unary_dir, unary_pattern)
 
     samples = []
     for i in ids:
@@ -216,6 +244,389 @@ def load_pairs(
                 )
         samples.append(Sample(name=i, image=image, label=label, unary=unary, unary_path=upath))
     return samples
+
+
+# -- lazy folder access ------------------------------------------------------------------------
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """(H, W) of an image file, from its header (the pixels are not decoded)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except (OSError, SyntaxError) as exc:  # Pillow raises SyntaxError for some corrupt files
+        raise ValueError(f"cannot read image file {str(path)!r}: {exc}") from exc
+    return int(h), int(w)
+
+
+def _npy_header_shape(f) -> tuple:
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, _, _ = np.lib.format.read_array_header_1_0(f)
+    else:
+        shape, _, _ = np.lib.format.read_array_header_2_0(f)
+    return tuple(int(n) for n in shape)
+
+
+def _unary_shape(path: Path) -> tuple:
+    """Shape of the array :func:`_read_unary` would return, read from the file's header only."""
+    try:
+        if path.suffix == ".npy":
+            with open(path, "rb") as f:
+                shape = _npy_header_shape(f)
+        elif path.suffix == ".npz":
+            with zipfile.ZipFile(path) as z:
+                arrays = [n[:-4] for n in z.namelist() if n.endswith(".npy")]
+                if "logits" in arrays:
+                    key = "logits"
+                elif len(arrays) == 1:
+                    key = arrays[0]
+                else:
+                    raise ValueError(f"unary file {path} holds arrays {arrays}; expected one named 'logits'")
+                with z.open(key + ".npy") as f:
+                    shape = _npy_header_shape(f)
+        else:
+            raise ValueError(f"unary file {path} has suffix {path.suffix!r}; expected .npz or .npy")
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"cannot read unary file {str(path)!r}: {exc}") from exc
+    if len(shape) != 3:
+        raise ValueError(f"unary file {path} holds shape {shape}; expected (C, H, W)")
+    return shape
+
+
+def _read_checked(read, path: Path, what: str):
+    """``read(path)``; a file that cannot be decoded is a ValueError naming it."""
+    try:
+        return read(path)
+    except FileNotFoundError:
+        raise
+    except (OSError, SyntaxError, EOFError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"cannot read {what} {str(path)!r}: {exc}") from exc
+
+
+class _Column(collections.abc.Sequence):
+    """One field (images, labels or unaries) of a :class:`PairDataset`, read on access."""
+
+    def __init__(self, dataset: "PairDataset", reader: str):
+        self._dataset = dataset
+        self._reader = reader
+
+    def __len__(self) -> int:
+        return len(self._dataset)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return _Column(self._dataset[i], self._reader)
+        return getattr(self._dataset, self._reader)(i)
+
+    def __repr__(self) -> str:
+        return f"<{self._reader[5:]}s of {self._dataset!r}>"
+
+
+class PairDataset(collections.abc.Sequence):
+    """The labelled pairs of a folder as a lazy sequence: each access reads one pair from disk.
+
+    ``dataset[i]`` is a :class:`Sample`; :attr:`images`, :attr:`labels` and :attr:`unaries`
+    are sequences of the arrays alone (each item read when it is indexed), which is what
+    :func:`cucrf.fit` takes. Memory stays bounded by one pair however many the folder holds.
+    Construction only lists the folder and checks that every file exists; :meth:`check`
+    validates sizes and class ids up front without keeping anything.
+
+    Parameters
+    ----------
+    folder : str or os.PathLike
+        Folder of ``<id>_image.png`` / ``<id>_label.png`` pairs.
+    names : iterable of str, optional
+        Only these ids, in this order (default: every pair, sorted by id).
+    unary_dir : str or os.PathLike, optional
+        Folder of per-image unary files (as for :func:`load_pairs`).
+    unary_pattern : str, default ``"{name}.npz"``
+        File name of an image's unary inside ``unary_dir``; ``{name}`` is the id.
+    synthetic : bool, default False
+        Make each unary from its label with :func:`synthetic_unary` instead (needs
+        ``num_classes``; seed ``seed + index``, where ``index`` is the pair's position among
+        all pairs of the folder sorted by id, so a pair gets the same unary in any subset).
+    num_classes : int, optional
+        Number of classes: required with ``synthetic``; otherwise the expected class count
+        used by :meth:`check`.
+    downsample, replace_prob : optional
+        The synthetic protocol (see :func:`synthetic_unary`).
+    seed : int, default 0
+        Base seed of the synthetic unaries.
+    ignore_index : int, default 255
+        Label value that marks unlabelled pixels.
+
+    Attributes
+    ----------
+    folder : pathlib.Path
+    names : tuple of str
+        The ids, in order.
+    indices : tuple of int
+        Each id's position among all pairs of the folder, sorted by id.
+
+    Examples
+    --------
+    >>> data = PairDataset("data/msrc", synthetic=True, num_classes=23)   # doctest: +SKIP
+    >>> data.check()                                                       # doctest: +SKIP
+    >>> cucrf.fit(data.unaries, data.images, data.labels)                  # doctest: +SKIP
+    """
+
+    def __init__(self, folder, *, names=None, unary_dir=None, unary_pattern: str = "{name}.npz",
+                 synthetic: bool = False, num_classes=None, downsample: int = 8, replace_prob: float = 0.2,
+                 seed: int = 0, ignore_index: int = 255):
+        self.folder = Path(folder)
+        ids = _select_ids(self.folder, names)
+        self.unary_dir = _check_unary_dir(unary_dir, unary_pattern)
+        self.unary_pattern = unary_pattern
+        if synthetic and self.unary_dir is not None:
+            raise ValueError("give either unary_dir or synthetic=True, not both")
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer))
+                                        or num_classes < 2):
+            raise ValueError(f"num_classes must be an int >= 2; received {num_classes!r}")
+        if synthetic and num_classes is None:
+            raise ValueError("synthetic=True needs num_classes: the labels alone do not fix the number of classes")
+        self.synthetic = bool(synthetic)
+        self.num_classes = None if num_classes is None else int(num_classes)
+        self.downsample, self.replace_prob, self.seed = downsample, replace_prob, seed
+        self.ignore_index = ignore_index
+        if names is None:
+            positions = range(len(ids))
+        else:
+            everything = {n: k for k, n in enumerate(sorted(
+                f[: -len(_IMAGE_SUFFIX)] for f in os.listdir(self.folder) if f.endswith(_IMAGE_SUFFIX)))}
+            positions = [everything[n] for n in ids]
+        self.names = tuple(ids)
+        self.indices = tuple(int(k) for k in positions)
+        if self.unary_dir is not None:
+            for n in self.names:
+                path = self.unary_dir / unary_pattern.format(name=n)
+                if not path.is_file():
+                    raise FileNotFoundError(f"no unary for {n!r}: {str(path)!r} does not exist")
+        self._label_cache = None
+
+    # -- sequence protocol -------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def _position(self, i) -> int:
+        import operator
+
+        n = len(self.names)
+        i = operator.index(i)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"index {i} out of range for {n} pairs")
+        return i
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.subset(self.names[i])
+        i = self._position(i)
+        return Sample(name=self.names[i], image=self.read_image(i), label=self.read_label(i),
+                      unary=self.read_unary(i), unary_path=self.unary_path(i), index=self.indices[i])
+
+    def __repr__(self) -> str:
+        if self.synthetic:
+            unaries = f"synthetic unaries, {self.num_classes} classes"
+        elif self.unary_dir is not None:
+            unaries = f"unaries {str(self.unary_dir / self.unary_pattern)!r}"
+        else:
+            unaries = "no unaries"
+        return f"PairDataset({str(self.folder)!r}, {len(self)} pairs, {unaries})"
+
+    def subset(self, names) -> "PairDataset":
+        """The pairs ``names`` (ids of this dataset, in the order given) with the same settings."""
+        names = [str(n) for n in names]
+        have = set(self.names)
+        unknown = [n for n in names if n not in have]
+        if unknown:
+            raise ValueError(f"ids not in {self!r}: {', '.join(map(repr, unknown[:5]))}"
+                             + (f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""))
+        out = object.__new__(PairDataset)
+        out.__dict__.update(self.__dict__)
+        where = {n: k for k, n in enumerate(self.names)}
+        out.names = tuple(names)
+        out.indices = tuple(self.indices[where[n]] for n in names)
+        out._label_cache = None
+        return out
+
+    # -- files and reading -------------------------------------------------------------------
+    def image_path(self, i) -> Path:
+        """The image file of pair ``i``."""
+        return self.folder / (self.names[self._position(i)] + _IMAGE_SUFFIX)
+
+    def label_path(self, i) -> Path:
+        """The label file of pair ``i``."""
+        return self.folder / (self.names[self._position(i)] + _LABEL_SUFFIX)
+
+    def unary_path(self, i):
+        """The unary file of pair ``i``, or None (synthetic or no unaries)."""
+        if self.unary_dir is None:
+            return None
+        return self.unary_dir / self.unary_pattern.format(name=self.names[self._position(i)])
+
+    def read_image(self, i) -> np.ndarray:
+        """The image of pair ``i``, (H, W, F), as stored."""
+        return _read_checked(_read_image, self.image_path(i), "image file")
+
+    def read_label(self, i) -> np.ndarray:
+        """The label of pair ``i``, (H, W) integer class ids (the last one read is kept)."""
+        i = self._position(i)
+        if self._label_cache is not None and self._label_cache[0] == i:
+            return self._label_cache[1]
+        label = _read_checked(_read_label, self.label_path(i), "label file")
+        self._label_cache = (i, label)
+        return label
+
+    def read_unary(self, i):
+        """The unary of pair ``i``: (C, H, W), float32 when stored as float16 or synthetic; None without unaries."""
+        i = self._position(i)
+        if self.synthetic:
+            return synthetic_unary(self.read_label(i), self.num_classes, downsample=self.downsample,
+                                   replace_prob=self.replace_prob, seed=self.seed + self.indices[i],
+                                   ignore_index=self.ignore_index)
+        path = self.unary_path(i)
+        if path is None:
+            return None
+        unary = _read_checked(_read_unary, path, "unary file")
+        return unary.astype(np.float32) if unary.dtype == np.float16 else unary
+
+    @property
+    def images(self) -> collections.abc.Sequence:
+        """The images, a lazy sequence."""
+        return _Column(self, "read_image")
+
+    @property
+    def labels(self) -> collections.abc.Sequence:
+        """The labels, a lazy sequence."""
+        return _Column(self, "read_label")
+
+    @property
+    def unaries(self) -> collections.abc.Sequence:
+        """The unaries, a lazy sequence (None items without unaries)."""
+        return _Column(self, "read_unary")
+
+    # -- checks ------------------------------------------------------------------------------
+    def check(self, num_classes=None, *, name: str = "num_classes"):
+        """Check every pair before use, keeping nothing in memory.
+
+        Reads every label, and only the headers of the images and unary files: image, label
+        and unary sizes must agree, every unary must have the same number of classes C and
+        every label id must be in ``[0, C)`` or ``ignore_index``.
+
+        Parameters
+        ----------
+        num_classes : int, optional
+            The expected number of classes (default: the dataset's ``num_classes``, else the
+            first unary's class count).
+        name : str, default ``"num_classes"``
+            How the class count is named in messages (e.g. ``"--num-classes"``).
+
+        Returns
+        -------
+        int or None
+            The number of classes; None when neither it nor unaries are known.
+
+        Raises
+        ------
+        ValueError
+            Naming the offending file, what it holds and what was expected.
+        """
+        if num_classes is None:
+            num_classes = self.num_classes
+        source = None if num_classes is None else f"{name} is {num_classes}"
+        for i in range(len(self)):
+            ipath, lpath, upath = self.image_path(i), self.label_path(i), self.unary_path(i)
+            label = _read_checked(_read_label, lpath, "label file")
+            size = _image_size(ipath)
+            if size != label.shape:
+                raise ValueError(f"size mismatch: image file {str(ipath)!r} is {size[0]}x{size[1]} (H x W) but "
+                                 f"label file {str(lpath)!r} is {label.shape[0]}x{label.shape[1]}")
+            if upath is not None:
+                shape = _unary_shape(upath)
+                if shape[1:] != label.shape:
+                    raise ValueError(f"size mismatch: unary file {str(upath)!r} is {shape} (C, H, W) but label "
+                                     f"file {str(lpath)!r} is {label.shape} (H, W)")
+                if num_classes is None:
+                    num_classes, source = shape[0], f"the unaries have {shape[0]} classes ({str(upath)!r})"
+                elif shape[0] != num_classes:
+                    raise ValueError(f"unary file {str(upath)!r} has {shape[0]} classes but {source}; every "
+                                     "unary must have the same number of classes")
+            if num_classes is not None:
+                lab = label.astype(np.int64)
+                bad = (lab != self.ignore_index) & ((lab < 0) | (lab >= num_classes))
+                if bad.any():
+                    raise ValueError(f"label file {str(lpath)!r} holds class id {int(lab[bad].max())} but {source}; "
+                                     f"expected class ids in [0, {num_classes}) or {self.ignore_index} (ignored)")
+        return num_classes
+
+
+SPLIT_SUBSETS = ("train", "validation", "test")
+
+
+def load_split(path, folder=None) -> dict:
+    """Read a split of a folder's ids: a JSON object ``{"train": [ids], "validation": [ids], "test": [ids]}``.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The JSON file. Missing subsets are empty; no id may appear twice.
+    folder : str or os.PathLike, optional
+        When given, every id must name a pair in this folder (only file names are looked at).
+
+    Returns
+    -------
+    dict
+        ``{"train": [...], "validation": [...], "test": [...]}``, ids as str, in file order.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the file does not exist.
+    ValueError
+        If the file is not such a JSON object, repeats an id, or names ids not in ``folder``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"split file {str(path)!r} does not exist")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"split file {str(path)!r} is not valid JSON ({exc}); expected an object "
+                         '{"train": [ids], "validation": [ids], "test": [ids]}') from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"split file {str(path)!r} holds a JSON {type(data).__name__}; expected an object "
+                         '{"train": [ids], "validation": [ids], "test": [ids]}')
+    unknown = sorted(set(data) - set(SPLIT_SUBSETS))
+    if unknown:
+        raise ValueError(f"split file {str(path)!r} has key(s) {', '.join(map(repr, unknown))}; expected only "
+                         f"{', '.join(map(repr, SPLIT_SUBSETS))}")
+    split, seen = {}, {}
+    for subset in SPLIT_SUBSETS:
+        ids = data.get(subset, [])
+        if not isinstance(ids, list) or not all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in ids):
+            raise ValueError(f"split file {str(path)!r}: {subset!r} must be a list of ids (strings); got "
+                             f"{json.dumps(ids)[:80]}")
+        ids = [str(x) for x in ids]
+        for x in ids:
+            if x in seen:
+                where = "twice" if seen[x] == subset else f"in both {seen[x]!r} and {subset!r}"
+                raise ValueError(f"split file {str(path)!r} names id {x!r} {where}; each id belongs to one subset")
+            seen[x] = subset
+        split[subset] = ids
+    if folder is not None:
+        have = set(_pair_ids(Path(folder)))
+        for subset in SPLIT_SUBSETS:
+            missing = [x for x in split[subset] if x not in have]
+            if missing:
+                more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+                raise ValueError(f"split file {str(path)!r}: {subset!r} names id(s) "
+                                 f"{', '.join(map(repr, missing[:5]))}{more} with no <id>_image.png / "
+                                 f"<id>_label.png pair in {str(folder)!r}")
+    return split
 
 
 def _area_downsample(x: np.ndarray, factor: int) -> np.ndarray:

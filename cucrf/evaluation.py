@@ -13,11 +13,16 @@ A *method* turns a unary and an image into a label map:
 ``convcrf:KxB``     the same with ``filter_size=K``, ``blur=B``
 ==================  ===========================================================================
 
+A cucrf method can also carry its own parameters (and feature transform) under a name of its
+own, e.g. the output of ``cucrf fit``; :func:`named_methods` adds one such row per parameter
+set, so several parameter files compare in one table.
+
 All CRFs run ``iterations`` (default 5) mean-field iterations on the CPU (NumPy) and are timed
 per image (the CRF call only; making or loading the unary is not counted). The unary is either
 the paper's synthetic one (:func:`cucrf.datasets.synthetic_unary`: the label downsampled 8x,
 20 % of the cells replaced by random classes, upsampled; log-probabilities, seed ``seed + i``
-for the ``i``-th image of a set in sorted order) or per-image logits from files. Every method
+for the ``i``-th image of the set's folder in sorted order, also when only some of its images
+are scored) or per-image logits from files. Every method
 sees the same unary: cucrf and ConvCRF as logits, DenseCRF as ``log_softmax`` of it.
 
 Scores are accumulated over the set (one confusion matrix over all its images, label 255
@@ -43,7 +48,7 @@ import numpy as np
 from . import metrics
 
 __all__ = [
-    "KNOWN_SETS", "Method", "parse_methods", "run_method", "MethodScore", "SetResult",
+    "KNOWN_SETS", "Method", "parse_methods", "named_methods", "run_method", "MethodScore", "SetResult",
     "make_unary", "evaluate_samples", "evaluate", "find_sets", "format_table", "write_csv",
 ]
 
@@ -60,14 +65,32 @@ _DEFAULT_WINDOWS = {"cucrf": None, "convcrf": (11, 4)}
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """One way of turning a unary into labels: ``kind`` and, for cucrf / convcrf, the window."""
+    """One way of turning a unary into labels.
+
+    Attributes
+    ----------
+    kind : {"unary", "cucrf", "densecrf", "convcrf"}
+    filter_size, blur : int or None
+        The window of cucrf / convcrf.
+    label : str or None
+        The row's name in tables (default ``kind`` or ``kind:KxB``).
+    params : CRFParams or None
+        cucrf only: parameters of this row; None uses those given to :func:`run_method`.
+    feature_transform : dict or None
+        cucrf only: the feature transform of this row (as :func:`cucrf.infer` takes it).
+    """
 
     kind: str
     filter_size: Optional[int] = None
     blur: Optional[int] = None
+    label: Optional[str] = None
+    params: object = dataclasses.field(default=None, compare=False, repr=False)
+    feature_transform: object = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def name(self) -> str:
+        if self.label is not None:
+            return self.label
         if self.filter_size is None:
             return self.kind
         return f"{self.kind}:{self.filter_size}x{self.blur}"
@@ -119,13 +142,61 @@ def parse_methods(spec) -> List[Method]:
     return out
 
 
+_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_.+-]*")
+
+
+def named_methods(methods, named) -> List[Method]:
+    """Add a cucrf row per named parameter set.
+
+    Parameters
+    ----------
+    methods : list of Method
+        The rows so far (e.g. from :func:`parse_methods`).
+    named : dict
+        ``{NAME: (params, feature_transform)}`` in the order wanted; ``params`` a
+        :class:`cucrf.CRFParams`, ``feature_transform`` None or what :func:`cucrf.infer` takes.
+
+    Returns
+    -------
+    list of Method
+        ``methods`` followed by, for each NAME, the cucrf method with those parameters at each
+        cucrf window of ``methods`` (cucrf's default window when there is none). The row is
+        called NAME, or ``NAME:KxB`` when ``methods`` hold several cucrf windows.
+
+    Raises
+    ------
+    ValueError
+        If a NAME is not a plain identifier (letters, digits, ``_.+-``) or is already a row's name.
+    """
+    out = list(methods)
+    windows = [(m.filter_size, m.blur) for m in out if m.kind == "cucrf" and m.params is None]
+    windows = list(dict.fromkeys(windows))
+    if not windows:
+        from ._api import DEFAULT_BLUR, DEFAULT_FILTER_SIZE
+
+        windows = [(DEFAULT_FILTER_SIZE, DEFAULT_BLUR)]
+    taken = {m.name.lower() for m in out} | set(_KINDS)
+    for name, (params, transform) in named.items():
+        if not isinstance(name, str) or not _NAME_PATTERN.fullmatch(name):
+            raise ValueError(f"parameter set name {name!r} must start with a letter or '_' and hold only letters, "
+                             "digits and _.+-")
+        for k, b in windows:
+            label = name if len(windows) == 1 else f"{name}:{k}x{b}"
+            if label.lower() in taken or name.lower() in _KINDS:
+                raise ValueError(f"parameter set name {name!r} is already a method's name; choose another")
+            taken.add(label.lower())
+            out.append(Method("cucrf", k, b, label=label, params=params, feature_transform=transform))
+    return out
+
+
 def _log_softmax(u):
     u = np.asarray(u, dtype=np.float32)
     s = u - u.max(axis=0, keepdims=True)
     return s - np.log(np.exp(s).sum(axis=0, keepdims=True))
 
 
-def run_method(method: Method, unary, image, *, params=None, iterations: int = 5):
+def run_method(method: Method, unary, image, *, params=None, iterations: int = 5, feature_transform=None,
+               include_self: bool = False):
     """Apply one method to one image.
 
     Parameters
@@ -136,9 +207,14 @@ def run_method(method: Method, unary, image, *, params=None, iterations: int = 5
     image : numpy.ndarray, shape (H, W, F)
         The image (DenseCRF needs RGB uint8).
     params : CRFParams, optional
-        cucrf's parameters (cucrf methods only).
+        cucrf's parameters (cucrf methods without parameters of their own).
     iterations : int
         Mean-field iterations.
+    feature_transform : optional
+        cucrf's feature transform (cucrf methods without parameters of their own; a method with
+        its own parameters uses its own ``feature_transform``).
+    include_self : bool
+        cucrf methods: keep the centre of the window (see :func:`cucrf.infer`).
 
     Returns
     -------
@@ -153,8 +229,12 @@ def run_method(method: Method, unary, image, *, params=None, iterations: int = 5
     if method.kind == "cucrf":
         from ._api import infer
 
+        if method.params is not None:
+            params, feature_transform = method.params, method.feature_transform
+        extra = {"include_self": True} if include_self else {}
         start = time.perf_counter()
-        q = infer(unary, image, params, filter_size=method.filter_size, blur=method.blur, iterations=iterations)
+        q = infer(unary, image, params, filter_size=method.filter_size, blur=method.blur, iterations=iterations,
+                  feature_transform=feature_transform, **extra)
         labels = q.argmax(axis=0)
         return labels.astype(np.int64), time.perf_counter() - start
     if method.kind == "densecrf":
@@ -243,33 +323,46 @@ def make_unary(sample, index: int, num_classes: int, unaries: str = "synthetic",
 
 def evaluate_samples(samples, num_classes: int, methods, *, name: str = "data", unaries: str = "synthetic",
                      seed: int = 0, downsample: int = 8, replace_prob: float = 0.2, params=None,
-                     iterations: int = 5, progress: bool = False, on_prediction=None) -> SetResult:
-    """Score every method on a list of :class:`cucrf.datasets.Sample`.
+                     iterations: int = 5, progress: bool = False, on_prediction=None, feature_transform=None,
+                     include_self: bool = False) -> SetResult:
+    """Score every method on a sequence of :class:`cucrf.datasets.Sample`.
 
     Parameters
     ----------
-    samples : list of Sample
+    samples : sequence of Sample
+        A list, or a :class:`cucrf.datasets.PairDataset` (read one pair at a time).
     num_classes : int
     methods : str or list of Method
     name, unaries : str
         Labels of the result (``unaries`` = ``'synthetic'`` makes the paper's synthetic unaries;
         anything else uses ``sample.unary``).
     seed, downsample, replace_prob
-        The synthetic protocol (seed ``seed + i`` for the ``i``-th sample).
+        The synthetic protocol: seed ``seed + sample.index`` when the sample knows its position
+        in its folder (:class:`~cucrf.datasets.PairDataset`), else ``seed + i`` for the ``i``-th
+        sample.
     params : CRFParams, optional
-        Parameters of the cucrf methods.
+        Parameters of the cucrf methods that have none of their own.
     iterations : int
     progress : bool
         Show a tqdm progress bar on stderr.
     on_prediction : callable, optional
         Called as ``on_prediction(index, sample, unary, method, labels)`` after every method on
         every image (e.g. to keep example outputs).
+    feature_transform : optional
+        Feature transform of the cucrf methods that have no parameters of their own.
+    include_self : bool
+        cucrf methods: keep the centre of the window.
+
+    Returns
+    -------
+    SetResult
     """
     methods = parse_methods(methods) if isinstance(methods, str) else list(methods)
     if not samples:
         raise ValueError(f"set {name!r} holds no images")
     scores = {m.name: MethodScore(m.name, np.zeros((num_classes, num_classes), dtype=np.int64)) for m in methods}
     bar = None
+    names = []
     if progress:
         from tqdm import tqdm
 
@@ -277,13 +370,16 @@ def evaluate_samples(samples, num_classes: int, methods, *, name: str = "data", 
                    dynamic_ncols=True, leave=False)
     try:
         for i, sample in enumerate(samples):
-            unary = make_unary(sample, i, num_classes, unaries, seed=seed, downsample=downsample,
-                               replace_prob=replace_prob)
+            names.append(sample.name)
+            position = getattr(sample, "index", None)
+            unary = make_unary(sample, i if position is None else position, num_classes, unaries, seed=seed,
+                               downsample=downsample, replace_prob=replace_prob)
             for m in methods:
                 if bar is not None:
                     bar.set_postfix_str(f"{sample.name} {m.name}", refresh=False)
                 try:
-                    labels, seconds = run_method(m, unary, sample.image, params=params, iterations=iterations)
+                    labels, seconds = run_method(m, unary, sample.image, params=params, iterations=iterations,
+                                                 feature_transform=feature_transform, include_self=include_self)
                 except (ValueError, TypeError) as exc:
                     raise type(exc)(f"{name}/{sample.name}, {m.name}: {exc}") from exc
                 s = scores[m.name]
@@ -297,7 +393,7 @@ def evaluate_samples(samples, num_classes: int, methods, *, name: str = "data", 
     finally:
         if bar is not None:
             bar.close()
-    return SetResult(name, unaries, num_classes, [s.name for s in samples], scores,
+    return SetResult(name, unaries, num_classes, names, scores,
                      seed if unaries == "synthetic" else None)
 
 
@@ -339,37 +435,70 @@ def _num_classes(name, samples, given, unaries):
         return KNOWN_SETS[name]
     if unaries != "synthetic":
         return int(samples[0].unary.shape[0])
-    largest = max(int(s.label[s.label != 255].max(initial=0)) for s in samples)
+    labels = samples.labels if hasattr(samples, "labels") else [s.label for s in samples]
+    largest = max(int(lab[lab != 255].max(initial=0)) for lab in labels)
     return max(largest + 1, 2)
 
 
 def evaluate(data, sets=None, methods="unary,cucrf,densecrf", *, unaries="synthetic", unary_dir=None,
              num_classes=None, max_images=None, seed=0, downsample=8, replace_prob=0.2, params=None,
-             iterations=5, progress=False, on_prediction=None) -> List[SetResult]:
+             iterations=5, progress=False, on_prediction=None, names=None, feature_transform=None,
+             include_self=False) -> List[SetResult]:
     """Evaluate methods on every set of a data folder (see :func:`find_sets`).
 
-    ``unaries='synthetic'`` uses the paper's synthetic unaries; any other name ``NAME`` loads
-    ``<unary_dir>/<id>_NAME.npz`` (``unary_dir`` defaults to ``<data>/unaries``). ``max_images``
-    keeps the first N images of each set (sorted by id).
+    Parameters
+    ----------
+    data : str or os.PathLike
+        A folder of pairs, or of sets (see :func:`find_sets`).
+    sets : list of str, optional
+        Subfolders of ``data`` to evaluate.
+    methods : str or list of Method
+    unaries : str
+        ``'synthetic'`` uses the paper's synthetic unaries; any other name ``NAME`` loads
+        ``<unary_dir>/<id>_NAME.npz``.
+    unary_dir : str or os.PathLike, optional
+        Default ``<data>/unaries``.
+    num_classes : int, optional
+        Default: :data:`KNOWN_SETS` by folder name, else the unaries' class count, else the
+        largest label + 1.
+    max_images : int, optional
+        Keep the first N images of each set (sorted by id, or in the order of ``names``).
+    seed, downsample, replace_prob, params, iterations, progress, on_prediction,
+    feature_transform, include_self
+        As for :func:`evaluate_samples`.
+    names : list of str, optional
+        Score only these ids (e.g. one subset of a split); needs a single set.
+
+    Returns
+    -------
+    list of SetResult
+        One per set. Images are read one at a time (:class:`cucrf.datasets.PairDataset`).
     """
-    from .datasets import load_pairs
+    from .datasets import PairDataset
 
     methods = parse_methods(methods) if isinstance(methods, str) else list(methods)
+    folders = find_sets(data, sets)
+    if names is not None and len(folders) != 1:
+        raise ValueError(f"names selects images of one set, but {len(folders)} sets are evaluated "
+                         f"({', '.join(f.name for f in folders)}); name a single set")
     results = []
-    for folder in find_sets(data, sets):
+    for folder in folders:
         kwargs = {}
         if unaries != "synthetic":
             udir = Path(unary_dir) if unary_dir is not None else Path(data) / "unaries"
             kwargs = dict(unary_dir=udir, unary_pattern="{name}_" + unaries + ".npz")
-        names = None
+        ids = list(names) if names is not None else None
         if max_images is not None:
-            names = sorted(f[:-len("_image.png")] for f in os.listdir(folder) if f.endswith("_image.png"))[:max_images]
-        samples = load_pairs(folder, names=names, **kwargs)
+            if ids is None:
+                ids = sorted(f[:-len("_image.png")] for f in os.listdir(folder) if f.endswith("_image.png"))
+            ids = ids[:max_images]
+        samples = PairDataset(folder, names=ids, **kwargs)
         name = folder.name
         c = _num_classes(name, samples, num_classes, unaries)
         results.append(evaluate_samples(samples, c, methods, name=name, unaries=unaries, seed=seed,
                                         downsample=downsample, replace_prob=replace_prob, params=params,
-                                        iterations=iterations, progress=progress, on_prediction=on_prediction))
+                                        iterations=iterations, progress=progress, on_prediction=on_prediction,
+                                        feature_transform=feature_transform, include_self=include_self))
     return results
 
 
@@ -382,18 +511,20 @@ def format_table(results: Sequence[SetResult], per_class: bool = False) -> str:
     lines = []
     for r in results:
         unary = r.scores.get("unary")
+        width = max([14] + [len(m) + 2 for m in r.scores])
         what = (f"synthetic unaries, seed {r.seed}" if r.unaries == "synthetic" else f"unaries {r.unaries}")
         lines.append(f"{r.name}: {len(r.images)} images, {r.num_classes} classes, {what}")
-        lines.append(f"  {'method':<14}{'pixel acc %':>12}{'mIoU %':>9}{'mIoU(gt) %':>12}{'gain':>8}{'s/image':>10}")
+        lines.append(f"  {'method':<{width}}{'pixel acc %':>12}{'mIoU %':>9}{'mIoU(gt) %':>12}{'gain':>8}"
+                     f"{'s/image':>10}")
         for s in r.scores.values():
             gain = "" if unary is None else f"{100 * (s.miou - unary.miou):+.2f}"
             sec = "-" if s.method == "unary" else f"{s.seconds_per_image:.3f}"
-            lines.append(f"  {s.method:<14}{_pct(s.accuracy):>12}{_pct(s.miou):>9}{_pct(s.miou_gt):>12}"
+            lines.append(f"  {s.method:<{width}}{_pct(s.accuracy):>12}{_pct(s.miou):>9}{_pct(s.miou_gt):>12}"
                          f"{gain:>8}{sec:>10}")
         if per_class:
-            lines.append(f"  {'IoU % / class':<14}" + "".join(f"{c:>6}" for c in range(r.num_classes)))
+            lines.append(f"  {'IoU % / class':<{width}}" + "".join(f"{c:>6}" for c in range(r.num_classes)))
             for s in r.scores.values():
-                lines.append(f"  {s.method:<14}" + "".join(
+                lines.append(f"  {s.method:<{width}}" + "".join(
                     f"{100 * v:>6.1f}" if math.isfinite(v) else f"{'-':>6}" for v in s.per_class_iou))
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"

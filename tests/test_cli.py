@@ -1,6 +1,8 @@
 """End-to-end tests of the ``cucrf`` command line (cucrf.cli), plus cucrf.palette and the demo scene."""
 
+import inspect
 import json
+import logging
 import os
 import re
 import subprocess
@@ -251,6 +253,9 @@ def bad_files(tmp_path, pair):
         "corrupt": tmp_path / "corrupt.npy",
         "small_label": tmp_path / "small_label.png",
         "big_label": tmp_path / "big_label.png",
+        "ft4": tmp_path / "ft4.json",
+        "ft_bad": tmp_path / "ft_bad.json",
+        "ft_list": tmp_path / "ft_list.json",
     }
     np.save(files["short"], logits[:, :40])
     np.save(files["hwc"], np.moveaxis(logits, 0, -1))
@@ -258,6 +263,9 @@ def bad_files(tmp_path, pair):
     files["corrupt"].write_bytes(b"not a numpy file")
     iio.imwrite(files["small_label"], np.zeros((10, 10), np.uint8))
     iio.imwrite(files["big_label"], np.full((H, W), 7, np.uint8))
+    files["ft4"].write_text(json.dumps({"matrix": np.eye(4).tolist(), "offset": [0, 0, 0, 0]}))
+    files["ft_bad"].write_text('{"matrix": [[1, 0, 0]')
+    files["ft_list"].write_text("[[1, 0, 0]]")
     return {**p, **{k: str(v) for k, v in files.items()}, "out": str(tmp_path / "o.png")}
 
 
@@ -282,6 +290,15 @@ ERROR_CASES = {
     "label kind": (["refine", "{image}", "-u", "{label}", "-o", "{out}", "--unary-kind", "logits"], "label map"),
     "label size": (["refine", "{image}", "-u", "{small_label}", "-o", "{out}"], "label map"),
     "num classes": (["refine", "{image}", "-u", "{npy}", "-o", "{out}", "--num-classes", "3"], "classes"),
+    "transform missing": (["refine", "{image}", "-u", "{npy}", "-o", "{out}", "--feature-transform", "nope.json"],
+                          "--feature-transform 'nope.json': the file does not exist; expected the "
+                          "feature_transform.json that 'cucrf fit' writes"),
+    "transform JSON": (["refine", "{image}", "-u", "{npy}", "-o", "{out}", "--feature-transform", "{ft_bad}"],
+                       "ft_bad.json': not valid JSON"),
+    "transform list": (["refine", "{image}", "-u", "{npy}", "-o", "{out}", "--feature-transform", "{ft_list}"],
+                       "ft_list.json': holds a JSON list; expected the feature_transform.json"),
+    "transform channels": (["refine", "{image}", "-u", "{npy}", "-o", "{out}", "--feature-transform", "{ft4}"],
+                           "the matrix is 4x4, for images with 4 channels, but image"),
     "demo half pair": (["demo", "--image", "{image}"], "together"),
     "demo size": (["demo", "--image", "{image}", "--label", "{small_label}", "--out", "{out}"], "same size"),
     "demo num classes": (["demo", "--image", "{image}", "--label", "{big_label}", "--num-classes", "3",
@@ -366,3 +383,346 @@ def test_demo_scene_is_deterministic():
     means = np.array([image[label == c].mean(axis=0) for c in range(len(names))])
     dist = np.linalg.norm(means[:, None] - means[None], axis=-1)
     assert dist[~np.eye(len(names), dtype=bool)].min() > 10
+
+
+# -- refine: feature transform, include_self -------------------------------------------------------
+
+
+def test_refine_feature_transform_and_include_self(tmp_path, capsys, pair):
+    image, _, logits, p = pair
+    transform = {"matrix": [[1.0, 0.0, 0.0], [0.0, 0.5, 0.5]], "offset": [0.0, 4.0]}
+    ft = tmp_path / "feature_transform.json"
+    ft.write_text(json.dumps(transform))
+    params = cucrf.CRFParams(theta_beta=(15.0, 15.0))
+    params.to_json(tmp_path / "params.json")
+    run_ok(["refine", p["image"], "-u", p["npy"], "-o", str(tmp_path / "r.png"), "--filter-size", "5",
+            "--params", str(tmp_path / "params.json"), "--feature-transform", str(ft), "--include-self",
+            "--save-probabilities"], capsys)
+    expected = cucrf.infer(logits, image, params, filter_size=5, feature_transform=transform, include_self=True)
+    np.testing.assert_allclose(np.load(tmp_path / "r.npy"), expected, atol=1e-6)
+    without = cucrf.infer(logits, image, params, filter_size=5, feature_transform=transform)
+    assert not np.allclose(expected, without, atol=1e-4)  # include_self made a difference
+
+
+# -- fit --------------------------------------------------------------------------------------------
+
+FIT_H, FIT_W, FIT_C = 16, 20, 3
+FIT_OPTS = ["--filter-size", "3", "--blur", "2", "--iterations", "2"]
+
+
+def _fit_scene(seed):
+    rng = np.random.default_rng(seed)
+    label = np.zeros((FIT_H, FIT_W), np.uint8)
+    y, x = rng.integers(2, 6), rng.integers(2, 8)
+    label[y:y + 8, x:x + 9] = 1
+    label[:, -4:] = 2
+    colours = np.array([[20, 30, 40], [200, 60, 50], [40, 180, 90]])
+    image = np.clip(colours[label] + rng.normal(0, 6, (FIT_H, FIT_W, 3)), 0, 255).astype(np.uint8)
+    return image, label
+
+
+@pytest.fixture
+def fit_data(tmp_path):
+    """tmp/pairs with 8 tiny pairs (p0..p7), their logits in tmp/unaries, and a split file."""
+    folder, unaries = tmp_path / "pairs", tmp_path / "unaries"
+    folder.mkdir()
+    unaries.mkdir()
+    for n in range(8):
+        image, label = _fit_scene(n)
+        iio.imwrite(folder / f"p{n}_image.png", image)
+        iio.imwrite(folder / f"p{n}_label.png", label)
+        np.savez(unaries / f"p{n}_net.npz", logits=synthetic_unary(label, FIT_C, downsample=4, seed=n))
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": ["p0", "p1", "p2", "p3"], "validation": ["p4", "p5"],
+                                 "test": ["p6", "p7"]}))
+    return {"folder": str(folder), "unaries": str(unaries), "split": str(split), "out": str(tmp_path / "out"),
+            "tmp": tmp_path}
+
+
+def _history(scores, metric="miou"):
+    key = {"loss": "val_loss"}.get(metric, f"val_{metric}")
+    out = []
+    for e, s in enumerate(scores):
+        entry = {"epoch": e, "train_loss": 1.0 - 0.1 * e, "val_loss": 0.9 - 0.05 * e, "val_accuracy": 0.5,
+                 "val_miou": 0.4, "val_miou_gt": 0.45, "score": s, "lr": None if e == 0 else 0.02,
+                 "seconds": 0.1, "images": 0 if e == 0 else 4}
+        entry[key] = s
+        out.append(entry)
+    return out
+
+
+class FakeFit:
+    """Stands in for cucrf.fit: records what the command passes, reads one item, logs, returns a result."""
+
+    def __init__(self, scores=(0.40, 0.55, 0.50), best_epoch=1, improved=True, transform=True):
+        self.scores, self.best_epoch, self.improved, self.transform = scores, best_epoch, improved, transform
+        self.calls = []
+        self.__signature__ = inspect.signature(cucrf.fit)  # the command takes its defaults from fit's
+
+    def __call__(self, unaries, images, labels, params=None, **kwargs):
+        from cucrf import _fit
+
+        self.calls.append(dict(kwargs, unaries=unaries, images=images, labels=labels, params=params))
+        self.first = (unaries[0], images[0], labels[0])
+        logging.getLogger("cucrf.fit").info("resuming at epoch 2 from ck.npz (epochs 0-1 done)")
+        metric = kwargs.get("metric", "miou")
+        history = _history(self.scores, metric)
+        history[-1]["val_accuracy"] = float("nan")  # written as null
+        ft = _fit.FeatureTransform(np.eye(3) * 0.5, np.arange(3.0)) if self.transform else None
+        return _fit.FitResult(params or cucrf.CRFParams(appearance_weight=7.0), ft, history, self.best_epoch,
+                              improved=self.improved, metric=metric)
+
+
+def test_fit_streams_the_split_and_passes_options(fit_data, capsys, monkeypatch):
+    from cucrf import _fit, datasets
+
+    fake = FakeFit()
+    monkeypatch.setattr(_fit, "fit", fake)
+    reads = []
+    real_read = datasets._read_image
+    monkeypatch.setattr(datasets, "_read_image", lambda path: reads.append(path.name) or real_read(path))
+    # the test images are never read: corrupt them
+    for n in (6, 7):
+        (Path(fit_data["folder"]) / f"p{n}_image.png").write_bytes(b"never read")
+    out, err = run_ok(["fit", fit_data["folder"], "--synthetic", "--num-classes", "4", "--split", fit_data["split"],
+                       "--metric", "miou_gt", "--patience", "2", "--include-self", "--epochs", "2", "--no-progress",
+                       "--learn", "weights", "--seed", "5", "-o", fit_data["out"]] + FIT_OPTS, capsys)
+    call = fake.calls[0]
+    # lazy sequences, not lists; only the first training item was decoded (by the fit stand-in)
+    for key in ("unaries", "images", "labels"):
+        assert not isinstance(call[key], (list, tuple, np.ndarray)) and len(call[key]) == 4
+    assert reads == ["p0_image.png"]
+    val_u, val_i, val_l = call["validation"]
+    assert len(val_u) == len(val_i) == len(val_l) == 2
+    # synthetic unaries: --num-classes classes, seed = position in the folder
+    u0, i0, l0 = fake.first
+    np.testing.assert_array_equal(u0, synthetic_unary(l0, 4, seed=0))
+    np.testing.assert_array_equal(val_u[1], synthetic_unary(val_l[1], 4, seed=5))  # p5
+    assert i0.shape == (FIT_H, FIT_W, 3)
+    assert {k: call[k] for k in ("metric", "patience", "include_self", "num_classes", "epochs", "learn", "seed",
+                                 "filter_size", "blur", "iterations", "progress")} == dict(
+        metric="miou_gt", patience=2, include_self=True, num_classes=4, epochs=2, learn=["weights"], seed=5,
+        filter_size=3, blur=2, iterations=2, progress=False)
+    assert "val_fraction" not in call  # the split's validation images are used
+    assert "4 training images" in out and "validating on 2 images" in out
+    assert "resuming at epoch 2" in err  # fit's log reaches stderr, also with --no-progress
+
+    # without a split: every pair trains, --val-fraction passes through ('auto' too); unaries from files
+    fake.calls.clear()
+    run_ok(["fit", fit_data["folder"], "--unary-dir", fit_data["unaries"], "--unary-pattern", "{name}_net.npz",
+            "--val-fraction", "0.25", "--no-progress", "--max-images", "5", "--patience", "none",
+            "-o", fit_data["out"]], capsys)
+    call = fake.calls[-1]
+    assert len(call["unaries"]) == 5 and call["val_fraction"] == 0.25 and call["patience"] is None
+    assert call["num_classes"] == FIT_C and "validation" not in call and call["include_self"] is False
+    np.testing.assert_array_equal(fake.first[0], np.load(Path(fit_data["unaries"]) / "p0_net.npz")["logits"])
+    run_ok(["fit", fit_data["folder"], "--unary-dir", fit_data["unaries"], "--unary-pattern", "{name}_net.npz",
+            "--val-fraction", "auto", "--no-progress", "--max-images", "6", "-o", fit_data["out"]], capsys)
+    # options not given take cucrf.fit's defaults
+    defaults = {k: v.default for k, v in inspect.signature(cucrf.fit).parameters.items()}
+    call = fake.calls[-1]
+    assert call["val_fraction"] == "auto"
+    for key in ("metric", "patience", "epochs", "lr", "batch_size", "seed"):
+        assert call[key] == defaults[key], key
+    assert tuple(call["learn"]) == tuple(defaults["learn"])
+
+
+def test_fit_outputs_and_summary(fit_data, capsys, monkeypatch):
+    from cucrf import _fit
+
+    monkeypatch.setattr(_fit, "fit", FakeFit())
+    out_dir = Path(fit_data["out"])
+    out, err = run_ok(["fit", fit_data["folder"], "--synthetic", "--num-classes", "3", "--no-progress",
+                       "-o", str(out_dir)], capsys)
+    assert cucrf.CRFParams.from_json(out_dir / "params.json") == cucrf.CRFParams(appearance_weight=7.0)
+    history = json.loads((out_dir / "history.json").read_text())  # strict JSON: NaN became null
+    assert [h["epoch"] for h in history] == [0, 1, 2] and history[-1]["val_accuracy"] is None
+    ft = json.loads((out_dir / "feature_transform.json").read_text())
+    assert ft == {"matrix": (np.eye(3) * 0.5).tolist(), "offset": [0.0, 1.0, 2.0]}
+    assert "fitting beat the start: best epoch 1 of 2, validation mIoU 40.00% -> 55.00%" in out
+    written = "params.json feature_transform.json history.json"
+    try:
+        import matplotlib  # noqa: F401
+
+        assert (out_dir / "training_curve.png").is_file()
+        written += " training_curve.png"
+    except ImportError:
+        pass
+    assert f"wrote {written} to" in out
+
+    # no epoch beat the start: said so; no transform learned, none written
+    monkeypatch.setattr(_fit, "fit", FakeFit(scores=(0.9, 0.7), best_epoch=0, improved=False, transform=False))
+    other = out_dir.parent / "other"
+    out, _ = run_ok(["fit", fit_data["folder"], "--synthetic", "--num-classes", "3", "--no-progress",
+                     "--metric", "loss", "-o", str(other)], capsys)
+    assert ("fitting did not beat the start: no epoch of 1 improved the validation loss (0.9000); params.json "
+            "holds the starting parameters") in out
+    assert not (other / "feature_transform.json").exists()
+
+
+def test_fit_logging_is_restored(fit_data, capsys, monkeypatch):
+    from cucrf import _fit
+
+    monkeypatch.setattr(_fit, "fit", FakeFit())
+    logger = logging.getLogger("cucrf.fit")
+    before = (list(logger.handlers), logger.level, logger.propagate)
+    _, err = run_ok(["fit", fit_data["folder"], "--synthetic", "--num-classes", "3", "-o", fit_data["out"]], capsys)
+    assert err.count("resuming at epoch 2") == 1  # once, with the progress bars on
+    assert (list(logger.handlers), logger.level, logger.propagate) == before
+
+
+def test_training_curve_figure():
+    pytest.importorskip("matplotlib")
+    from cucrf.cli import _training_curve_figure
+
+    history = _history([0.4, 0.6, 0.5, 0.45])
+    fig = _training_curve_figure(history, "miou", 1)
+    loss_ax, metric_ax = fig.axes[:2]
+    labels = [line.get_label() for line in loss_ax.get_lines()]
+    assert "training loss" in labels and "validation loss" in labels
+    metric_lines = {line.get_label(): line for line in metric_ax.get_lines()}
+    np.testing.assert_allclose(metric_lines["validation mIoU (selection metric)"].get_ydata(), [40, 60, 50, 45])
+    for ax in (loss_ax, metric_ax):  # the best epoch: a vertical line in each panel
+        best = [line for line in ax.get_lines() if line.get_label().startswith("best epoch")]
+        assert len(best) == 1 and list(best[0].get_xdata()) == [1, 1]
+    star = [line for line in metric_ax.get_lines() if line.get_marker() == "*"]
+    assert len(star) == 1 and list(star[0].get_xdata()) == [1] and list(star[0].get_ydata()) == [60]
+    fig.canvas.draw()
+    ticks = [t for t in metric_ax.get_xticks() if metric_ax.get_xlim()[0] <= t <= metric_ax.get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    # the metric 'loss' plots the validation loss; without validation, whatever fit scored
+    fig = _training_curve_figure(_history([0.9, 0.8], "loss"), "loss", 1)
+    assert "validation loss" in fig.axes[1].get_ylabel()
+    plt.close(fig)
+
+
+def test_training_curve_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    from cucrf.cli import _plot_history
+
+    assert _plot_history(_history([0.4, 0.5]), tmp_path / "c.png", "accuracy", 1)
+    assert iio.imread(tmp_path / "c.png").ndim == 3
+
+
+def _fit_error_files(d):
+    tmp = d["tmp"]
+    files = dict(d)
+    for name, content in {
+        "no_train": {"validation": ["p0"]},
+        "bad_ids": {"train": ["p0", "p99"]},
+        "bad_json": "{oops",
+    }.items():
+        path = tmp / f"{name}.json"
+        path.write_text(content if isinstance(content, str) else json.dumps(content))
+        files[name] = str(path)
+    big = tmp / "big"
+    big.mkdir()
+    for n in range(2):
+        image, label = _fit_scene(n)
+        label[3, 3] = 5 if n == 1 else label[3, 3]
+        iio.imwrite(big / f"q{n}_image.png", image)
+        iio.imwrite(big / f"q{n}_label.png", label)
+    files["big"] = str(big)
+    two = tmp / "two"
+    two.mkdir()
+    np.savez(two / "p0.npz", logits=np.zeros((2, FIT_H, FIT_W), np.float32))
+    files["two"] = str(two)
+    return files
+
+
+FIT_ERRORS = {
+    "synthetic without num-classes": (["{folder}", "--synthetic"], 2,
+                                      r"--synthetic needs --num-classes C: the labels alone do not fix"),
+    "label id >= num-classes": (["{big}", "--synthetic", "--num-classes", "4"], 1,
+                                r"label file '.*q1_label.png' holds class id 5 but --num-classes is 4; expected class "
+                                r"ids in \[0, 4\) or 255"),
+    "label id >= unary classes": (["{folder}", "--unary-dir", "{unaries}", "--unary-pattern", "{{name}}_net.npz",
+                                   "--num-classes", "2"], 1,
+                                  r"unary file '.*p0_net.npz' has 3 classes but --num-classes is 2"),
+    "num-classes 1": (["{folder}", "--synthetic", "--num-classes", "1"], 2, r"--num-classes: expected a number of "
+                                                                             r"classes >= 2, got 1"),
+    "both unary sources": (["{folder}", "--synthetic", "--num-classes", "3", "--unary-dir", "{unaries}"], 2,
+                           r"give either --unary-dir or --synthetic"),
+    "missing unary": (["{folder}", "--unary-dir", "{two}"], 1, r"no unary for 'p1': '.*two/p1.npz' does not exist"),
+    "missing folder": (["nope", "--synthetic", "--num-classes", "3"], 1, r"training folder 'nope' does not exist"),
+    "split missing": (["{folder}", "--synthetic", "--num-classes", "3", "--split", "nope.json"], 1,
+                      r"--split: split file 'nope.json' does not exist"),
+    "split malformed": (["{folder}", "--synthetic", "--num-classes", "3", "--split", "{bad_json}"], 1,
+                        r"--split: split file '.*bad_json.json' is not valid JSON"),
+    "split ids": (["{folder}", "--synthetic", "--num-classes", "3", "--split", "{bad_ids}"], 1,
+                  r"--split: .*'train' names id\(s\) 'p99' with no <id>_image.png / <id>_label.png pair"),
+    "split no train": (["{folder}", "--synthetic", "--num-classes", "3", "--split", "{no_train}"], 1,
+                       r"--split '.*no_train.json' names no 'train' ids"),
+    "split and val-fraction": (["{folder}", "--synthetic", "--num-classes", "3", "--split", "{split}",
+                                "--val-fraction", "0.2"], 2, r"names validation images, so --val-fraction 0.2"),
+    "val-fraction": (["{folder}", "--synthetic", "--num-classes", "3", "--val-fraction", "1"], 2,
+                     r"--val-fraction: expected 'auto' or a number in \[0, 1\), got 1.0"),
+    "val-fraction text": (["{folder}", "--synthetic", "--num-classes", "3", "--val-fraction", "most"], 2,
+                          r"--val-fraction: expected 'auto' or a number in \[0, 1\), got 'most'"),
+    "patience": (["{folder}", "--synthetic", "--num-classes", "3", "--patience", "0"], 2,
+                 r"--patience: expected an integer >= 1 or 'none', got 0"),
+    "metric": (["{folder}", "--synthetic", "--num-classes", "3", "--metric", "f1"], 2, r"--metric: invalid choice"),
+    "learn": (["{folder}", "--synthetic", "--num-classes", "3", "--learn", "weights,colour"], 2, r"--learn"),
+    "resume without checkpoint": (["{folder}", "--synthetic", "--num-classes", "3", "--resume"], 2,
+                                  r"--resume needs --checkpoint"),
+    "params": (["{folder}", "--synthetic", "--num-classes", "3", "--params", "nope.json"], 1,
+               r"--params 'nope.json': cannot read CRF parameters"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FIT_ERRORS))
+def test_fit_bad_input(case, fit_data, capsys, monkeypatch):
+    from cucrf import _fit
+
+    fake = FakeFit()
+    monkeypatch.setattr(_fit, "fit", fake)
+    monkeypatch.chdir(fit_data["tmp"])
+    files = _fit_error_files(fit_data)
+    template, status, match = FIT_ERRORS[case]
+    rc = main(["fit"] + [a.format(**files) for a in template] + ["--no-progress", "-o", fit_data["out"]])
+    out, err = capsys.readouterr()
+    assert rc == status, err
+    assert "Traceback" not in err and not fake.calls  # nothing was fitted
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cucrf: error: "), err
+    assert re.search(match, lines[0]), lines[0]
+
+
+def test_fit_end_to_end_then_refine_and_eval(fit_data, capsys):
+    out_dir = Path(fit_data["out"])
+    ckpt = fit_data["tmp"] / "ck.npz"
+    argv = ["fit", fit_data["folder"], "--synthetic", "--num-classes", "3", "--split", fit_data["split"],
+            "--epochs", "1", "--learn", "weights,unary_weight,feature_transform", "--no-progress",
+            "--checkpoint", str(ckpt), "-o", str(out_dir)] + FIT_OPTS
+    out, err = run_ok(argv, capsys)
+    assert re.search(r"^fitting (beat|did not beat) the start", out, re.M), out
+    assert "epoch 1" in err  # the per-epoch summary, logged
+    history = json.loads((out_dir / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [0, 1]
+    assert {"train_loss", "val_loss", "val_accuracy", "val_miou", "val_miou_gt", "score"} <= set(history[0])
+    params = cucrf.CRFParams.from_json(out_dir / "params.json")
+    # run again from the finished checkpoint: fit says where it resumes
+    _, err = run_ok(argv + ["--resume"], capsys)
+    assert "resuming at epoch 2" in err
+
+    image, label = _fit_scene(6)  # a test image
+    folder = Path(fit_data["folder"])
+    u = synthetic_unary(label, 3, downsample=4, seed=0)
+    np.save(fit_data["tmp"] / "u.npy", u)
+    ft_path = out_dir / "feature_transform.json"
+    transform = json.loads(ft_path.read_text()) if ft_path.exists() else None
+    argv = ["refine", str(folder / "p6_image.png"), "-u", str(fit_data["tmp"] / "u.npy"), "-o",
+            str(fit_data["tmp"] / "r.png"), "--params", str(out_dir / "params.json"), "--save-probabilities"]
+    argv += ["--feature-transform", str(ft_path)] if transform is not None else []
+    run_ok(argv + FIT_OPTS, capsys)
+    expected = cucrf.infer(u, image, params, filter_size=3, blur=2, iterations=2, feature_transform=transform)
+    np.testing.assert_allclose(np.load(fit_data["tmp"] / "r.npy"), expected, atol=1e-5)
+
+    argv = ["eval", "--data", fit_data["folder"], "--methods", "unary,cucrf:3x2", "--params",
+            f"fitted={out_dir / 'params.json'}", "--split", fit_data["split"], "--no-progress", "--iterations", "2"]
+    argv += ["--feature-transform", f"fitted={ft_path}"] if transform is not None else []
+    out, _ = run_ok(argv, capsys)
+    assert "scoring the 2 'test' images" in out and re.search(r"^\s+fitted\s+\d", out, re.M)

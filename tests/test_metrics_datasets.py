@@ -285,3 +285,183 @@ def test_load_pairs_errors(tmp_path):
     iio.imwrite(tmp_path / "y_label.png", np.zeros((4, 4, 3), np.uint8))
     with pytest.raises(ValueError, match="single-channel"):
         load_pairs(tmp_path, names=["y"])
+
+
+# ----------------------------------------------------------------------------- PairDataset
+def _folder_with_unaries(tmp_path, n=3, c=3, h=6, w=5):
+    data, un = tmp_path / "data", tmp_path / "un"
+    data.mkdir()
+    un.mkdir()
+    rng = np.random.default_rng(5)
+    for k, name in enumerate("abcdefgh"[:n]):
+        label = rng.integers(0, c, size=(h, w)).astype(np.uint8)
+        _write_pair(data, name, h, w, image=rng.integers(0, 256, (h, w, 3), dtype=np.uint8), label=label)
+        np.savez_compressed(un / f"{name}_net.npz", logits=rng.standard_normal((c, h, w)).astype(np.float16))
+    return data, un
+
+
+def test_pair_dataset_matches_load_pairs_and_reads_lazily(tmp_path, monkeypatch):
+    from cucrf import datasets
+
+    data, un = _folder_with_unaries(tmp_path)
+    reads = []
+    real = datasets._read_image
+    monkeypatch.setattr(datasets, "_read_image", lambda p: reads.append(p.name) or real(p))
+    ds = datasets.PairDataset(data, unary_dir=un, unary_pattern="{name}_net.npz")
+    assert reads == []  # construction lists the folder, nothing more
+    assert len(ds) == 3 and ds.names == ("a", "b", "c") and ds.indices == (0, 1, 2)
+    assert "3 pairs" in repr(ds)
+    full = load_pairs(data, unary_dir=un, unary_pattern="{name}_net.npz")
+    reads.clear()
+    image = ds.images[1]
+    assert reads == ["b_image.png"]  # one item, one file
+    np.testing.assert_array_equal(image, full[1].image)
+    for k in range(3):
+        s = ds[k]
+        assert s.name == full[k].name and s.index == k and s.unary_path == un / f"{s.name}_net.npz"
+        np.testing.assert_array_equal(s.label, full[k].label)
+        np.testing.assert_array_equal(ds.labels[k], full[k].label)
+        assert ds.unaries[k].dtype == np.float32  # float16 files are widened
+        np.testing.assert_array_equal(ds.unaries[k], full[k].unary.astype(np.float32))
+    assert ds[-1].name == "c"
+    with pytest.raises(IndexError):
+        ds[3]
+    with pytest.raises(IndexError):
+        ds.images[-4]
+    # iterating ends cleanly; slices and subsets keep each pair's position in the folder
+    assert [s.name for s in ds] == ["a", "b", "c"]
+    part = ds[1:]
+    assert part.names == ("b", "c") and part.indices == (1, 2) and len(ds.labels[1:]) == 2
+    sub = ds.subset(["c", "a"])
+    assert sub.names == ("c", "a") and sub.indices == (2, 0)
+    with pytest.raises(ValueError, match="ids not in .*'z'"):
+        ds.subset(["a", "z"])
+    named = datasets.PairDataset(data, names=["c"], unary_dir=un, unary_pattern="{name}_net.npz")
+    assert named.indices == (2,)
+
+
+def test_pair_dataset_synthetic_seed_is_the_folder_position(tmp_path):
+    from cucrf.datasets import PairDataset
+
+    data, _ = _folder_with_unaries(tmp_path)
+    ds = PairDataset(data, synthetic=True, num_classes=4, seed=7, downsample=2)
+    b = ds.subset(["b"])
+    expected = synthetic_unary(ds.labels[1], 4, seed=7 + 1, downsample=2)
+    np.testing.assert_array_equal(b.unaries[0], expected)
+    np.testing.assert_array_equal(ds[1].unary, expected)
+    assert ds.unary_path(0) is None and "synthetic unaries, 4 classes" in repr(ds)
+    with pytest.raises(ValueError, match="needs num_classes"):
+        PairDataset(data, synthetic=True)
+    with pytest.raises(ValueError, match="num_classes must be an int >= 2"):
+        PairDataset(data, synthetic=True, num_classes=1)
+    with pytest.raises(ValueError, match="not both"):
+        PairDataset(data, synthetic=True, num_classes=3, unary_dir=data)
+    without = PairDataset(data)
+    assert without.unaries[0] is None and without.check() is None
+
+
+def test_pair_dataset_check(tmp_path):
+    from cucrf.datasets import PairDataset
+
+    data, un = _folder_with_unaries(tmp_path, c=3)
+    ds = PairDataset(data, unary_dir=un, unary_pattern="{name}_net.npz")
+    assert ds.check() == 3  # from the unaries
+    assert ds.check(3) == 3
+    with pytest.raises(ValueError, match=r"unary file '.*a_net.npz' has 3 classes but --num-classes is 4"):
+        ds.check(4, name="--num-classes")
+    # a label id >= the class count names the label file
+    bad = np.zeros((6, 5), np.uint8)
+    bad[2, 2] = 3
+    iio.imwrite(data / "b_label.png", bad)
+    with pytest.raises(ValueError, match=r"label file '.*b_label.png' holds class id 3 but the unaries have 3 "
+                                         r"classes .*expected class ids in \[0, 3\) or 255"):
+        ds.check()
+    syn = PairDataset(data, synthetic=True, num_classes=3)
+    with pytest.raises(ValueError, match=r"b_label.png' holds class id 3 but num_classes is 3"):
+        syn.check()
+    bad[2, 2] = 255  # ignored pixels are fine
+    iio.imwrite(data / "b_label.png", bad)
+    assert syn.check() == 3
+    # sizes: image vs label, unary vs label; one unary with another class count
+    iio.imwrite(data / "c_image.png", np.zeros((6, 4, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"image file '.*c_image.png' is 6x4 .* label file '.*c_label.png' is 6x5"):
+        syn.check()
+    _write_pair(data, "c")
+    np.save(un / "a_x.npy", np.zeros((3, 6, 4), np.float32))
+    with pytest.raises(ValueError, match=r"unary file '.*a_x.npy' is \(3, 6, 4\)"):
+        PairDataset(data, names=["a"], unary_dir=un, unary_pattern="{name}_x.npy").check()
+    np.save(un / "a_y.npy", np.zeros((3, 6, 5), np.float32))
+    np.save(un / "b_y.npy", np.zeros((2, 6, 5), np.float32))
+    with pytest.raises(ValueError, match=r"'.*b_y.npy' has 2 classes but the unaries have 3 classes"):
+        PairDataset(data, names=["a", "b"], unary_dir=un, unary_pattern="{name}_y.npy").check()
+    (un / "a_z.npz").write_bytes(b"not a zip file")
+    with pytest.raises(ValueError, match=r"cannot read unary file '.*a_z.npz'"):
+        PairDataset(data, names=["a"], unary_dir=un, unary_pattern="{name}_z.npz").check()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # imageio trying its plugins on a corrupt file
+def test_pair_dataset_errors(tmp_path):
+    from cucrf.datasets import PairDataset
+
+    data, un = _folder_with_unaries(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"no unary for 'a': '.*a_other.npz' does not exist"):
+        PairDataset(data, unary_dir=un, unary_pattern="{name}_other.npz")
+    with pytest.raises(ValueError, match="must contain '{name}'"):
+        PairDataset(data, unary_dir=un, unary_pattern="fixed.npz")
+    with pytest.raises(FileNotFoundError, match="zz_image.png not found"):
+        PairDataset(data, names=["zz"])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        PairDataset(tmp_path / "missing")
+    (data / "a_image.png").write_bytes(b"garbage")
+    ds = PairDataset(data)
+    with pytest.raises(ValueError, match=r"cannot read image file '.*a_image.png'"):
+        ds.images[0]
+    ds.images[1]  # the others still read
+
+
+def test_unary_shape_reads_headers(tmp_path):
+    from cucrf.datasets import _read_unary, _unary_shape
+
+    arr = np.zeros((4, 3, 2), np.float16)
+    for name, save in (("a.npy", np.save), ("b.npz", np.savez), ("c.npz", np.savez_compressed)):
+        save(tmp_path / name, arr) if name.endswith("npy") else save(tmp_path / name, meta=np.arange(2), logits=arr)
+        assert _unary_shape(tmp_path / name) == _read_unary(tmp_path / name).shape == (4, 3, 2)
+    np.savez(tmp_path / "d.npz", x=arr, y=arr)
+    with pytest.raises(ValueError, match="expected one named 'logits'"):
+        _unary_shape(tmp_path / "d.npz")
+    np.save(tmp_path / "e.npy", np.zeros((3, 2)))
+    with pytest.raises(ValueError, match=r"holds shape \(3, 2\); expected \(C, H, W\)"):
+        _unary_shape(tmp_path / "e.npy")
+
+
+# ----------------------------------------------------------------------------- load_split
+def test_load_split(tmp_path):
+    import json
+
+    from cucrf.datasets import load_split
+
+    for name in "abcd":
+        _write_pair(tmp_path, name)
+    path = tmp_path / "split.json"
+    path.write_text(json.dumps({"train": ["a", "c"], "test": ["d"]}))
+    assert load_split(path, folder=tmp_path) == {"train": ["a", "c"], "validation": [], "test": ["d"]}
+    path.write_text(json.dumps({"train": [1, 2]}))
+    assert load_split(path)["train"] == ["1", "2"]  # numeric ids are names too
+
+    cases = [
+        ("{not json", r"is not valid JSON"),
+        ("[1, 2]", r"holds a JSON list; expected an object"),
+        ('{"train": ["a"], "val": ["b"]}', r"has key\(s\) 'val'; expected only 'train', 'validation', 'test'"),
+        ('{"train": "a"}', r"'train' must be a list of ids"),
+        ('{"train": ["a", null]}', r"'train' must be a list of ids"),
+        ('{"train": ["a", "a"]}', r"names id 'a' twice"),
+        ('{"train": ["a"], "test": ["a"]}', r"names id 'a' in both 'train' and 'test'"),
+        ('{"train": ["a"], "validation": ["x", "y"]}', r"'validation' names id\(s\) 'x', 'y' with no "
+                                                      r"<id>_image.png / <id>_label.png pair in"),
+    ]
+    for text, match in cases:
+        path.write_text(text)
+        with pytest.raises(ValueError, match=match):
+            load_split(path, folder=tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"split file '.*nope.json' does not exist"):
+        load_split(tmp_path / "nope.json")
