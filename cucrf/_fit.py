@@ -466,9 +466,7 @@ def fit(unaries, images, labels, params=None, *, validation=None, val_fraction="
 
     # -- data: every sample read and checked once, before any training ----------------------------
     prepare_kwargs = dict(filter_size=filter_size, blur=blur, iterations=iterations, normalization=normalization,
-                          dtype=dtype, device=device)
-    if include_self:
-        prepare_kwargs["include_self"] = True
+                          include_self=bool(include_self), dtype=dtype, device=device)
     in_memory = all(isinstance(x, (list, tuple, np.ndarray)) for x in (unaries, images, labels))
     everything = _data.Dataset("", unaries, images, labels, prepare_kwargs, ignore_index, num_classes,
                                cache=in_memory).scan(progress, "checking the training images")

@@ -60,6 +60,9 @@ CONFIGS = {
     "no-guard": dict(guard=False),
     "min-improvement": dict(min_improvement=0.002),
     "lr0.05": dict(lr=0.05),
+    "no-compat-lr0.05": dict(learn=("weights", "bandwidths", "unary_weight"), lr=0.05),
+    "prior1": dict(prior=1.0),
+    "prior1-lr0.05": dict(prior=1.0, lr=0.05),
 }
 
 
@@ -189,7 +192,7 @@ def main():
     ap.add_argument("--sets", default="msrc,camvid,voc,voc-espnet2,voc-espnet1")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--config", default="default", help="comma-separated names from: " + ", ".join(CONFIGS))
-    ap.add_argument("--scale", type=int, default=2)
+    ap.add_argument("--scale", type=int, default=1)
     ap.add_argument("--no-densecrf", dest="densecrf", action="store_false")
     ap.add_argument("--out", default="fit-eval.json")
     ap.add_argument("--split-dir", default=None, help="write each set's split as SET.json here")
