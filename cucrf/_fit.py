@@ -12,6 +12,7 @@ trainer); this module drives them:
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import json
 import logging
@@ -178,10 +179,16 @@ def _check_class_weights(class_weights, C):
             raise ValueError(f"class_weights must be None, 'balanced' or {C} non-negative numbers, "
                              f"got {class_weights!r}")
         return "balanced"
-    w = np.asarray(class_weights, dtype=np.float64)
+    expected = f"class_weights must be None, 'balanced' or {C} finite non-negative numbers (one per class)"
+    if isinstance(class_weights, (collections.abc.Mapping, collections.abc.Set)):
+        raise TypeError(f"{expected}, got a {type(class_weights).__name__}")
+    try:
+        w = np.asarray(class_weights, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"{expected}, got {class_weights!r}") from None
     if w.shape != (C,) or not np.isfinite(w).all() or (w < 0).any():
-        raise ValueError(f"class_weights must be {C} finite non-negative numbers (one per class), got shape "
-                         f"{w.shape}")
+        got = w.tolist() if w.size <= 32 else f"an array of shape {w.shape}"
+        raise ValueError(f"class_weights must be {C} finite non-negative numbers (one per class), got {got}")
     if not (w > 0).any():
         raise ValueError("class_weights are all zero, so no pixel would count; give at least one class a "
                          "positive weight")
@@ -367,7 +374,7 @@ def fit(unaries, images, labels, params=None, *, validation=None, val_fraction="
         Weight of each class in the loss; ``'balanced'`` is median-frequency balancing from the
         training labels.
     ignore_index : int
-        Label value that does not count (default 255).
+        Label value that does not count (default 255); it must lie outside ``[0, C)``.
     temperature : bool
         Learn an output temperature for the loss (recommended: it absorbs calibration, so the CRF
         parameters are fitted for the segmentation). False uses the raw logits.
@@ -387,13 +394,15 @@ def fit(unaries, images, labels, params=None, *, validation=None, val_fraction="
     weight_decay : float
         Decoupled weight decay of Adam.
     seed : int
-        Seeds the image order of every epoch and the validation split.
+        Seeds the image order of every epoch and the validation split (an integer >= 0).
     progress : bool
         Progress bars (tqdm); the per-epoch lines also go to the logger ``cucrf.fit`` (INFO).
     checkpoint : path, optional
         A ``.npz`` written atomically after every epoch (with cross-validation: of the final run).
     resume : bool
-        Continue from ``checkpoint`` when it exists; every setting must match.
+        Continue from ``checkpoint`` when it exists. Every setting must match: the options, the
+        starting parameters and feature transform, the class weights, and the data (the number of
+        training images and the labelled pixels per class); the error names the first that differs.
     callback : callable, optional
         Called as ``callback(entry)`` with each epoch's history entry.
 
@@ -429,7 +438,10 @@ def fit(unaries, images, labels, params=None, *, validation=None, val_fraction="
     lr = _number("lr", lr, lo=0, lo_open=True)
     prior = _number("prior", prior, lo=0)
     weight_decay = _number("weight_decay", weight_decay, lo=0)
-    if metric not in _selection.METRICS:
+    if lr * weight_decay >= 1:
+        raise ValueError(f"weight_decay * lr must be < 1 (each step multiplies the learned variables by "
+                         f"1 - lr * weight_decay), got weight_decay={weight_decay:g} with lr={lr:g}")
+    if not isinstance(metric, str) or metric not in _selection.METRICS:
         raise ValueError(f"metric must be one of {list(METRICS)}, got {metric!r}")
     if not (lr_schedule is None or lr_schedule == "cosine" or callable(lr_schedule)):
         raise TypeError(f"lr_schedule must be 'cosine', a callable step -> factor, or None, got {lr_schedule!r}")
@@ -441,12 +453,21 @@ def fit(unaries, images, labels, params=None, *, validation=None, val_fraction="
         raise TypeError(f"include_self must be True or False, got {include_self!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    seed = _positive_int("seed", seed, minimum=0)
+    for name, flag in (("progress", progress), ("resume", resume)):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
     if not (val_fraction == "auto" if isinstance(val_fraction, str) else
-            isinstance(val_fraction, (int, float)) and not isinstance(val_fraction, bool) and 0 <= val_fraction < 1):
+            isinstance(val_fraction, (int, float, np.integer, np.floating)) and not isinstance(val_fraction, bool)
+            and 0 <= val_fraction < 1):
         raise ValueError(f"val_fraction must be 'auto' or a number in [0, 1), got {val_fraction!r}")
     if num_classes is not None:
         num_classes = _positive_int("num_classes", num_classes, minimum=2)
-    if np.dtype(dtype) not in (np.float32, np.float64):
+    try:
+        dtype_ok = dtype is None or np.dtype(dtype) in (np.float32, np.float64)
+    except TypeError:
+        dtype_ok = False
+    if not dtype_ok:
         raise TypeError(f"dtype must be numpy.float32 or numpy.float64, got {dtype!r}")
     if checkpoint is None and resume:
         raise ValueError("resume=True needs a checkpoint path")
@@ -461,7 +482,9 @@ def fit(unaries, images, labels, params=None, *, validation=None, val_fraction="
     if not isinstance(params, CRFParams):
         raise TypeError(f"params must be a cucrf.CRFParams, a dict or None, got {type(params).__name__}")
     if validation is not None and (not isinstance(validation, (tuple, list)) or len(validation) != 3):
-        raise TypeError("validation must be a tuple (unaries, images, labels)")
+        got = (f"a {type(validation).__name__} of {len(validation)}" if isinstance(validation, (tuple, list))
+               else f"a {type(validation).__name__}")
+        raise TypeError(f"validation must be a tuple (unaries, images, labels) of three sequences, got {got}")
     say = _Say(progress)
 
     # -- data: every sample read and checked once, before any training ----------------------------
@@ -474,13 +497,22 @@ def fit(unaries, images, labels, params=None, *, validation=None, val_fraction="
     given_val = None
     if validation is not None:
         val_in_memory = all(isinstance(x, (list, tuple, np.ndarray)) for x in validation)
-        given_val = _data.Dataset("validation ", *validation, prepare_kwargs, ignore_index, C,
-                                  cache=val_in_memory).scan(progress, "checking the validation images")
+        given_val = _data.Dataset("validation ", *validation, prepare_kwargs, ignore_index, C, cache=val_in_memory,
+                                  classes_from="the training unaries have")
+        given_val.scan(progress, "checking the validation images")
         if given_val.num_channels != F:
             raise ValueError(f"validation images have {given_val.num_channels} channels but the training images {F}")
+    if 0 <= ignore_index < C:
+        raise ValueError(f"ignore_index {ignore_index} is one of the {C} classes [0, {C}): its pixels would be "
+                         f"neither learned nor scored; pass an ignore_index outside [0, {C}) (default 255)")
+    class_weights_given = class_weights
     class_weights = _check_class_weights(class_weights, C)
     if isinstance(class_weights, str):
         class_weights = balanced_class_weights(everything.class_pixels)
+    elif class_weights is not None and not (class_weights[everything.class_pixels > 0] > 0).any():
+        raise ValueError(f"class_weights give weight 0 to every class in the training labels (classes "
+                         f"{np.flatnonzero(everything.class_pixels).tolist()}), so no pixel would count; give one "
+                         "of them a positive weight")
 
     transform = None
     if feature_transform is not None:
@@ -533,7 +565,12 @@ def fit(unaries, images, labels, params=None, *, validation=None, val_fraction="
                  "train_images": len(train), "validation": mode, "metric": metric, "epochs": epochs, "lr": lr,
                  "lr_schedule": lr_schedule if isinstance(lr_schedule, str) or lr_schedule is None else "custom",
                  "batch_size": batch_size, "seed": seed, "temperature": bool(temperature), "prior": prior,
-                 "patience": patience, "min_improvement": min_improvement, "guard": bool(guard)}
+                 "patience": patience, "min_improvement": min_improvement, "guard": bool(guard),
+                 "params": params.to_dict(), "feature_transform": None if transform is None else transform.to_dict(),
+                 "class_weights": ("balanced" if isinstance(class_weights_given, str)
+                                   else None if class_weights is None else class_weights.tolist()),
+                 "ignore_index": int(ignore_index), "dtype": None if dtype is None else np.dtype(dtype).name,
+                 "weight_decay": weight_decay, "class_pixels": everything.class_pixels.tolist()}
 
     # -- a checkpoint to resume from is read and checked before any training ----------------------
     resume_state = None
@@ -567,10 +604,13 @@ def fit(unaries, images, labels, params=None, *, validation=None, val_fraction="
         say(f"selected epoch {best_epoch} ({metric} {_score_text(history, 0)} -> {_score_text(history, best_epoch)})")
     else:
         best_params = params
-        best_transform = None if feature_transform is None else transform
+        best_transform = feature_transform if isinstance(feature_transform, FeatureTransform) else (
+            None if feature_transform is None else transform)
         if epochs > 0:
             say(f"no epoch beat the start on the validation {metric}; returning the starting parameters unchanged",
                 logging.WARNING)
+        else:
+            say("epochs=0: returning the starting parameters unchanged")
     return FitResult(best_params, best_transform, _trainer.public(history), best_epoch, improved, metric,
                      temperature_value, description)
 

@@ -721,6 +721,9 @@ def _cmd_fit(args) -> int:
                           "(e.g. 21 for PASCAL VOC, 23 for MSRC, 11 for CamVid)")
     if args.resume and args.checkpoint is None:
         raise _UsageError("--resume needs --checkpoint FILE.npz (the checkpoint to continue from)")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise _UsageError(f"-o/--out {args.out!r} is a file; expected a folder to write params.json, history.json "
+                          "and the training curve into")
     params = _load_params(args.params)  # read early: a bad file should fail before any work
     train, validation, num_classes = _fit_data(args)
 
@@ -977,6 +980,16 @@ def _positive_int(text):
     return value
 
 
+def _non_negative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
 def _fraction(text):
     try:
         value = float(text)
@@ -1175,7 +1188,7 @@ def build_parser() -> argparse.ArgumentParser:
                       metavar="LIST", help="comma-separated: weights, bandwidths, compatibility, unary_weight, "
                                            "feature_transform, or all (default: "
                                            f"{','.join(fit_defaults['learn'])})")
-    fitp.add_argument("--seed", type=int, default=fit_defaults["seed"],
+    fitp.add_argument("--seed", type=_non_negative_int, default=fit_defaults["seed"],
                       help="seed of the validation hold-out and the image order (default: %(default)s)")
     fitp.add_argument("--max-images", type=_positive_int, metavar="N", help="use only the first N pairs")
     fitp.add_argument("--checkpoint", metavar="FILE.npz", help="write a checkpoint after every epoch")

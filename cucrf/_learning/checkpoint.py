@@ -35,6 +35,10 @@ def check_path(path):
 
     A run killed while writing leaves ``.NAME.tmpPID`` beside the checkpoint; the next run removes it.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"checkpoint must be a file path (a str or os.PathLike) such as 'fit.npz', got {path!r}")
+    if os.fspath(path) == "":
+        raise ValueError("checkpoint must be a file path such as 'fit.npz', got ''")
     path = os.path.abspath(os.fspath(path))
     if os.path.isdir(path):
         raise ValueError(f"checkpoint {path!r} is a directory; expected a file path such as {path}/fit.npz")
@@ -44,6 +48,8 @@ def check_path(path):
         probe = os.path.dirname(probe)
     if probe and not os.path.isdir(probe):
         raise ValueError(f"checkpoint {path!r} lies under {probe!r}, which is a file, not a directory")
+    if probe and not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write the checkpoint {path!r}: the folder {probe!r} is not writable")
     if os.path.isdir(parent):
         for stray in glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(os.path.basename(path))}.tmp*")):
             try:
@@ -100,14 +106,31 @@ def load(path):
     if meta.get("version") != VERSION:
         raise ValueError(f"checkpoint {name!r} has format version {meta.get('version')}, expected {VERSION}; "
                          "delete it or pass resume=False to start afresh")
+    if not isinstance(meta.get("signature"), dict):
+        raise ValueError(f"checkpoint {name!r} holds no settings to check a resumed run against; delete it or "
+                         "pass resume=False to start afresh")
     state["meta"] = meta
     return state
 
 
-def signature_difference(saved, current):
-    """The first setting that differs between two signatures, as text; None when they agree."""
+def _short(value, width=80):
+    text = repr(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def signature_difference(saved, current, prefix=""):
+    """The first setting that differs between two signatures, as text; None when they agree.
+
+    Settings are compared in the order ``current`` lists them; settings that are themselves dicts
+    (the starting parameters) are compared entry by entry and named ``setting.entry``.
+    """
     current = json.loads(json.dumps(current))
-    for key in sorted(set(saved) | set(current)):
-        if saved.get(key) != current.get(key):
-            return f"{key} was {saved.get(key)!r} and is now {current.get(key)!r}"
+    for key in list(current) + [k for k in saved if k not in current]:  # in the order the settings are listed
+        old, new = saved.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            inner = signature_difference(old, new, f"{prefix}{key}.")
+            if inner is not None:
+                return inner
+        elif old != new:
+            return f"{prefix}{key} was {_short(old)} and is now {_short(new)}"
     return None

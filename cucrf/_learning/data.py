@@ -35,12 +35,54 @@ _ITEM_NDIM = {"unaries": (3, "(C, H, W)", "(N, C, H, W)"), "images": (3, "(H, W,
 _SINGULAR = {"unaries": "unary", "images": "image", "labels": "label"}
 
 
-def as_sequence(name, value):
-    """``value`` as something with ``len`` and integer indexing, or a clear TypeError."""
+def _indexable(value):
+    """Whether ``value`` has ``len`` and integer indexing (and is not a mapping)."""
+    if hasattr(value, "ndim") and hasattr(value, "shape"):
+        return True
+    if isinstance(value, collections.abc.Mapping):
+        return False
+    return isinstance(value, collections.abc.Sequence) or (hasattr(value, "__len__") and hasattr(value, "__getitem__"))
+
+
+def failure(where, exc):
+    """``exc`` as a new exception whose message starts with ``where`` (raise it ``from exc``).
+
+    The type is kept when it can be rebuilt from one message (OSError, ValueError, ...); a
+    KeyError becomes a LookupError (a KeyError would quote the whole message); any other type
+    becomes a RuntimeError that names it.
+    """
+    if isinstance(exc, KeyError):
+        reason = exc.args[0] if len(exc.args) == 1 else exc
+        return LookupError(f"{where}: {reason}")
+    text = f"{where}: {exc}"
+    try:
+        new = type(exc)(text)
+    except Exception:
+        new = None
+    if new is None or str(new) != text:
+        return RuntimeError(f"{where}: {type(exc).__name__}: {exc}")
+    return new
+
+
+def as_sequence(name, value, limit=None):
+    """``value`` as something with ``len`` and integer indexing, or a clear TypeError.
+
+    Parameters
+    ----------
+    name : str
+        The argument's name, for messages.
+    value : sequence, batch array or iterable
+    limit : (int, str), optional
+        ``(n, other)``: the length of another argument ``other``. A one-shot iterable is read
+        for at most ``n + 1`` items, so an endless generator is a length error, not a hang.
+    """
+    expected = f"{name} must be a sequence or iterable of arrays (one per image)"
     if value is None:
-        raise TypeError(f"{name} must be a sequence or iterable of arrays (one per image), got None")
+        raise TypeError(f"{expected}, got None")
     if isinstance(value, (str, bytes)):
-        raise TypeError(f"{name} must be a sequence or iterable of arrays (one per image), got a string")
+        raise TypeError(f"{expected}, got a string")
+    if isinstance(value, (collections.abc.Mapping, collections.abc.Set)):
+        raise TypeError(f"{expected}, got a {type(value).__name__} (an unordered or keyed collection); pass a list")
     if hasattr(value, "ndim") and hasattr(value, "shape"):
         item_ndim, one, many = _ITEM_NDIM.get(name.split("_")[-1], (None, "", ""))
         if item_ndim is not None and value.ndim != item_ndim + 1:
@@ -49,14 +91,24 @@ def as_sequence(name, value):
                             + (f"; for a single image pass [{_SINGULAR[name.split('_')[-1]]}] (a list "
                                f"of one {one} array)" if value.ndim == item_ndim else ""))
         return value  # a batch array: item i is image i
-    if isinstance(value, collections.abc.Sequence) or (hasattr(value, "__len__") and hasattr(value, "__getitem__")
-                                                       and not isinstance(value, collections.abc.Mapping)):
+    if _indexable(value):
         return value  # indexed lazily, again every epoch
     try:
-        return list(value)
+        iterator = iter(value)
     except TypeError:
-        raise TypeError(f"{name} must be a sequence or iterable of arrays (one per image), "
-                        f"got {type(value).__name__}") from None
+        raise TypeError(f"{expected}, got {type(value).__name__}") from None
+    items = []
+    while True:
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return items
+        except Exception as exc:  # a generator failing midway: say which argument and item
+            raise failure(f"{name}: reading item {len(items)} failed", exc) from exc
+        items.append(item)
+        if limit is not None and len(items) > limit[0]:
+            raise ValueError(f"{name} yields more items than {limit[1]} has ({limit[0]}); expected one item per "
+                             "image in each")
 
 
 class Dataset:
@@ -74,13 +126,19 @@ class Dataset:
         When given, every unary must have this many classes.
     cache : bool
         Keep prepared samples (only sensible when the inputs are in memory anyway).
+    classes_from : str, optional
+        Where ``num_classes`` came from, for messages (default: ``'num_classes is'``).
     """
 
-    def __init__(self, what, unaries, images, labels, prepare_kwargs, ignore_index, num_classes=None, cache=True):
+    def __init__(self, what, unaries, images, labels, prepare_kwargs, ignore_index, num_classes=None, cache=True,
+                 classes_from=None):
         self.what = what
-        self.unaries = as_sequence(f"{what}unaries".replace(" ", "_"), unaries)
-        self.images = as_sequence(f"{what}images".replace(" ", "_"), images)
-        self.labels = as_sequence(f"{what}labels".replace(" ", "_"), labels)
+        self.classes_from = classes_from
+        names = [f"{what}{part}".replace(" ", "_") for part in ("unaries", "images", "labels")]
+        given = (unaries, images, labels)
+        known = [(len(v), name) for v, name in zip(given, names) if v is not None and _indexable(v)]
+        limit = max(known) if known else None
+        self.unaries, self.images, self.labels = (as_sequence(name, v, limit) for v, name in zip(given, names))
         n = (len(self.unaries), len(self.images), len(self.labels))
         if n[0] == 0:
             raise ValueError(f"{what}unaries is empty; expected at least one image")
@@ -111,7 +169,14 @@ class Dataset:
         try:
             u, im, lab = self.unaries[i], self.images[i], self.labels[i]
         except Exception as exc:  # a lazy reader failing: say which sample
-            raise type(exc)(f"{where}: {exc}") from exc
+            raise failure(where, exc) from exc
+        if getattr(getattr(u, "dtype", None), "kind", None) in ("b", "i", "u"):
+            raise TypeError(f"{where}: unary must hold float class scores (logits), got dtype {u.dtype}; for a "
+                            "label map use cucrf.unary_from_labels(label_map, num_classes)")
+        for what, array in (("unary", u), ("image", im)):
+            if isinstance(array, np.ma.MaskedArray):
+                raise TypeError(f"{where}: {what} is a masked array, whose mask cucrf would ignore; pass a plain "
+                                f"array ({what}.filled(...)) and mark unknown pixels in the label with ignore_index")
         try:
             prep = _api._prepare_inputs(
                 u, im, None, unary_kind="logits", num_classes=None, confidence=0.5, unknown_label=None,
@@ -139,7 +204,9 @@ class Dataset:
         return sample
 
     def _classes_source(self):
-        return "num_classes is" if self._num_classes_given else "sample 0 has"
+        if not self._num_classes_given:
+            return "sample 0 has"
+        return self.classes_from or "num_classes is"
 
     def scan(self, progress=False, desc="checking"):
         """Read every sample once: all checks before any training, shapes and class counts."""

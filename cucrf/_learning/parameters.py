@@ -78,7 +78,7 @@ def to_params(vec, base, keys):
     if "log_theta_alpha" in keys:
         for k in ("log_theta_alpha", "log_theta_beta", "log_theta_gamma"):
             if np.abs(vec[k]).max() > 300:
-                raise TrainingDivergedError(f"{k[4:]} reached exp({float(np.max(np.abs(vec[k]))):.0f})")
+                raise TrainingDivergedError(f"{k[4:]} reached exp({float(np.max(np.abs(vec[k]))):.3g})")
         tb = np.exp(vec["log_theta_beta"])
         changes.update(theta_alpha=float(np.exp(vec["log_theta_alpha"])),
                        theta_beta=float(tb) if tb.ndim == 0 else tuple(float(v) for v in tb),
