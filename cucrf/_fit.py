@@ -105,8 +105,9 @@ class FitResult:
         The learned output temperature: ``softmax(logits / temperature)`` of
         ``infer(..., output='logits')`` are calibrated probabilities. It never changes the argmax.
     validation : str
-        How candidates were scored: ``'holdout'`` (N images), ``'given'``, ``'cross-validation'``
-        (leave-one-out over N images), ``'training images'`` or ``'none'``.
+        How candidates were scored, in words: N of M images held out, N validation images given,
+        leave-one-out cross-validation over N images, the training image itself (one image), or
+        no validation.
     """
 
     params: CRFParams
@@ -425,8 +426,8 @@ def fit(unaries, images, labels, params=None, *, validation=None, val_fraction="
     >>> image = np.where(label[..., None] == 1, 200, 40).astype(np.uint8).repeat(3, axis=2)
     >>> unary = np.stack([label == 0, label == 1]).astype(np.float32) + rng.normal(size=(2, 24, 32))
     >>> result = cucrf.fit([unary], [image], [label], epochs=2, blur=2, progress=False)
-    >>> len(result.history) <= 3, isinstance(result.params, cucrf.CRFParams), result.validation
-    (True, True, 'training images')
+    >>> len(result.history) <= 3, isinstance(result.params, cucrf.CRFParams), result.validation[:9]
+    (True, True, 'one image')
     """
     # -- settings ---------------------------------------------------------------------------------
     learn = _check_learn(learn)
