@@ -117,13 +117,62 @@ TABLE_HEADER = ("| case (5 iterations) | cucrf NumPy [s] | extra peak memory / u
                 "| pydensecrf2 [s] | cucrf / pydensecrf2 |\n|---|---|---|---|---|")
 
 
+#: (height, width, classes, batch_size) of the training-throughput benchmark.
+FIT_CASES = [(188, 250, 21, 1), (375, 500, 21, 1), (375, 500, 21, 4)]
+
+
+class _GeneratedImages:
+    """A lazy data set: image i is made when it is read (as a folder reader would load it)."""
+
+    def __init__(self, part, count, height, width, classes):
+        self.part, self.count, self.shape = part, count, (height, width, classes)
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.count:
+            raise IndexError(i)
+        unary, image = make_problem(*self.shape, seed=i)
+        if self.part == 0:
+            return unary
+        if self.part == 1:
+            return image
+        return unary.argmax(axis=0).astype(np.uint8)
+
+
+def run_fit(images=8, epochs=2, cases=FIT_CASES, print_fn=print):
+    """Training throughput of :func:`cucrf.fit` (defaults, no validation), images read lazily.
+
+    Returns rows with ``images_per_s`` over the training epochs (epoch 0, the scoring of the
+    start, is left out).
+    """
+    rows = []
+    for H, W, C, batch in cases:
+        data = [_GeneratedImages(part, images, H, W, C) for part in range(3)]
+        result = cucrf.fit(*data, epochs=epochs, batch_size=batch, val_fraction=0, progress=False)
+        trained = result.history[1:]
+        seconds = sum(h["seconds"] for h in trained)
+        count = sum(h["images"] for h in trained)
+        row = dict(case=f"{H}x{W}x{C} batch {batch}", images_per_s=count / seconds)
+        rows.append(row)
+        print_fn(f"| {row['case']} | {row['images_per_s']:.2f} |")
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m cucrf.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per case (median reported)")
     parser.add_argument("--iterations", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="only the first case, 3 runs")
     parser.add_argument("--gpu", action="store_true", help="also run the GPU benchmark (needs CuPy and a GPU)")
+    parser.add_argument("--fit", action="store_true", help="only the training throughput of cucrf.fit")
     args = parser.parse_args(argv)
+    if args.fit:
+        print(f"machine: {machine_description()}")
+        print("| cucrf.fit, defaults (filter 5, blur 4, 5 iterations), float32 | training images/s |\n|---|---|")
+        run_fit()
+        return 0
     cases = CPU_CASES[:1] if args.quick else CPU_CASES
     repeat = 3 if args.quick else args.repeat
     print(f"machine: {machine_description()}")
