@@ -360,7 +360,8 @@ def fit(unaries, images, labels, params=None, *, validation=None, val_fraction="
     learn : sequence of str
         From ``'weights'``, ``'bandwidths'`` (as logarithms), ``'compatibility'`` (a full C x C
         matrix, starting from ``1 - I`` for Potts), ``'unary_weight'``, ``'feature_transform'``
-        (``A f + c`` on the image channels).
+        (the matrix ``A`` of ``f' = A f + c`` on the image channels; the offset ``c`` is kept,
+        as the kernels only see differences of features).
     epochs : int
         At most this many passes over the training images (0 only scores the start).
     lr : float

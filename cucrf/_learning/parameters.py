@@ -21,7 +21,9 @@ _KEYS = {
     "bandwidths": ("log_theta_alpha", "log_theta_beta", "log_theta_gamma"),
     "compatibility": ("compatibility",),
     "unary_weight": ("unary_weight",),
-    "feature_transform": ("transform_matrix", "transform_offset"),
+    # Only the matrix: the kernels see differences of features, so the offset has no gradient
+    # (Adam would turn its rounding noise into a random walk).
+    "feature_transform": ("transform_matrix",),
 }
 
 
