@@ -47,6 +47,8 @@ SETS = {  # name: (folder, classes, unaries)
 #: Objectives compared in docs/learning.md: keyword arguments of cucrf.fit.
 CONFIGS = {
     "default": {},
+    # the objective and settings fit had before: plain cross-entropy, constant lr 0.02, the last epoch
+    "previous": dict(temperature=False, prior=0.0, lr=0.02, lr_schedule=None, val_fraction=0),
     "plain-ce": dict(temperature=False, prior=0.0, lr=0.02, lr_schedule=None),
     "plain-ce-selected": dict(temperature=False, prior=0.0),
     "temperature": dict(prior=0.0),
