@@ -317,7 +317,7 @@ def _train_run(trainer, train, val, vec_start, settings, say, *, stop_at=None, c
 def fit(unaries, images, labels, params=None, *, validation=None, val_fraction="auto", metric=DEFAULT_METRIC,
         patience=3, min_improvement=0.0, guard=True, learn=DEFAULT_LEARN, epochs=10, lr=DEFAULT_LR, lr_schedule="cosine",
         batch_size=1, class_weights=None, ignore_index=255, temperature=True, prior=DEFAULT_PRIOR,
-        filter_size=_api.DEFAULT_FILTER_SIZE, blur=_api.DEFAULT_BLUR, iterations=_api.DEFAULT_ITERATIONS,
+        lovasz=0.0, filter_size=_api.DEFAULT_FILTER_SIZE, blur=_api.DEFAULT_BLUR, iterations=_api.DEFAULT_ITERATIONS,
         normalization=None, include_self=False, feature_transform=None, num_classes=None, dtype=np.float32,
         device=None, weight_decay=0.0, seed=0, progress=True, checkpoint=None, resume=False, callback=None):
     """Learn CRF parameters from labelled images by back-propagation through mean-field inference.
@@ -383,6 +383,9 @@ def fit(unaries, images, labels, params=None, *, validation=None, val_fraction="
     prior : float
         Strength of a Gaussian prior pulling the learned variables toward their start (per
         labelled pixel, in the optimiser's relative units); 0 turns it off.
+    lovasz : float
+        Weight of the Lovász-softmax loss (Berman et al., 2018; the convex surrogate of 1 - IoU per
+        class, absent classes included) added to the training loss; 0 turns it off.
     filter_size, blur, iterations, normalization, include_self
         As for :func:`cucrf.infer`; the learned parameters belong to these settings.
     feature_transform : FeatureTransform, dict or (matrix, offset), optional
@@ -439,6 +442,7 @@ def fit(unaries, images, labels, params=None, *, validation=None, val_fraction="
     min_improvement = _number("min_improvement", min_improvement, lo=0)
     lr = _number("lr", lr, lo=0, lo_open=True)
     prior = _number("prior", prior, lo=0)
+    lovasz = _number("lovasz", lovasz, lo=0)
     weight_decay = _number("weight_decay", weight_decay, lo=0)
     if lr * weight_decay >= 1:
         raise ValueError(f"weight_decay * lr must be < 1 (each step multiplies the learned variables by "
@@ -534,7 +538,8 @@ def fit(unaries, images, labels, params=None, *, validation=None, val_fraction="
         return _api.check_config(filter_size, blur, iterations, normalization, *shape, keep_centre=include_self)
 
     trainer = _trainer.Trainer(backend, configs, params, keys, learn_temperature=temperature, prior_strength=prior,
-                               class_weights=class_weights, ignore_index=ignore_index, num_classes=C)
+                               class_weights=class_weights, ignore_index=ignore_index, num_classes=C,
+                               lovasz_weight=lovasz)
     settings = dict(metric=metric, patience=patience, min_improvement=min_improvement, guard=bool(guard), epochs=epochs, lr=lr,
                     lr_schedule=lr_schedule, weight_decay=weight_decay, batch_size=batch_size, seed=seed,
                     progress=progress)
@@ -567,6 +572,7 @@ def fit(unaries, images, labels, params=None, *, validation=None, val_fraction="
                  "train_images": len(train), "validation": mode, "metric": metric, "epochs": epochs, "lr": lr,
                  "lr_schedule": lr_schedule if isinstance(lr_schedule, str) or lr_schedule is None else "custom",
                  "batch_size": batch_size, "seed": seed, "temperature": bool(temperature), "prior": prior,
+                 "lovasz": lovasz,
                  "patience": patience, "min_improvement": min_improvement, "guard": bool(guard),
                  "params": params.to_dict(), "feature_transform": None if transform is None else transform.to_dict(),
                  "class_weights": ("balanced" if isinstance(class_weights_given, str)

@@ -186,6 +186,39 @@ def test_tempered_cross_entropy_gradient():
         assert w == pytest.approx(ww.sum())
 
 
+@pytest.mark.parametrize("classes", ["all", "present"])
+def test_lovasz_softmax_gradient(classes):
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(2, 4, 5, 6)) * 2
+    labels = rng.integers(0, 3, (2, 5, 6))  # class 3 absent
+    labels[0, 0, :2] = 255
+    loss, g = objective.lovasz_softmax(logits, labels, 0.3, classes=classes)
+    assert g[0, :, 0, :2].max() == 0  # unlabelled pixels get no gradient
+    for _ in range(3):
+        d = rng.normal(size=logits.shape)
+        h = 1e-7  # small enough that no sort order changes
+
+        def f(x):
+            return objective.lovasz_softmax(x, labels, 0.3, classes=classes)[0]
+
+        assert np.sum(g * d) == pytest.approx((f(logits + h * d) - f(logits - h * d)) / (2 * h), rel=1e-5)
+
+
+def test_lovasz_softmax_of_hard_predictions_is_one_minus_miou():
+    """At one-hot probabilities the surrogate equals the Jaccard loss: 1 - mean IoU over all classes."""
+    rng = np.random.default_rng(4)
+    for _ in range(5):
+        label = rng.integers(0, 3, (1, 6, 7))
+        pred = rng.integers(0, 4, (6, 7))  # class 3 predicted but never labelled: IoU 0
+        logits = np.stack([np.where(pred == c, 1e4, 0.0) for c in range(4)])[None]
+        loss, _ = objective.lovasz_softmax(logits, label, 0.0, classes="all")
+        ious = []
+        for c in range(4):
+            union = ((pred == c) | (label[0] == c)).sum()
+            ious.append(((pred == c) & (label[0] == c)).sum() / union if union else 1.0)
+        assert loss == pytest.approx(1 - np.mean(ious), abs=1e-12)
+
+
 def test_training_gradient_matches_finite_differences(data):
     """The gradient of one minibatch's loss with respect to every learned entry, float64."""
     U, I, L = data

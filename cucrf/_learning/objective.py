@@ -128,3 +128,68 @@ def prior(z, z_start, strength):
         value += 0.5 * strength * float(np.sum(d * d))
         grad[k] = strength * d
     return value, grad
+
+
+def _softmax(x, axis):
+    xp = _namespace(x)
+    e = xp.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def lovasz_softmax(logits, labels, log_temperature, ignore_index=255, classes="all"):
+    """Lovász-softmax loss (Berman et al., 2018) of ``softmax(logits / tau)`` and its gradient.
+
+    The convex surrogate of the Jaccard loss ``1 - IoU``, per class over all labelled pixels of the
+    minibatch, averaged over the classes. With ``classes='all'`` a class absent from the labels
+    contributes its largest predicted probability, so stray pixels of absent classes cost what
+    they cost the standard mIoU. The temperature is treated as a constant here (it is fitted by
+    the cross-entropy).
+
+    Parameters
+    ----------
+    logits : array (B, C, H, W), float
+    labels : NumPy int array (B, H, W)
+    log_temperature : float
+    ignore_index : int
+    classes : {'all', 'present'}
+
+    Returns
+    -------
+    loss : float
+    grad_logits : array like ``logits``
+    """
+    xp = _namespace(logits)
+    dt = logits.dtype
+    tau = float(np.exp(log_temperature))
+    B, C = logits.shape[:2]
+    q = _softmax(logits / dt.type(tau), axis=1)
+    lab = xp.asarray(labels).reshape(-1)
+    valid = lab != ignore_index
+    probs = xp.moveaxis(q, 1, 0).reshape(C, -1)[:, valid]       # (C, N)
+    lab = lab[valid]
+    grad_probs = xp.zeros_like(probs)
+    losses = []
+    for c in range(C):
+        fg = (lab == c).astype(dt)
+        if classes == "present" and not bool(fg.any()):
+            continue
+        errors = xp.abs(fg - probs[c])
+        order = xp.argsort(-errors)
+        fg_sorted = fg[order]
+        gts = fg_sorted.sum()
+        intersection = gts - xp.cumsum(fg_sorted)
+        union = gts + xp.cumsum(1 - fg_sorted)
+        jaccard = 1 - intersection / union
+        jaccard[1:] = jaccard[1:] - jaccard[:-1]
+        losses.append(float((errors[order] * jaccard).sum(dtype=xp.float64)))
+        g = xp.empty_like(jaccard)
+        g[order] = jaccard
+        grad_probs[c] = g * (1 - 2 * fg)  # d|fg - p| / dp = -1 on the class, +1 elsewhere
+    if not losses:
+        return 0.0, xp.zeros_like(logits)
+    scale = dt.type(1.0 / len(losses))
+    full = xp.zeros((C, valid.shape[0]), dtype=dt)
+    full[:, valid] = grad_probs * scale
+    g_q = xp.moveaxis(full.reshape((C, B) + logits.shape[2:]), 0, 1)
+    g_z = q * (g_q - (q * g_q).sum(axis=1, keepdims=True))
+    return float(np.mean(losses)), g_z / dt.type(tau)

@@ -37,10 +37,12 @@ class Trainer:
     class_weights : (C,) array or None
     ignore_index : int
     num_classes : int
+    lovasz_weight : float
+        Weight of the Lovász-softmax loss added to the cross-entropy.
     """
 
     def __init__(self, backend, configs, base_params, keys, *, learn_temperature, prior_strength, class_weights,
-                 ignore_index, num_classes):
+                 ignore_index, num_classes, lovasz_weight=0.0):
         self.backend = backend
         self.xp = backend.xp
         self.configs = configs
@@ -51,6 +53,7 @@ class Trainer:
         self.class_weights = class_weights
         self.ignore_index = ignore_index
         self.num_classes = num_classes
+        self.lovasz_weight = lovasz_weight
         self.step_count = 0
 
     # -- the model --------------------------------------------------------------------------------
@@ -130,6 +133,10 @@ class Trainer:
                                                                         self.ignore_index)
         if w == 0:
             return None, 0.0, None
+        if self.lovasz_weight:
+            lovasz, g_lovasz = objective.lovasz_softmax(logits, lab, log_tau, self.ignore_index)
+            loss += self.lovasz_weight * lovasz
+            g_logits = g_logits + logits.dtype.type(self.lovasz_weight) * g_lovasz
         _, g_feats, grads = _meanfield.mean_field_backward(self.backend, tape, g_logits)
         g_tf = None
         if tf is not None:
