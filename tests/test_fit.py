@@ -54,17 +54,18 @@ def test_fit_raises_validation_scores_and_returns_the_best_epoch(data):
     assert [h["epoch"] for h in result.history] == [0, 1, 2, 3]
     assert result.improved and result.best_epoch > 0 and result.validation == "4 validation images given"
     first, best = result.history[0], result.history[result.best_epoch]
-    assert best["val_miou"] > first["val_miou"] + 0.01
-    for k in ("val_accuracy", "val_miou", "val_miou_gt"):  # the guard: no score below the start's
+    assert result.metric == "miou_gt" and best["val_miou_gt"] > first["val_miou_gt"] + 0.01
+    for k in ("val_accuracy", "val_miou_gt"):  # the guard: neither below the start's
         assert best[k] >= first[k]
-    assert best["score"] == best["val_miou"]
-    assert max(h["val_miou"] for h in result.history if all(h[k] >= first[k] for k in
-               ("val_accuracy", "val_miou", "val_miou_gt"))) == best["val_miou"]
+    assert best["score"] == best["val_miou_gt"]
+    assert max(h["val_miou_gt"] for h in result.history if all(h[k] >= first[k] for k in
+               ("val_accuracy", "val_miou_gt"))) == best["val_miou_gt"]
     # what infer computes with the returned parameters is what was scored
     score = cucrf.metrics.SegmentationScore(C)
     for u, im, lab in zip(U[10:], I[10:], L[10:]):
         score.add(cucrf.infer(u, im, result.params, filter_size=5, blur=2, iterations=3).argmax(0), lab)
     assert score.miou == pytest.approx(best["val_miou"], abs=1e-12)
+    assert cucrf.metrics.mean_iou(score.cm, "gt") == pytest.approx(best["val_miou_gt"], abs=1e-12)
     assert result.temperature > 0 and math.isfinite(result.temperature)
     json.dumps(result.to_dict())
 
@@ -83,15 +84,19 @@ def test_nothing_wins_returns_the_exact_start(data, caplog):
     assert len(result.history) == 3  # it did train; nothing was better
 
 
-def test_selection_needs_every_score_at_least_the_start():
+def test_selection_needs_accuracy_and_gt_miou_at_least_the_start():
     sel = selection.Selection("miou", patience=2)
     sel.update({"epoch": 0, "val_accuracy": 0.9, "val_miou": 0.5, "val_miou_gt": 0.6})
     assert not sel.update({"epoch": 1, "val_accuracy": 0.89, "val_miou": 0.7, "val_miou_gt": 0.7})  # accuracy fell
-    assert sel.update({"epoch": 2, "val_accuracy": 0.9, "val_miou": 0.6, "val_miou_gt": 0.6})
-    assert not sel.update({"epoch": 3, "val_accuracy": 0.95, "val_miou": 0.6, "val_miou_gt": 0.7})  # not > 0.6
+    assert not sel.update({"epoch": 2, "val_accuracy": 0.95, "val_miou": 0.7, "val_miou_gt": 0.59})  # gt mIoU fell
+    assert sel.update({"epoch": 3, "val_accuracy": 0.9, "val_miou": 0.6, "val_miou_gt": 0.6})
+    assert not sel.update({"epoch": 4, "val_accuracy": 0.95, "val_miou": 0.6, "val_miou_gt": 0.7})  # not > 0.6
     assert not sel.should_stop
-    assert not sel.update({"epoch": 4, "val_accuracy": 0.95, "val_miou": 0.55, "val_miou_gt": 0.7})
-    assert sel.should_stop and sel.best_epoch == 2
+    assert not sel.update({"epoch": 5, "val_accuracy": 0.95, "val_miou": 0.55, "val_miou_gt": 0.7})
+    assert sel.should_stop and sel.best_epoch == 3
+    by_gt = selection.Selection("miou_gt", patience=None)  # the standard mIoU may fall
+    by_gt.update({"epoch": 0, "val_accuracy": 0.9, "val_miou": 0.7, "val_miou_gt": 0.8})
+    assert by_gt.update({"epoch": 1, "val_accuracy": 0.91, "val_miou": 0.6, "val_miou_gt": 0.85})
     loose = selection.Selection("loss", patience=None, guard=False, min_improvement=0.1)
     loose.update({"epoch": 0, "val_loss": 1.0})
     assert not loose.update({"epoch": 1, "val_loss": 0.95})  # not by more than 0.1
