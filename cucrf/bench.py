@@ -8,6 +8,7 @@ runs after a warm-up; "extra peak memory" is the peak of NumPy allocations durin
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import statistics
@@ -121,6 +122,12 @@ TABLE_HEADER = ("| case (5 iterations) | cucrf NumPy [s] | extra peak memory / u
 FIT_CASES = [(188, 250, 21, 1), (375, 500, 21, 1), (375, 500, 21, 4)]
 
 
+@functools.lru_cache(maxsize=2)
+def _recent_problem(height, width, classes, seed):
+    """:func:`make_problem`, kept for the next read: unary, image and label of a sample are read in turn."""
+    return make_problem(height, width, classes, seed=seed)
+
+
 class _GeneratedImages:
     """A lazy data set: image i is made when it is read (as a folder reader would load it)."""
 
@@ -133,7 +140,7 @@ class _GeneratedImages:
     def __getitem__(self, i):
         if not 0 <= i < self.count:
             raise IndexError(i)
-        unary, image = make_problem(*self.shape, seed=i)
+        unary, image = _recent_problem(*self.shape, i)
         if self.part == 0:
             return unary
         if self.part == 1:
