@@ -12,7 +12,7 @@ True
 """
 
 from ._api import DEFAULT_BLUR, DEFAULT_FILTER_SIZE, DEFAULT_ITERATIONS, InferVJP, infer, infer_vjp
-from ._fit import FitResult, fit
+from ._fit import FeatureTransform, FitResult, TrainingDivergedError, fit
 from ._params import CRFParams
 from ._validation import ProblemTooLargeError
 from .unary import unary_from_labels, unary_from_probabilities
@@ -22,5 +22,5 @@ __version__ = "0.1.0"
 __all__ = [
     "infer", "CRFParams", "unary_from_probabilities", "unary_from_labels",
     "ProblemTooLargeError", "DEFAULT_FILTER_SIZE", "DEFAULT_BLUR", "DEFAULT_ITERATIONS",
-    "infer_vjp", "InferVJP", "fit", "FitResult",
+    "infer_vjp", "InferVJP", "fit", "FitResult", "FeatureTransform", "TrainingDivergedError",
 ]

@@ -611,7 +611,11 @@ def fit(unaries, images, labels, params=None, *, validation=None, val_fraction="
         best_params = _parameters.to_params(best_vec, params, keys)
         best_transform = (FeatureTransform(np.array(best_vec["transform_matrix"]), np.array(best_vec["transform_offset"]))
                           if "transform_matrix" in best_vec else None)
-        say(f"selected epoch {best_epoch} ({metric} {_score_text(history, 0)} -> {_score_text(history, best_epoch)})")
+        if mode == "none":
+            say(f"no validation: returning the last epoch ({best_epoch})")
+        else:
+            say(f"selected epoch {best_epoch} ({metric} {_score_text(history, 0)} -> "
+                f"{_score_text(history, best_epoch)})")
     else:
         best_params = params
         best_transform = feature_transform if isinstance(feature_transform, FeatureTransform) else (
@@ -653,7 +657,8 @@ def _cross_validate(trainer, everything, vec_start, settings, say, checkpoint, r
             callback(_trainer.public([e])[0])
     best_epoch = choice.best_epoch
     if best_epoch == 0:
-        return pooled, 0, vec_start
+        # the start is kept: its temperature is the one picked on all the images
+        return pooled, 0, trainer.start_temperature(vec_start, everything)[0]
     say(f"training on all {n} images for {best_epoch} epoch(s), the cross-validated best")
     final = _train_run(trainer, everything, None, vec_start, settings, say, stop_at=best_epoch, ckpt=checkpoint,
                        resume_state=resume_state, signature=signature)

@@ -773,7 +773,9 @@ def _cmd_fit(args) -> int:
     title = _METRICS.get(metric, (metric,))[0]
     scored = getattr(result, "validation", None)  # how fit scored the epochs, in words
     scored = f" ({scored})" if scored and scored != "none" else ""
-    if improved:
+    if str(getattr(result, "validation", "")).startswith("no validation"):
+        print(f"no validation: kept the last epoch ({result.best_epoch}) without scoring it against the start")
+    elif improved:
         print(f"fitting beat the start: best epoch {result.best_epoch} of {epochs[-1]}, {title} "
               f"{_format_score(start, metric)} -> {_format_score(best, metric)}{scored}")
     else:

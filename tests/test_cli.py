@@ -539,7 +539,8 @@ def test_fit_outputs_and_summary(fit_data, capsys, monkeypatch):
     assert [h["epoch"] for h in history] == [0, 1, 2] and history[-1]["val_accuracy"] is None
     ft = json.loads((out_dir / "feature_transform.json").read_text())
     assert ft == {"matrix": (np.eye(3) * 0.5).tolist(), "offset": [0.0, 1.0, 2.0]}
-    assert "fitting beat the start: best epoch 1 of 2, validation mIoU 40.00% -> 55.00%" in out
+    assert ("fitting beat the start: best epoch 1 of 2, validation mIoU over the classes in the ground truth "
+            "40.00% -> 55.00%") in out
     written = "params.json feature_transform.json history.json"
     try:
         import matplotlib  # noqa: F401

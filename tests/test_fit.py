@@ -448,3 +448,19 @@ def test_inputs_are_not_modified(data):
 def test_checkpoint_module_signature_difference():
     assert ckpt_mod.signature_difference({"a": 1, "b": [1, 2]}, {"a": 1, "b": (1, 2)}) is None
     assert ckpt_mod.signature_difference({"a": 1}, {"a": 2}) == "a was 1 and is now 2"
+
+
+def test_cross_validation_keeping_the_start_reports_its_temperature(data):
+    """When leave-one-out keeps the start, the temperature is the one picked for the start on all images."""
+    U, I, L = data
+    val_like = ([perfect(lab) for lab in L[:3]], I[:3], L[:3])  # nothing can beat these
+    result = cucrf.fit(*val_like, epochs=1, **OPTS)
+    assert not result.improved and result.validation.startswith("leave-one-out")
+    holdout = cucrf.fit(*val_like, epochs=0, val_fraction=0, **OPTS)  # the start's temperature, all images
+    assert result.temperature == holdout.temperature != 1.0
+
+
+def test_public_names():
+    assert cucrf.TrainingDivergedError is parameters.TrainingDivergedError
+    assert issubclass(cucrf.TrainingDivergedError, ValueError)
+    assert cucrf.FeatureTransform is _fit.FeatureTransform
