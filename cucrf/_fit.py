@@ -315,7 +315,8 @@ def _train_run(trainer, train, val, vec_start, settings, say, *, stop_at=None, c
 # fit
 # -------------------------------------------------------------------------------------------------
 def fit(unaries, images, labels, params=None, *, validation=None, val_fraction="auto", metric=DEFAULT_METRIC,
-        patience=3, min_improvement=0.0, guard=True, learn=DEFAULT_LEARN, epochs=10, lr=DEFAULT_LR, lr_schedule="cosine",
+        patience=3, min_improvement=0.0, guard=True, learn=DEFAULT_LEARN, epochs=10, lr=DEFAULT_LR,
+        lr_schedule="cosine",
         batch_size=1, class_weights=None, ignore_index=255, temperature=True, prior=DEFAULT_PRIOR,
         lovasz=0.0, filter_size=_api.DEFAULT_FILTER_SIZE, blur=_api.DEFAULT_BLUR, iterations=_api.DEFAULT_ITERATIONS,
         normalization=None, include_self=False, feature_transform=None, num_classes=None, dtype=np.float32,
@@ -542,7 +543,8 @@ def fit(unaries, images, labels, params=None, *, validation=None, val_fraction="
     trainer = _trainer.Trainer(backend, configs, params, keys, learn_temperature=temperature, prior_strength=prior,
                                class_weights=class_weights, ignore_index=ignore_index, num_classes=C,
                                lovasz_weight=lovasz)
-    settings = dict(metric=metric, patience=patience, min_improvement=min_improvement, guard=bool(guard), epochs=epochs, lr=lr,
+    settings = dict(metric=metric, patience=patience, min_improvement=min_improvement, guard=bool(guard),
+                    epochs=epochs, lr=lr,
                     lr_schedule=lr_schedule, weight_decay=weight_decay, batch_size=batch_size, seed=seed,
                     progress=progress)
 
@@ -609,8 +611,10 @@ def fit(unaries, images, labels, params=None, *, validation=None, val_fraction="
     temperature_value = float(np.exp(best_vec.get("log_temperature", 0.0)))
     if improved:
         best_params = _parameters.to_params(best_vec, params, keys)
-        best_transform = (FeatureTransform(np.array(best_vec["transform_matrix"]), np.array(best_vec["transform_offset"]))
-                          if "transform_matrix" in best_vec else None)
+        best_transform = None
+        if "transform_matrix" in best_vec:
+            best_transform = FeatureTransform(np.array(best_vec["transform_matrix"]),
+                                              np.array(best_vec["transform_offset"]))
         if mode == "none":
             say(f"no validation: returning the last epoch ({best_epoch})")
         else:
