@@ -84,23 +84,20 @@ def test_nothing_wins_returns_the_exact_start(data, caplog):
     assert len(result.history) == 3  # it did train; nothing was better
 
 
-def test_selection_needs_accuracy_and_gt_miou_at_least_the_start():
-    sel = selection.Selection("miou", patience=2)
+def test_selection_guard_margin_and_patience():
+    sel = selection.Selection("miou_gt", patience=2, min_improvement=0.01)
     sel.update({"epoch": 0, "val_accuracy": 0.9, "val_miou": 0.5, "val_miou_gt": 0.6})
     assert not sel.update({"epoch": 1, "val_accuracy": 0.89, "val_miou": 0.7, "val_miou_gt": 0.7})  # accuracy fell
-    assert not sel.update({"epoch": 2, "val_accuracy": 0.95, "val_miou": 0.7, "val_miou_gt": 0.59})  # gt mIoU fell
-    assert sel.update({"epoch": 3, "val_accuracy": 0.9, "val_miou": 0.6, "val_miou_gt": 0.6})
-    assert not sel.update({"epoch": 4, "val_accuracy": 0.95, "val_miou": 0.6, "val_miou_gt": 0.7})  # not > 0.6
-    assert not sel.should_stop
-    assert not sel.update({"epoch": 5, "val_accuracy": 0.95, "val_miou": 0.55, "val_miou_gt": 0.7})
-    assert sel.should_stop and sel.best_epoch == 3
-    by_gt = selection.Selection("miou_gt", patience=None)  # the standard mIoU may fall
-    by_gt.update({"epoch": 0, "val_accuracy": 0.9, "val_miou": 0.7, "val_miou_gt": 0.8})
-    assert by_gt.update({"epoch": 1, "val_accuracy": 0.91, "val_miou": 0.6, "val_miou_gt": 0.85})
+    assert not sel.update({"epoch": 2, "val_accuracy": 0.95, "val_miou": 0.49, "val_miou_gt": 0.8})  # mIoU fell
+    assert not sel.should_stop  # the score kept rising: no patience spent
+    assert not sel.update({"epoch": 3, "val_accuracy": 0.95, "val_miou": 0.6, "val_miou_gt": 0.605})  # < margin
+    assert sel.update({"epoch": 4, "val_accuracy": 0.95, "val_miou": 0.6, "val_miou_gt": 0.62})
+    assert sel.best_epoch == 4 and sel.stale == 2 and sel.should_stop  # not above 0.8, seen at epoch 2
     loose = selection.Selection("loss", patience=None, guard=False, min_improvement=0.1)
     loose.update({"epoch": 0, "val_loss": 1.0})
     assert not loose.update({"epoch": 1, "val_loss": 0.95})  # not by more than 0.1
     assert loose.update({"epoch": 2, "val_loss": 0.85, "val_accuracy": 0.0})
+    assert loose.update({"epoch": 3, "val_loss": 0.84})  # the margin is to the start, not between epochs
 
 
 def test_validation_plans(data):
