@@ -461,3 +461,22 @@ def test_public_names():
     assert cucrf.TrainingDivergedError is parameters.TrainingDivergedError
     assert issubclass(cucrf.TrainingDivergedError, ValueError)
     assert cucrf.FeatureTransform is _fit.FeatureTransform
+
+
+def test_cross_validation_guards_each_held_out_image_miou():
+    """Pooling hides a class predicted in an image that lacks it; the per-image mIoU does not."""
+    def fold(cm):
+        return [{"epoch": 0, "train_loss": 1.0, "_confusion": np.array(cm), "_loss_sum": 1.0, "_weight_sum": 1.0}]
+
+    # image A holds classes 0 and 1, image B classes 0 and 2; B's predictions put class 1 where
+    # class 0 is: pooled, class 1 exists (from A); per image, B gains a class with IoU 0
+    a = [[5, 0, 0], [0, 5, 0], [0, 0, 0]]
+    b = [[3, 2, 0], [0, 0, 0], [0, 0, 5]]
+    pooled = selection.pooled_history([fold(a), fold(b)])[0]
+    per_image = np.mean([cucrf.metrics.mean_iou(np.array(a)), cucrf.metrics.mean_iou(np.array(b))])
+    assert pooled["val_miou_per_image"] == pytest.approx(per_image)
+    assert pooled["val_miou_per_image"] < pooled["val_miou"]
+    sel = selection.Selection("miou_gt", patience=None)
+    sel.update({"epoch": 0, "val_accuracy": 0.9, "val_miou": 0.8, "val_miou_gt": 0.8, "val_miou_per_image": 0.8})
+    assert not sel.update({"epoch": 1, "val_accuracy": 0.95, "val_miou": 0.85, "val_miou_gt": 0.9,
+                           "val_miou_per_image": 0.7})
