@@ -480,3 +480,19 @@ def test_cross_validation_guards_each_held_out_image_miou():
     sel.update({"epoch": 0, "val_accuracy": 0.9, "val_miou": 0.8, "val_miou_gt": 0.8, "val_miou_per_image": 0.8})
     assert not sel.update({"epoch": 1, "val_accuracy": 0.95, "val_miou": 0.85, "val_miou_gt": 0.9,
                            "val_miou_per_image": 0.7})
+
+
+def test_selection_margin_grows_below_eight_validation_images(data, monkeypatch):
+    U, I, L = data
+    margins = []
+    real_init = selection.Selection.__init__
+
+    def recording_init(self, metric, patience, min_improvement=0.0, guard=True):
+        margins.append(min_improvement)
+        real_init(self, metric, patience, min_improvement, guard)
+
+    monkeypatch.setattr(selection.Selection, "__init__", recording_init)
+    cucrf.fit(U[:2], I[:2], L[:2], validation=(U[10:12], I[10:12], L[10:12]), epochs=0, **OPTS)
+    cucrf.fit(U[:2], I[:2], L[:2], validation=(U[2:10], I[2:10], L[2:10]), epochs=0, min_improvement=0.01,
+              **OPTS)
+    assert margins == [pytest.approx(0.005 * 2), pytest.approx(0.01)]  # sqrt(8 / 2) = 2; 8 images: as given
