@@ -87,7 +87,7 @@ def _check_params(params, num_classes, num_channels):
 
 
 def infer(unary, image, params=None, *, filter_size=DEFAULT_FILTER_SIZE, blur=DEFAULT_BLUR,
-          iterations=DEFAULT_ITERATIONS, unary_kind="logits", num_classes=None, confidence=0.5,
+          iterations=DEFAULT_ITERATIONS, unary_kind="logits", num_classes=None, confidence=None,
           unknown_label=None, clip=1e-5, normalization=None, include_self=False, output="probabilities",
           dtype=None, device=None, feature_transform=None, like=None):
     """Refine a segmentation with a convolutional CRF (mean-field inference).
@@ -114,7 +114,8 @@ def infer(unary, image, params=None, *, filter_size=DEFAULT_FILTER_SIZE, blur=DE
     unary_kind : {'logits', 'probabilities', 'labels'}
         What ``unary`` holds (see above).
     num_classes, confidence, unknown_label
-        For ``unary_kind='labels'``: see :func:`cucrf.unary_from_labels`.
+        For ``unary_kind='labels'``: see :func:`cucrf.unary_from_labels` (``confidence=None``
+        gives the labelled class 0.5, or 0.7 with two classes).
     clip : float
         For ``unary_kind='probabilities'``: see :func:`cucrf.unary_from_probabilities`.
     normalization : {None, 'symmetric'}
@@ -458,7 +459,7 @@ def infer_vjp(unary, image, params=None, *, grad_output, filter_size=DEFAULT_FIL
     with device_scope(unary):
         prepared = _prepare_inputs(
             unary, image, params, filter_size=filter_size, blur=blur, iterations=iterations, unary_kind="logits",
-            num_classes=None, confidence=0.5, unknown_label=None, clip=1e-5, normalization=normalization,
+            num_classes=None, confidence=None, unknown_label=None, clip=1e-5, normalization=normalization,
             include_self=include_self, output=output, dtype=dtype, device=device,
             feature_transform=feature_transform, training=True,
         )

@@ -1135,8 +1135,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="write each result to DIR/<image name>.png")
     refine.add_argument("--unary-kind", choices=["logits", "probabilities", "labels"], default=None,
                         help="what the unary holds (default: from the file, see below; arrays are logits)")
-    refine.add_argument("--confidence", type=float, default=0.5, metavar="P",
-                        help="label maps: probability given to each pixel's label (default: %(default)s)")
+    refine.add_argument("--confidence", type=float, default=None, metavar="P",
+                        help="label maps: probability given to each pixel's label "
+                             "(default: 0.5, or 0.7 for two classes)")
     refine.add_argument("--unknown-label", type=_label_or_none, default=_IGNORE, metavar="ID",
                         help="label maps: class id meaning 'unknown', filled in by the CRF "
                              "(default: %(default)s; 'none' for no unknown label)")

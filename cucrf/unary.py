@@ -61,7 +61,29 @@ def unary_from_probabilities(probabilities, clip=1e-5):
     return xp.log(xp.clip(p.astype(dt), clip, 1.0))
 
 
-def unary_from_labels(labels, num_classes, confidence=0.5, unknown_label=None):
+#: Default ``confidence`` of :func:`unary_from_labels` for three or more classes.
+DEFAULT_CONFIDENCE = 0.5
+#: Default ``confidence`` for two classes, where 0.5 would be the uniform distribution.
+DEFAULT_CONFIDENCE_TWO_CLASSES = 0.7
+
+
+def default_confidence(num_classes):
+    """The ``confidence`` that ``confidence=None`` stands for with ``num_classes`` classes.
+
+    Parameters
+    ----------
+    num_classes : int
+        Number of classes ``C`` (>= 2).
+
+    Returns
+    -------
+    float
+        0.7 for two classes (0.5 would carry no information there), 0.5 otherwise.
+    """
+    return DEFAULT_CONFIDENCE_TWO_CLASSES if num_classes == 2 else DEFAULT_CONFIDENCE
+
+
+def unary_from_labels(labels, num_classes, confidence=None, unknown_label=None):
     """Log-probability unary from a label map, trusting each label with ``confidence``.
 
     A pixel with label ``l`` gets probability ``confidence`` for ``l`` and
@@ -74,8 +96,9 @@ def unary_from_labels(labels, num_classes, confidence=0.5, unknown_label=None):
         Class ids in ``[0, num_classes)``, or ``unknown_label``.
     num_classes : int
         Number of classes ``C`` (>= 2).
-    confidence : float
-        Probability given to the labelled class, in ``(1 / C, 1)``.
+    confidence : float or None
+        Probability given to the labelled class, in ``(1 / C, 1)``. None (the default) means
+        0.5 for ``C >= 3`` and 0.7 for ``C = 2`` (where 0.5 would be uniform).
     unknown_label : int or None
         Label value meaning "unknown" (e.g. 0 in pydensecrf's convention, 255 in VOC's).
 
@@ -99,9 +122,13 @@ def unary_from_labels(labels, num_classes, confidence=0.5, unknown_label=None):
         raise ValueError(f"labels must have shape (H, W) or (B, H, W), got shape {tuple(lab.shape)}")
     if lab.size == 0:
         raise ValueError(f"labels must not be empty, got shape {tuple(lab.shape)}")
-    if not isinstance(confidence, numbers.Real) or not 1.0 / num_classes < float(confidence) < 1.0:
+    if confidence is None:
+        confidence = default_confidence(num_classes)
+    if isinstance(confidence, (bool, np.bool_)) or not isinstance(confidence, numbers.Real) \
+            or not 1.0 / num_classes < float(confidence) < 1.0:
         raise ValueError(
-            f"confidence must be a number in (1/num_classes, 1) = ({1.0 / num_classes:.3g}, 1), got {confidence!r}"
+            f"confidence must be a number in (1/num_classes, 1) = ({1.0 / num_classes:.3g}, 1) for "
+            f"num_classes={num_classes}, or None for the default, got {confidence!r}"
         )
     lab = lab.astype(np.int64)
     unknown = xp.zeros(lab.shape, dtype=bool) if unknown_label is None else lab == int(unknown_label)

@@ -176,6 +176,17 @@ def test_refine_probabilities_as_logits_gives_a_note(tmp_path, capsys, pair):
     assert "--unary-kind probabilities" in capsys.readouterr().err
 
 
+def test_refine_two_class_label_png_default_confidence(tmp_path, capsys, pair):
+    image, _, _, p = pair
+    coarse = (image[..., 0] > 127).astype(np.uint8)
+    lab_png = tmp_path / "two.png"
+    palette.save_label_png(lab_png, coarse)
+    run_ok(["refine", p["image"], "-u", str(lab_png), "-o", str(tmp_path / "r.png"), "--num-classes", "2",
+            "--unknown-label", "none", "--filter-size", "5", "--save-probabilities"], capsys)
+    expected = cucrf.infer(coarse, image, unary_kind="labels", num_classes=2, confidence=0.7, filter_size=5)
+    np.testing.assert_allclose(np.load(tmp_path / "r.npy"), expected, atol=1e-6)
+
+
 def test_refine_label_png_with_confidence(tmp_path, capsys, pair):
     image, label, logits, p = pair
     coarse = logits.argmax(0).astype(np.uint8)

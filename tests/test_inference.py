@@ -233,6 +233,20 @@ def test_unary_from_labels_values():
     np.testing.assert_allclose(p[:, 1, 0], [1 / 3] * 3, rtol=1e-6)
 
 
+def test_unary_from_labels_default_confidence():
+    labels = np.array([[0, 1], [1, 0]])
+    p2 = np.exp(cucrf.unary_from_labels(labels, num_classes=2))  # 0.5 would be uniform for C = 2
+    np.testing.assert_allclose(p2[:, 0, 0], [0.7, 0.3], rtol=1e-6)
+    p3 = np.exp(cucrf.unary_from_labels(labels, num_classes=3))
+    np.testing.assert_allclose(p3[:, 0, 0], [0.5, 0.25, 0.25], rtol=1e-6)
+    np.testing.assert_array_equal(cucrf.unary_from_labels(labels, 3), cucrf.unary_from_labels(labels, 3, 0.5))
+    image = np.random.default_rng(3).integers(0, 256, (2, 2, 3), dtype=np.uint8)
+    q = cucrf.infer(labels, image, unary_kind="labels", num_classes=2, filter_size=1, blur=1, include_self=True)
+    assert q.shape == (2, 2, 2)
+    with pytest.raises(ValueError, match=r"in \(1/num_classes, 1\) = \(0.5, 1\) for num_classes=2.*got 0.5"):
+        cucrf.unary_from_labels(labels, 2, 0.5)
+
+
 def test_inputs_not_modified():
     rng = np.random.default_rng(10)
     unary = rng.normal(size=(2, 3, 8, 8)).astype(np.float32)
