@@ -16,21 +16,40 @@ __all__ = ["CRFParams"]
 _POTTS = "potts"
 
 
+# The kernels compute 1 / theta^2 (in Python floats, then float32) and scale positions and image
+# values by 1 / theta. With theta in [1e-6, 1e6], 1 / theta^2 lies in [1e-12, 1e12], far inside
+# float32's normal range [1.2e-38, 3.4e38]: squared distances up to ~1e26 still give finite
+# exponents, and theta^3 in the gradients stays finite. Outside it, 1e-300 ** 2 rounds to 0
+# (ZeroDivisionError) and 1e300 ** 2 overflows (OverflowError).
+BANDWIDTH_RANGE = (1e-6, 1e6)
+# Kernel weights, compatibility entries and the unary weight multiply messages that are at most
+# the window's kernel mass (or unary scores); |value| <= 1e6 keeps products like
+# weight * mu * message (<= 1e6 * 1e6 * 1e4) far below float32's maximum of 3.4e38.
+MAX_ABS_WEIGHT = 1e6
+
+
 def _as_positive_float(name, value):
+    """``value`` as a float bandwidth in ``BANDWIDTH_RANGE``; raises TypeError/ValueError naming ``name``."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+    low, high = BANDWIDTH_RANGE
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low:g}, {high:g}], got {value!r}")
     return value
 
 
 def _as_finite_float(name, value):
+    """``value`` as a float with ``|value| <= MAX_ABS_WEIGHT``; raises TypeError/ValueError naming ``name``."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value!r}")
+    if abs(value) > MAX_ABS_WEIGHT:
+        raise ValueError(f"{name} must be in [-{MAX_ABS_WEIGHT:g}, {MAX_ABS_WEIGHT:g}], got {value!r}")
     return value
 
 
@@ -63,6 +82,13 @@ def _as_compatibility(value):
         )
     if not np.all(np.isfinite(matrix)):
         raise ValueError("compatibility must contain only finite values")
+    too_large = np.argwhere(np.abs(matrix) > MAX_ABS_WEIGHT)
+    if len(too_large):
+        i, j = (int(v) for v in too_large[0])
+        raise ValueError(
+            f"compatibility entries must be in [-{MAX_ABS_WEIGHT:g}, {MAX_ABS_WEIGHT:g}], "
+            f"got compatibility[{i}][{j}] = {float(matrix[i, j])!r}"
+        )
     return tuple(tuple(float(v) for v in row) for row in matrix)
 
 
@@ -84,19 +110,28 @@ class CRFParams:
     Parameters
     ----------
     theta_alpha : float
-        Spatial bandwidth of the appearance kernel, in pixels.
+        Spatial bandwidth of the appearance kernel, in pixels, in [1e-6, 1e6].
     theta_beta : float or tuple of float
         Colour bandwidth of the appearance kernel, in image units; one value for all channels or
-        one per image channel.
+        one per image channel, each in [1e-6, 1e6].
     theta_gamma : float
-        Spatial bandwidth of the smoothness kernel, in pixels.
+        Spatial bandwidth of the smoothness kernel, in pixels, in [1e-6, 1e6].
     appearance_weight, smoothness_weight : float
-        Kernel weights ``w``; 0 switches a kernel off.
+        Kernel weights ``w``, in [-1e6, 1e6]; 0 switches a kernel off.
     compatibility : 'potts' or (C, C) array_like
         Label compatibility ``mu(l, l')``: the cost of giving label ``l`` to a pixel whose
-        neighbour has label ``l'``. ``'potts'`` is ``mu = 1 - identity``.
+        neighbour has label ``l'``. ``'potts'`` is ``mu = 1 - identity``. Entries in [-1e6, 1e6].
     unary_weight : float
-        Factor ``a`` applied to the unary scores (the inverse of a softmax temperature).
+        Factor ``a`` applied to the unary scores (the inverse of a softmax temperature), in
+        [-1e6, 1e6].
+
+    Raises
+    ------
+    TypeError
+        When a field is not a number (or, for ``compatibility``, not a matrix of numbers).
+    ValueError
+        When a value is NaN, infinite or outside the ranges above, which keep the kernel
+        arithmetic (``1 / theta^2`` and the weighted messages, in float32) finite.
 
     Examples
     --------

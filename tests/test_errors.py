@@ -129,6 +129,32 @@ def test_params_errors(kw, exc, match):
         cucrf.CRFParams(**kw)
 
 
+@pytest.mark.parametrize("kw,match", [
+    (dict(theta_gamma=1e-300), r"theta_gamma must be in \[1e-06, 1e\+06\], got 1e-300"),
+    (dict(theta_alpha=1e300), r"theta_alpha must be in \[1e-06, 1e\+06\], got 1e\+300"),
+    (dict(theta_alpha=1e-7), r"theta_alpha must be in \[1e-06, 1e\+06\], got 1e-07"),
+    (dict(theta_beta=(10.0, 1e7)), r"theta_beta\[1\] must be in \[1e-06, 1e\+06\], got 10000000.0"),
+    (dict(appearance_weight=-1e300), r"appearance_weight must be in \[-1e\+06, 1e\+06\], got -1e\+300"),
+    (dict(smoothness_weight=2e6), r"smoothness_weight must be in \[-1e\+06, 1e\+06\], got 2000000.0"),
+    (dict(unary_weight=1e300), r"unary_weight must be in \[-1e\+06, 1e\+06\], got 1e\+300"),
+    (dict(compatibility=[[0, 1e300], [1, 0]]),
+     r"compatibility entries must be in \[-1e\+06, 1e\+06\], got compatibility\[0\]\[1\] = 1e\+300"),
+])
+def test_params_out_of_range(kw, match):
+    with pytest.raises(ValueError, match=match):
+        call(params=cucrf.CRFParams(**kw))
+    with pytest.raises(ValueError, match=match):
+        cucrf.CRFParams.from_json(json.dumps({k: v for k, v in kw.items()}))
+
+
+def test_params_range_limits_accepted():
+    p = cucrf.CRFParams(theta_alpha=1e6, theta_beta=1e-6, theta_gamma=1e-6, appearance_weight=-1e6,
+                        smoothness_weight=1e6, unary_weight=1e6, compatibility=[[0, 1e6], [-1e6, 0]])
+    assert cucrf.CRFParams.from_json(p.to_json()) == p
+    q = call(params=p.replace(compatibility="potts", unary_weight=1.0, appearance_weight=1.0))
+    assert np.isfinite(q).all()
+
+
 def test_params_mismatch_with_problem():
     with pytest.raises(ValueError, match=r"compatibility has shape \(2, 2\) but the unary has 3 classes"):
         call(params=cucrf.CRFParams(compatibility=np.eye(2)))
