@@ -1,5 +1,9 @@
 """Threaded NumPy work gives exactly the single-threaded result."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -37,3 +41,106 @@ def test_bad_thread_count(monkeypatch):
     monkeypatch.setenv("CUCRF_NUM_THREADS", "many")
     with pytest.raises(ValueError, match="CUCRF_NUM_THREADS must be a positive integer"):
         _parallel.num_threads()
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_non_positive_thread_count(monkeypatch, value):
+    monkeypatch.setenv("CUCRF_NUM_THREADS", value)
+    with pytest.raises(ValueError, match=f"CUCRF_NUM_THREADS must be a positive integer, got '{value}'"):
+        _parallel.num_threads()
+
+
+_CONCURRENT_SCRIPT = """
+import os
+import threading
+
+import numpy as np
+
+import cucrf
+from cucrf import _parallel
+
+_parallel.MIN_ELEMENTS = 1
+rng = np.random.default_rng(0)
+unary = rng.normal(size=(3, 16, 12)).astype(np.float32)
+image = rng.integers(0, 256, (16, 12, 3), dtype=np.uint8)
+os.environ["CUCRF_NUM_THREADS"] = "1"
+reference = cucrf.infer(unary, image, filter_size=5, iterations=2)
+os.environ["CUCRF_NUM_THREADS"] = "8"
+barrier = threading.Barrier(4)
+errors = []
+
+
+def work():
+    barrier.wait()
+    try:
+        for _ in range(3):
+            assert np.array_equal(cucrf.infer(unary, image, filter_size=5, iterations=2), reference)
+    except BaseException as exc:
+        errors.append(repr(exc))
+
+
+threads = [threading.Thread(target=work) for _ in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+assert not errors, errors
+"""
+
+
+def test_concurrent_calls_share_the_pool():
+    # A fresh process each time: the first calls are the ones that create the pool. Small images
+    # (3 classes, so chunks of 3 and of 8 items) keep the calls short and the callers overlapping.
+    for _ in range(6):
+        run = subprocess.run([sys.executable, "-c", _CONCURRENT_SCRIPT], capture_output=True, text=True,
+                             timeout=120)
+        assert run.returncode == 0, run.stderr
+
+
+_CHANGING_SCRIPT = """
+import os
+import threading
+import time
+
+import numpy as np
+
+import cucrf
+from cucrf import _parallel
+
+_parallel.MIN_ELEMENTS = 1
+rng = np.random.default_rng(1)
+unary = rng.normal(size=(3, 16, 12)).astype(np.float32)
+image = rng.integers(0, 256, (16, 12, 3), dtype=np.uint8)
+os.environ["CUCRF_NUM_THREADS"] = "1"
+reference = cucrf.infer(unary, image, filter_size=5, iterations=2)
+stop = threading.Event()
+errors = []
+
+
+def work():
+    try:
+        while not stop.is_set():
+            assert np.array_equal(cucrf.infer(unary, image, filter_size=5, iterations=2), reference)
+    except BaseException as exc:
+        errors.append(repr(exc))
+
+
+threads = [threading.Thread(target=work) for _ in range(4)]
+for t in threads:
+    t.start()
+for count in range(2, 17):
+    os.environ["CUCRF_NUM_THREADS"] = str(count)
+    time.sleep(0.01)
+stop.set()
+for t in threads:
+    t.join()
+assert not errors, errors
+"""
+
+
+def test_thread_count_changing_during_calls():
+    # In a fresh process, so that the pools made for each count do not outlive the test.
+    for _ in range(3):
+        run = subprocess.run([sys.executable, "-c", _CHANGING_SCRIPT], capture_output=True, text=True,
+                             timeout=120)
+        assert run.returncode == 0, run.stderr
