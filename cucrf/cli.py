@@ -53,7 +53,8 @@ UNARY files:
 
 Images and unaries are paired in order: the first UNARY belongs to the first IMAGE, and so on.
 The refined labels are written as paletted PNGs (pixel values are class ids, viewers show
-colours). Several images show a progress bar.
+colours). Several images show a progress bar. An output path that names one of the input files
+is refused before any work.
 
 examples:
   cucrf refine photo.jpg --unary logits.npy -o refined.png
@@ -432,6 +433,39 @@ def _refine_outputs(args):
     return outputs, probs
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether paths ``a`` and ``b`` name the same file (the same inode where both exist)."""
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def _check_output_paths(outputs, inputs) -> None:
+    """Refuse output paths that would overwrite an input or cannot be created.
+
+    Parameters
+    ----------
+    outputs : list of (str, Path)
+        The option that named each output path (e.g. ``'-o/--output'``) and the path.
+    inputs : list of (str, str)
+        What each input file is (e.g. ``'image'``) and its path.
+
+    Raises
+    ------
+    _UsageError
+        If an output is one of the inputs, or lies under a path that is a file, not a folder.
+    """
+    for option, out in outputs:
+        for what, path in inputs:
+            if _same_file(out, Path(path)):
+                raise _UsageError(f"{option} {str(out)!r} is the {what} {path!r}; writing it would destroy "
+                                  "the input, give another output path")
+        parent = next((d for d in Path(os.path.abspath(out)).parents if d.exists()), None)
+        if parent is not None and not parent.is_dir():
+            raise _UsageError(f"{option} {str(out)!r}: {str(parent)!r} is a file, not a folder; give an "
+                              "output path inside a folder")
+
+
 def _cmd_refine(args) -> int:
     from tqdm import tqdm
 
@@ -442,6 +476,14 @@ def _cmd_refine(args) -> int:
         raise _UsageError(f"got {n} image(s) but {len(args.unary)} --unary file(s); give one unary "
                           "per image, in the same order")
     outputs, prob_paths = _refine_outputs(args)
+    inputs = [("image", i) for i in args.images] + [("unary", u) for u in args.unary]
+    if args.params is not None and not args.params.lstrip().startswith("{"):  # else JSON text
+        inputs.append(("--params file", args.params))
+    if args.feature_transform is not None:
+        inputs.append(("--feature-transform file", args.feature_transform))
+    out_option = "-o/--output" if args.output is not None else "--out-dir"
+    _check_output_paths([(out_option, o) for o in outputs]
+                        + [("--save-probabilities", p) for p in prob_paths if p is not None], inputs)
     # Check every input exists before spending time on the first image.
     for i, u in zip(args.images, args.unary):
         _existing_file(i, "image")

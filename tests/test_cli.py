@@ -342,6 +342,62 @@ def test_debug_reraises(pair):
         main(["--debug", "refine", p["image"], "-u", p["npy"], "-o", "x.png", "--filter-size", "4"])
 
 
+def _refused(argv, capsys, option, path, protected):
+    """Run ``argv``: exit 2, one error line naming ``option`` and ``path``, ``protected`` files unchanged."""
+    before = {f: Path(f).read_bytes() for f in protected}
+    rc = main(argv)
+    _, err = capsys.readouterr()
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cucrf: error: "), err
+    assert option in lines[0] and str(path) in lines[0], err
+    for f, data in before.items():
+        assert Path(f).read_bytes() == data, f
+
+
+def test_refine_refuses_to_overwrite_an_input(tmp_path, capsys, pair):
+    _, label, _, p = pair
+    inputs = [p["image"], p["npy"], p["label"]]
+    base = ["refine", p["image"], "-u", p["npy"]]
+    _refused(base + ["-o", p["image"]], capsys, "-o/--output", p["image"], inputs)
+    other_spelling = str(tmp_path / "sub" / ".." / "scene.png")
+    _refused(base + ["-o", other_spelling], capsys, "-o/--output", other_spelling, inputs)
+    link = tmp_path / "link.png"
+    os.link(p["image"], link)  # a second name of the image
+    _refused(base + ["-o", str(link)], capsys, "-o/--output", link, inputs)
+    _refused(["refine", p["image"], "-u", p["label"], "-o", p["label"]], capsys, "-o/--output", p["label"], inputs)
+    # --out-dir names the output after the image: the image's own folder would replace it
+    _refused(base + ["--out-dir", str(tmp_path)], capsys, "--out-dir", p["image"], inputs)
+    # probabilities over the unary, given or next to the output PNG
+    _refused(base + ["-o", str(tmp_path / "r.png"), "--save-probabilities", p["npy"]], capsys,
+             "--save-probabilities", p["npy"], inputs)
+    _refused(base + ["-o", str(tmp_path / "logits.png"), "--save-probabilities"], capsys,
+             "--save-probabilities", p["npy"], inputs)
+    assert not (tmp_path / "r.png").exists() and not (tmp_path / "logits.png").exists()
+
+
+def test_refine_refuses_to_overwrite_params_or_feature_transform(tmp_path, capsys, pair):
+    _, _, _, p = pair
+    params = tmp_path / "params.png"  # odd names, but still inputs
+    params.write_text(json.dumps(cucrf.CRFParams().to_dict()))
+    transform = tmp_path / "transform.png"
+    transform.write_text(json.dumps({"matrix": np.eye(5).tolist(), "offset": [0.0] * 5}))
+    base = ["refine", p["image"], "-u", p["npy"]]
+    _refused(base + ["--params", str(params), "-o", str(params)], capsys, "-o/--output", params, [params])
+    _refused(base + ["--feature-transform", str(transform), "-o", str(transform)], capsys, "-o/--output",
+             transform, [transform])
+
+
+def test_refine_refuses_an_output_under_a_file(tmp_path, capsys, pair):
+    _, _, _, p = pair
+    out = Path(p["image"]) / "refined.png"
+    _refused(["refine", p["image"], "-u", p["npy"], "-o", str(out)], capsys, "-o/--output", out, [p["image"]])
+    probs = Path(p["npy"]) / "deeper" / "q.npy"
+    _refused(["refine", p["image"], "-u", p["npy"], "-o", str(tmp_path / "r.png"), "--save-probabilities",
+              str(probs)], capsys, "--save-probabilities", probs, [p["npy"]])
+    assert not (tmp_path / "r.png").exists()
+
+
 # -- palette and the demo scene --------------------------------------------------------------------
 
 
