@@ -50,6 +50,13 @@ def to_backend_array(name, value, device):
     device : {None, 'cpu', 'gpu'}
         Where to compute; None keeps the data where it is.
     """
+    if isinstance(value, np.ma.MaskedArray):
+        raise TypeError(
+            f"{name} must not be a masked array (numpy.ma.MaskedArray), got one with "
+            f"{int(np.ma.count_masked(value))} masked entries: the mask would be ignored. Pass "
+            f"{name}.filled(value) with a value the mask stands for, or, for a label map with unknown "
+            "pixels, fill them with a label id and pass unary_kind='labels' with unknown_label= that id"
+        )
     library = array_library(name, value)
     if library == "dlpack":
         value = from_dlpack(name, value)

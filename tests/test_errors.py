@@ -264,3 +264,23 @@ def test_memory_estimate_counts_stored_kernels_only_where_stored():
     on_the_fly = _meanfield.estimate_bytes(1, 19, 256, 512, 3, config, 4, stored_kernels=False)
     # the (1, 1, 121, 256, 512) float32 kernel stack is the difference
     assert stored - on_the_fly == 121 * 256 * 512 * 4
+
+
+@pytest.mark.parametrize("which", ["unary", "image"])
+def test_masked_array_is_refused(which):
+    unary = UNARY.copy()
+    unary[0, 0, 0] = np.nan
+    masked = {"unary": np.ma.masked_invalid(unary), "image": np.ma.masked_equal(IMAGE, 0)}[which]
+    kw = {which: masked}
+    with pytest.raises(TypeError, match=rf"{which} must not be a masked array.*filled"):
+        call(**kw)
+    with pytest.raises(TypeError, match=rf"{which} must not be a masked array"):
+        cucrf.infer_vjp(kw.get("unary", UNARY), kw.get("image", IMAGE), grad_output=np.ones_like(UNARY),
+                        filter_size=3, blur=1)
+
+
+def test_masked_label_map_is_refused():
+    labels = np.ma.masked_equal(rng.integers(0, 3, size=(10, 12)), 0)
+    with pytest.raises(TypeError, match="unary must not be a masked array.*unknown_label"):
+        call(unary=labels, unary_kind="labels", num_classes=3)
+
