@@ -305,9 +305,41 @@ def _prepare_inputs(unary, image, params, *, filter_size, blur, iterations, unar
     backend = get_backend(library)
     xp = backend.xp
 
+    compute_dtype = np.dtype(dtype) if dtype is not None else (
+        np.dtype(np.float64) if unary.dtype == np.float64 else np.dtype(np.float32)
+    )
+
+    def check_memory(B, C, H, W, F, config):
+        need = _meanfield.estimate_bytes(B, C, H, W, F, config, compute_dtype.itemsize,
+                                         stored_kernels=getattr(backend, "stores_kernels", True))
+        if training:
+            # The tape keeps 2 T full-size arrays, the backward pass about as many again.
+            need += 4 * max(config.iterations, 1) * B * C * H * W * compute_dtype.itemsize
+        available = backend.available_memory_bytes() if hasattr(backend, "available_memory_bytes") else available_memory_bytes()
+        if available is not None and need > available:
+            raise ProblemTooLargeError(
+                f"this {'gradient' if training else 'inference'} needs about {need / 2**30:.1f} GiB "
+                f"({B}x{C}x{H}x{W}, filter_size={config.filter_size}, blur={config.blur}) but only "
+                f"{available / 2**30:.1f} GiB is available; split the batch, use a larger blur or a smaller filter_size"
+            )
+
+    # The (B, C, H, W) unary that labels or probabilities become, estimated from the shapes
+    # before converting: a problem refused for its size is never allocated.
+    planned = None
     if unary_kind == "labels":
         if num_classes is None:
             raise ValueError("unary_kind='labels' needs num_classes")
+        if unary.ndim in (2, 3) and unary.size:
+            lead = unary.shape[:-2] or (1,)
+            planned = (lead[0], check_int("num_classes", num_classes, minimum=2)) + tuple(unary.shape[-2:])
+    elif unary_kind == "probabilities" and unary.ndim in (3, 4) and unary.size:
+        planned = tuple(unary.shape) if unary.ndim == 4 else (1,) + tuple(unary.shape)
+    if planned is not None:
+        channels = image.shape[-1] if image.ndim >= 3 and image.shape[-1] else 1
+        check_memory(*planned, channels, check_config(filter_size, blur, iterations, normalization,
+                                                      planned[2], planned[3], keep_centre=include_self))
+
+    if unary_kind == "labels":
         unary = unary_from_labels(unary, num_classes, confidence, unknown_label)
     elif unary_kind == "probabilities":
         unary = unary_from_probabilities(unary, clip)
@@ -325,21 +357,7 @@ def _prepare_inputs(unary, image, params, *, filter_size, blur, iterations, unar
     config = check_config(filter_size, blur, iterations, normalization, H, W, keep_centre=include_self)
     params = _check_params(params, C, F_out)
 
-    compute_dtype = np.dtype(dtype) if dtype is not None else (
-        np.dtype(np.float64) if unary.dtype == np.float64 else np.dtype(np.float32)
-    )
-    need = _meanfield.estimate_bytes(B, C, H, W, max(F, F_out), config, compute_dtype.itemsize,
-                                     stored_kernels=getattr(backend, "stores_kernels", True))
-    if training:
-        # The tape keeps 2 T full-size arrays, the backward pass about as many again.
-        need += 4 * max(config.iterations, 1) * B * C * H * W * compute_dtype.itemsize
-    available = backend.available_memory_bytes() if hasattr(backend, "available_memory_bytes") else available_memory_bytes()
-    if available is not None and need > available:
-        raise ProblemTooLargeError(
-            f"this {'gradient' if training else 'inference'} needs about {need / 2**30:.1f} GiB "
-            f"({B}x{C}x{H}x{W}, filter_size={config.filter_size}, blur={config.blur}) but only "
-            f"{available / 2**30:.1f} GiB is available; split the batch, use a larger blur or a smaller filter_size"
-        )
+    check_memory(B, C, H, W, max(F, F_out), config)
 
     # Scanned for NaN only now: a problem refused for its size is never read.
     check_finite("unary", unary, xp)

@@ -284,3 +284,19 @@ def test_masked_label_map_is_refused():
     with pytest.raises(TypeError, match="unary must not be a masked array.*unknown_label"):
         call(unary=labels, unary_kind="labels", num_classes=3)
 
+
+def test_problem_too_large_is_refused_before_converting_labels(monkeypatch):
+    import cucrf._api as api
+    monkeypatch.setattr("cucrf._api.available_memory_bytes", lambda: 1000)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("converted before the memory check")
+
+    monkeypatch.setattr(api, "unary_from_labels", fail)
+    monkeypatch.setattr(api, "unary_from_probabilities", fail)
+    labels = rng.integers(0, 3, size=(10, 12))
+    with pytest.raises(cucrf.ProblemTooLargeError, match=r"needs about"):
+        call(unary=labels, unary_kind="labels", num_classes=150)
+    probabilities = np.full((150, 10, 12), 1 / 150, np.float32)
+    with pytest.raises(cucrf.ProblemTooLargeError, match=r"needs about"):
+        call(unary=probabilities, unary_kind="probabilities")
