@@ -132,11 +132,6 @@ class FitResult:
         _checkpoint.atomic_write(path, (json.dumps(self.to_dict(), indent=2) + "\n").encode("utf-8"))
 
 
-def _batches(samples, batch_size, rng):
-    """Groups of up to ``batch_size`` equal-size samples (objects with ``.label``), in a random order."""
-    return _batches_of_shapes([tuple(s.label.shape) for s in samples], batch_size, rng)
-
-
 # -------------------------------------------------------------------------------------------------
 # argument checks
 # -------------------------------------------------------------------------------------------------

@@ -29,6 +29,15 @@ def array_library(name, value):
     return "numpy"
 
 
+def array_namespace(value):
+    """NumPy or CuPy, whichever ``value`` belongs to (without importing CuPy otherwise)."""
+    if type(value).__module__.split(".")[0] == "cupy":
+        import cupy
+
+        return cupy
+    return np
+
+
 def check_int(name, value, *, minimum=None, odd=False):
     """Return ``value`` as int; reject bools, floats and out-of-range values."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):

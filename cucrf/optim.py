@@ -12,16 +12,9 @@ import numbers
 
 import numpy as np
 
+from ._validation import array_namespace as _namespace
+
 __all__ = ["Adam"]
-
-
-def _namespace(a):
-    """NumPy or CuPy, whichever ``a`` belongs to (without importing CuPy otherwise)."""
-    if type(a).__module__.split(".")[0] == "cupy":
-        import cupy
-
-        return cupy
-    return np
 
 
 def _check_number(name, value, lo=None, hi=None, lo_open=False, hi_open=False):

@@ -10,17 +10,10 @@ import numbers
 
 import numpy as np
 
+from ._validation import array_namespace as _namespace
 from ._validation import check_float_array, check_int
 
 __all__ = ["unary_from_probabilities", "unary_from_labels"]
-
-
-def _namespace(arr):
-    if type(arr).__module__.split(".")[0] == "cupy":
-        import cupy
-
-        return cupy
-    return np
 
 
 def unary_from_probabilities(probabilities, clip=1e-5):

@@ -12,13 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def _namespace(a):
-    if type(a).__module__.split(".")[0] == "cupy":
-        import cupy
-
-        return cupy
-    return np
+from .._validation import array_namespace as _namespace
 
 
 def cross_entropy(logits, labels, class_weights=None, ignore_index=255):
