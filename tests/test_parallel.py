@@ -50,9 +50,11 @@ def test_non_positive_thread_count(monkeypatch, value):
         _parallel.num_threads()
 
 
-_CONCURRENT_SCRIPT = """
+# Shared by the subprocess scripts: tiny inputs, every step threaded, the one-thread reference.
+_SCRIPT_SETUP = """
 import os
 import threading
+import time
 
 import numpy as np
 
@@ -65,7 +67,9 @@ unary = rng.normal(size=(3, 16, 12)).astype(np.float32)
 image = rng.integers(0, 256, (16, 12, 3), dtype=np.uint8)
 os.environ["CUCRF_NUM_THREADS"] = "1"
 reference = cucrf.infer(unary, image, filter_size=5, iterations=2)
-os.environ["CUCRF_NUM_THREADS"] = "8"
+"""
+
+_CONCURRENT_SCRIPT = _SCRIPT_SETUP + """os.environ["CUCRF_NUM_THREADS"] = "8"
 barrier = threading.Barrier(4)
 errors = []
 
@@ -97,23 +101,7 @@ def test_concurrent_calls_share_the_pool():
         assert run.returncode == 0, run.stderr
 
 
-_CHANGING_SCRIPT = """
-import os
-import threading
-import time
-
-import numpy as np
-
-import cucrf
-from cucrf import _parallel
-
-_parallel.MIN_ELEMENTS = 1
-rng = np.random.default_rng(1)
-unary = rng.normal(size=(3, 16, 12)).astype(np.float32)
-image = rng.integers(0, 256, (16, 12, 3), dtype=np.uint8)
-os.environ["CUCRF_NUM_THREADS"] = "1"
-reference = cucrf.infer(unary, image, filter_size=5, iterations=2)
-stop = threading.Event()
+_CHANGING_SCRIPT = _SCRIPT_SETUP + """stop = threading.Event()
 errors = []
 
 
