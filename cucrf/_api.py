@@ -9,6 +9,7 @@ from typing import Optional
 import numpy as np
 
 from . import _meanfield, interop
+from ._diagnostics import check_inputs, check_unary_layout
 from ._backends import check_same_device, describe, device_scope, get_backend, to_backend_array
 from ._geometry import axis_geometry
 from ._params import CRFParams
@@ -304,6 +305,9 @@ def _prepare_inputs(unary, image, params, *, filter_size, blur, iterations, unar
         )
     backend = get_backend(library)
     xp = backend.xp
+    if unary_kind != "labels":
+        check_unary_layout(unary, image)  # shapes only: before the image is blamed for the unary's layout
+    given_unary = unary
 
     compute_dtype = np.dtype(dtype) if dtype is not None else (
         np.dtype(np.float64) if unary.dtype == np.float64 else np.dtype(np.float32)
@@ -362,6 +366,9 @@ def _prepare_inputs(unary, image, params, *, filter_size, blur, iterations, unar
     # Scanned for NaN only now: a problem refused for its size is never read.
     check_finite("unary", unary, xp)
     check_finite("image", image4, xp)
+    # With a feature transform theta_beta is in the transformed units: the image scale says nothing.
+    check_inputs(given_unary, image4 if transform is None else None, unary_kind=unary_kind, params=params,
+                 stacklevel=3)
     # No copy when the dtype already fits: mean-field inference never writes to its inputs, and
     # a copy would cost a whole unary's worth of memory.
     u = u4.astype(compute_dtype, copy=False)
