@@ -641,7 +641,7 @@ def test_fit_logging_is_restored(fit_data, capsys, monkeypatch):
 
 def test_training_curve_figure():
     pytest.importorskip("matplotlib")
-    from cucrf.cli import _training_curve_figure
+    from cucrf.cli.fit import training_curve_figure as _training_curve_figure
 
     history = _history([0.4, 0.6, 0.5, 0.45])
     fig = _training_curve_figure(history, "miou", 1)
@@ -669,7 +669,7 @@ def test_training_curve_figure():
 
 def test_training_curve_png(tmp_path):
     pytest.importorskip("matplotlib")
-    from cucrf.cli import _plot_history
+    from cucrf.cli.fit import plot_history as _plot_history
 
     assert _plot_history(_history([0.4, 0.5]), tmp_path / "c.png", "accuracy", 1)
     assert iio.imread(tmp_path / "c.png").ndim == 3
@@ -794,3 +794,20 @@ def test_fit_end_to_end_then_refine_and_eval(fit_data, capsys):
     argv += ["--feature-transform", f"fitted={ft_path}"] if transform is not None else []
     out, _ = run_ok(argv, capsys)
     assert "scoring the 2 'test' images" in out and re.search(r"^\s+fitted\s+\d", out, re.M)
+
+
+# -- structure --------------------------------------------------------------------------------------
+
+
+def test_one_module_per_command():
+    import importlib
+
+    import cucrf.cli
+
+    parser = cucrf.cli.build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert list(commands) == ["demo", "refine", "fit", "eval", "params"]
+    for name, sub in commands.items():
+        module = importlib.import_module(f"cucrf.cli.{name}")
+        assert callable(module.add_parser)
+        assert sub.get_default("func") is module.run  # each command runs its own module's code
