@@ -811,3 +811,52 @@ def test_one_module_per_command():
         module = importlib.import_module(f"cucrf.cli.{name}")
         assert callable(module.add_parser)
         assert sub.get_default("func") is module.run  # each command runs its own module's code
+
+
+# -- refine: where the probabilities go ---------------------------------------------------------------
+
+
+def test_refine_save_probabilities_writes_exactly_the_reported_path(tmp_path, capsys, pair):
+    image, _, logits, p = pair
+    expected = cucrf.infer(logits, image, filter_size=5)
+    base = ["refine", p["image"], "-u", p["npy"], "-o", str(tmp_path / "r.png"), "--filter-size", "5"]
+    upper = tmp_path / "Q.NPY"  # np.save would append '.npy' to any other spelling
+    out, _ = run_ok(base + ["--save-probabilities", str(upper)], capsys)
+    assert f"probabilities {upper}" in out
+    np.testing.assert_allclose(np.load(upper), expected, atol=1e-6)
+    assert sorted(f.name for f in tmp_path.iterdir() if f.name.lower().startswith("q")) == ["Q.NPY"]
+
+
+def test_refine_save_probabilities_refuses_another_suffix(tmp_path, capsys, pair):
+    _, _, _, p = pair
+    target = tmp_path / "p.txt"
+    rc = main(["refine", p["image"], "-u", p["npy"], "-o", str(tmp_path / "r.png"), "--save-probabilities",
+               str(target)])
+    _, err = capsys.readouterr()
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cucrf: error: --save-probabilities ")
+    assert str(target) in lines[0] and "expected a .npy file" in lines[0]
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["logits.npy", "probs.npy", "probs.npz", "scene.png",
+                                                          "scene_label.png", "unary.npz"]  # nothing written
+
+
+def test_refine_save_probabilities_into_a_folder(tmp_path, capsys, pair):
+    image, _, logits, p = pair
+    folder = tmp_path / "probs"
+    folder.mkdir()
+    second = tmp_path / "other.png"
+    iio.imwrite(second, image[::-1].copy())
+    np.save(tmp_path / "other.npy", logits[:, ::-1])
+    # one folder for every image: each file is named after its output PNG
+    out, _ = run_ok(["refine", p["image"], str(second), "-u", p["npy"], str(tmp_path / "other.npy"),
+                     "--out-dir", str(tmp_path / "out"), "--filter-size", "5", "--save-probabilities", str(folder)],
+                    capsys)
+    assert sorted(f.name for f in folder.iterdir()) == ["other.npy", "scene.npy"]
+    assert f"probabilities {folder / 'scene.npy'}" in out
+    np.testing.assert_allclose(np.load(folder / "scene.npy"), cucrf.infer(logits, image, filter_size=5), atol=1e-6)
+    assert not (tmp_path / "probs.npy.npy").exists()
+    # a path ending in a separator is a folder too, created when missing
+    run_ok(["refine", p["image"], "-u", p["npy"], "-o", str(tmp_path / "r.png"), "--filter-size", "5",
+            "--save-probabilities", str(tmp_path / "new") + os.sep], capsys)
+    assert (tmp_path / "new" / "r.npy").is_file()

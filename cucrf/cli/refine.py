@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -71,7 +72,9 @@ def add_parser(sub, parents) -> argparse.ArgumentParser:
                              "with the --params it wrote")
     refine.add_argument("--save-probabilities", nargs="*", metavar="OUT.npy",
                         help="also save the refined probabilities (C, H, W) as float32 .npy: to the "
-                             "paths given (one per image) or, without paths, next to each output PNG")
+                             ".npy paths given (one per image), into a folder (an existing one, or a path "
+                             "ending in /; files named after the output PNGs) or, without paths, next to "
+                             "each output PNG")
     refine.set_defaults(func=run)
     return refine
 
@@ -102,16 +105,46 @@ def _outputs(args):
         if o.suffix.lower() != ".png":
             raise CLIError(f"output {str(o)!r} must be a .png file (the refined labels are written "
                            "as a paletted PNG)")
-    if args.save_probabilities is None:
-        probs = [None] * n
-    elif not args.save_probabilities:
-        probs = [o.with_suffix(".npy") for o in outputs]  # next to each PNG
-    elif len(args.save_probabilities) != n:
-        raise UsageError(f"got {n} image(s) but {len(args.save_probabilities)} --save-probabilities "
-                         "path(s); give one per image, or none to save next to each output")
-    else:
-        probs = [Path(p) for p in args.save_probabilities]
-    return outputs, probs
+    return outputs, _probability_paths(args.save_probabilities, outputs)
+
+
+def _is_folder(path: str) -> bool:
+    """Whether a --save-probabilities path names a folder: an existing one, or one ending in a separator."""
+    return Path(path).is_dir() or path.endswith(("/", os.sep))
+
+
+def _probability_paths(given, outputs):
+    """The .npy path of each image's probabilities (None when not saved).
+
+    ``given`` is the list of --save-probabilities paths (None: not saved; empty: next to each
+    output PNG). A folder receives ``<output PNG stem>.npy``; a file must end in .npy, so that
+    the file written is exactly the one reported.
+    """
+    n = len(outputs)
+    if given is None:
+        return [None] * n
+    if not given:
+        return [o.with_suffix(".npy") for o in outputs]  # next to each PNG
+    if len(given) == 1 and n > 1 and _is_folder(given[0]):
+        given = given * n  # one folder for every image
+    if len(given) != n:
+        raise UsageError(f"got {n} image(s) but {len(given)} --save-probabilities path(s); give one .npy file "
+                         "per image, one folder for all, or no path to save next to each output PNG")
+    probs = []
+    for path, output in zip(given, outputs):
+        if _is_folder(path):
+            probs.append(Path(path) / (output.stem + ".npy"))
+        elif Path(path).suffix.lower() != ".npy":
+            raise UsageError(f"--save-probabilities {path!r}: expected a .npy file (the probabilities are "
+                             "saved as a NumPy array) or a folder (an existing one, or a path ending in '/'); "
+                             "give a path ending in .npy")
+        else:
+            probs.append(Path(path))
+    if len(set(probs)) != len(probs):
+        dup = next(q for q in probs if probs.count(q) > 1)
+        raise UsageError(f"--save-probabilities: two images would be written to the same file {str(dup)!r}; "
+                         "give one path per image")
+    return probs
 
 
 def run(args) -> int:
@@ -176,7 +209,8 @@ def run(args) -> int:
             palette.save_label_png(opath, q.argmax(axis=0).astype(np.uint8 if q.shape[0] <= 256 else np.int64))
             if ppath is not None:
                 ppath.parent.mkdir(parents=True, exist_ok=True)
-                np.save(ppath, q)
+                with open(ppath, "wb") as f:  # np.save(path) would append '.npy' to other spellings
+                    np.save(f, q)
             extra_text = f", probabilities {ppath}" if ppath is not None else ""
             tqdm.write(f"{opath}  ({image.shape[0]}x{image.shape[1]}, {q.shape[0]} classes, "
                        f"{seconds:.3f} s{extra_text})", file=sys.stdout)
