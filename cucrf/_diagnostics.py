@@ -52,8 +52,8 @@ def check_unary_layout(unary, image):
         return
     batched = len(ushape) == 4
     size = ishape[-3:-1]
-    if ushape[-2:] == size or ushape[-3:-1] != size:
-        return
+    if ushape[-2:] == size or ushape[-3:-1] != size or ishape[-2:] == ushape[-2:]:
+        return  # the unary fits, or does not fit either way, or the image is the channels-first one
     if batched and ushape[0] != ishape[0]:
         return
     layout, fix, torch_fix = (

@@ -124,6 +124,14 @@ def test_channels_last_unary_is_named(batched):
         check_inputs(unary, image, unary_kind="logits", params=None)
 
 
+def test_channels_first_image_is_still_blamed_on_the_image():
+    # (C, H, W) unary with a (F, H, W) image: the unary's first two axes match the image's, but the image is wrong
+    with pytest.raises(ValueError, match="image has shape .* looks channels-first"):
+        cucrf.infer(LOGITS[:3], IMAGE.transpose(2, 0, 1), **KW)
+    with pytest.raises(ValueError, match="image has shape .* looks channels-first"):
+        cucrf.infer(LOGITS[:3][None], IMAGE.transpose(2, 0, 1)[None], **KW)
+
+
 def test_check_inputs_direct_use():
     assert input_warnings(check_inputs, PROBS, IMAGE, unary_kind="logits", params=None)
     assert input_warnings(check_inputs, PROBS, IMAGE, unary_kind="probabilities", params=None) == []
