@@ -14,7 +14,8 @@ from ._backends import check_same_device, describe, device_scope, get_backend, t
 from ._geometry import axis_geometry
 from ._params import CRFParams
 from ._validation import (
-    ProblemTooLargeError, available_memory_bytes, check_finite, check_float_array, check_image, check_int,
+    ProblemTooLargeError, available_memory_bytes, check_feature_magnitude, check_finite, check_float_array,
+    check_image, check_image_magnitude, check_int, check_result_finite, check_unary_magnitude,
 )
 from .unary import unary_from_labels, unary_from_probabilities
 
@@ -153,6 +154,22 @@ def infer(unary, image, params=None, *, filter_size=DEFAULT_FILTER_SIZE, blur=DE
         In the unary's array library (NumPy or CuPy) unless ``like`` says otherwise, of the
         compute dtype.
 
+    Raises
+    ------
+    ValueError
+        Besides bad shapes and settings: for finite values too large for the compute dtype
+        (``unary_weight * unary`` or the image's squared colour differences, divided by
+        ``theta_beta``, beyond a quarter of its largest value); the message names the input and
+        the fix (rescale it, or ``dtype=np.float64``). A result with NaN or infinity is never
+        returned: it is a ValueError too.
+
+    Warns
+    -----
+    cucrf.InputWarning
+        When the inputs look like a common mistake: probabilities or pydensecrf energies
+        ``-log(p)`` passed as logits, or a float image in [0, 1] with a ``theta_beta`` meant for
+        0..255 values (see :func:`cucrf._diagnostics.check_inputs`).
+
     Notes
     -----
     Inputs exposing ``__dlpack__`` (PyTorch CPU or CUDA tensors, JAX arrays, ...) are shared
@@ -180,8 +197,21 @@ def infer(unary, image, params=None, *, filter_size=DEFAULT_FILTER_SIZE, blur=DE
         )
         result = _meanfield.mean_field(prepared.backend, prepared.unary, prepared.features, prepared.params,
                                        prepared.config, return_logits=output == "logits")
+        check_result_finite("the output of cucrf.infer", result, prepared.unary.dtype,
+                            lambda: _magnitudes(prepared))
         result = result if prepared.batched else result[0]
         return result if reference is None else _to_like(result, reference[0])
+
+
+def _magnitudes(prepared, grad_output=None):
+    """A sentence on the sizes of the prepared inputs, for the error about a non-finite result."""
+    xp = prepared.backend.xp
+    peak = float(xp.max(xp.abs(prepared.unary))) * abs(prepared.params.unary_weight)
+    lo, hi = float(xp.min(prepared.features)), float(xp.max(prepared.features))
+    text = f"The largest |unary_weight * unary| is {peak:.3g}; the image features lie in [{lo:.3g}, {hi:.3g}]"
+    if grad_output is not None:
+        text += f"; the largest |grad_output| is {float(xp.max(xp.abs(grad_output))):.3g}"
+    return text + "."
 
 
 def _to_like(value, reference):
@@ -369,11 +399,18 @@ def _prepare_inputs(unary, image, params, *, filter_size, blur, iterations, unar
     # With a feature transform theta_beta is in the transformed units: the image scale says nothing.
     check_inputs(given_unary, image4 if transform is None else None, unary_kind=unary_kind, params=params,
                  stacklevel=3)
+    # Values the compute dtype cannot carry through the kernels and the softmax are refused here,
+    # naming the input, instead of coming back as NaN.
+    check_unary_magnitude(u4, xp, params.unary_weight, compute_dtype)
+    check_image_magnitude(image4, xp, compute_dtype)
     # No copy when the dtype already fits: mean-field inference never writes to its inputs, and
     # a copy would cost a whole unary's worth of memory.
     u = u4.astype(compute_dtype, copy=False)
     image_features = xp.ascontiguousarray(xp.moveaxis(image4, -1, 1).astype(compute_dtype))
     features = apply_feature_transform(xp, image_features, transform)
+    if config.iterations > 0:  # without an iteration the features are never used
+        check_feature_magnitude(features, xp, params.theta_beta_vector(F_out), config.blur, training,
+                                transformed=transform is not None)
     return _Prepared(backend, u, image_features, features, params, config, batched, transform, library)
 
 
@@ -467,6 +504,13 @@ def infer_vjp(unary, image, params=None, *, grad_output, filter_size=DEFAULT_FIL
     InferVJP
         ``.output``, ``.unary``, ``.image``, ``.params`` (dict), ``.feature_transform``.
 
+    Raises
+    ------
+    ValueError
+        As for :func:`infer`; also when an image's raw value range squared (which the gradient
+        computes) exceeds a quarter of the compute dtype's largest value, and instead of returning
+        an output or gradient that holds NaN or infinity.
+
     Examples
     --------
     >>> import numpy as np, cucrf
@@ -511,9 +555,18 @@ def infer_vjp(unary, image, params=None, *, grad_output, filter_size=DEFAULT_FIL
             g_features, g_transform = _feature_transform_backward(xp, prepared.image_features, g_features,
                                                                   prepared.transform)
         g_image = xp.ascontiguousarray(xp.moveaxis(g_features, 1, -1))
+        param_grads = params_gradient_dict(prepared.params, grads)
+        computed = [("the output", result), ("the gradient with respect to the unary", g_unary),
+                    ("the gradient with respect to the image", g_image)]
+        computed += [(f"the gradient with respect to {k}", v) for k, v in param_grads.items()]
+        computed += [(f"the gradient with respect to feature_transform {k}", v) for k, v in (g_transform or {}).items()]
+        for what, value in computed:
+            check_result_finite(f"{what} (cucrf.infer_vjp)", value, prepared.unary.dtype,
+                                lambda: _magnitudes(prepared, g4),
+                                inputs="grad_output, the unary or the image (with theta_beta)")
         if not prepared.batched:
             result, g_unary, g_image = result[0], g_unary[0], g_image[0]
-        result = InferVJP(result, g_unary, g_image, params_gradient_dict(prepared.params, grads), g_transform)
+        result = InferVJP(result, g_unary, g_image, param_grads, g_transform)
         if reference is not None:
             result = dataclasses.replace(result, output=_to_like(result.output, reference[0]),
                                          unary=_to_like(result.unary, reference[0]),
