@@ -26,10 +26,13 @@ H, W, C = 48, 64, len(CLASS_NAMES)
 
 
 def read_ids(path):
-    """Class ids of a paletted label PNG (and check it is paletted)."""
+    """Class ids of a label PNG, checked to read back as the same ids with imageio and Pillow."""
+    ids = iio.imread(path)
+    assert ids.ndim == 2 and ids.dtype in (np.uint8, np.uint16), (ids.shape, ids.dtype)
     with Image.open(path) as im:
-        assert im.mode == "P"
-        return np.asarray(im)
+        assert im.mode in ("L", "I;16")  # plain grey, no palette: every reader sees the ids
+        np.testing.assert_array_equal(np.asarray(im), ids)
+    return ids
 
 
 def scores(output):
@@ -342,15 +345,16 @@ def test_debug_reraises(pair):
         main(["--debug", "refine", p["image"], "-u", p["npy"], "-o", "x.png", "--filter-size", "4"])
 
 
-def _refused(argv, capsys, option, path, protected):
-    """Run ``argv``: exit 2, one error line naming ``option`` and ``path``, ``protected`` files unchanged."""
+def _refused(argv, capsys, option, path, protected, fragment=""):
+    """Run ``argv``: exit 2, one error line naming ``option`` and ``path`` (and holding ``fragment``),
+    ``protected`` files unchanged."""
     before = {f: Path(f).read_bytes() for f in protected}
     rc = main(argv)
     _, err = capsys.readouterr()
     assert rc == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("cucrf: error: "), err
-    assert option in lines[0] and str(path) in lines[0], err
+    assert option in lines[0] and str(path) in lines[0] and fragment in lines[0], err
     for f, data in before.items():
         assert Path(f).read_bytes() == data, f
 
@@ -433,8 +437,9 @@ def test_save_label_png_roundtrip(tmp_path):
     labels[0, 0] = 255
     path = tmp_path / "l.png"
     palette.save_label_png(path, labels)
-    np.testing.assert_array_equal(read_ids(path), labels)
     with Image.open(path) as im:
+        assert im.mode == "P"  # palette.save_label_png writes paletted PNGs (VOC's format)
+        np.testing.assert_array_equal(np.asarray(im), labels)
         assert im.convert("RGB").getpixel((1, 0)) == tuple(palette.PALETTE[1])
 
 
@@ -860,3 +865,129 @@ def test_refine_save_probabilities_into_a_folder(tmp_path, capsys, pair):
     run_ok(["refine", p["image"], "-u", p["npy"], "-o", str(tmp_path / "r.png"), "--filter-size", "5",
             "--save-probabilities", str(tmp_path / "new") + os.sep], capsys)
     assert (tmp_path / "new" / "r.npy").is_file()
+
+
+# -- refine: label maps are class ids, pictures are asked for ------------------------------------------
+
+
+def test_refine_label_map_reads_back_as_class_ids(tmp_path, capsys, pair):
+    image, _, logits, p = pair
+    out_png = tmp_path / "r.png"
+    run_ok(["refine", p["image"], "-u", p["npy"], "-o", str(out_png), "--filter-size", "5"], capsys)
+    expected = cucrf.infer(logits, image, filter_size=5).argmax(0)
+    ids = iio.imread(out_png)
+    assert ids.shape == (H, W) and ids.dtype == np.uint8
+    np.testing.assert_array_equal(ids, expected)
+    with Image.open(out_png) as im:
+        assert im.mode == "L"
+        np.testing.assert_array_equal(np.asarray(im), expected)
+
+
+def test_refine_label_map_is_16_bit_beyond_256_classes(tmp_path, capsys):
+    h, w, c = 6, 8, 300
+    image = np.zeros((h, w, 3), np.uint8)
+    image[:, w // 2:] = 200
+    logits = np.zeros((c, h, w), np.float32)
+    logits[3, :, : w // 2] = 8.0
+    logits[299, :, w // 2:] = 8.0  # a class id beyond 8 bits
+    iio.imwrite(tmp_path / "i.png", image)
+    np.save(tmp_path / "u.npy", logits)
+    run_ok(["refine", str(tmp_path / "i.png"), "-u", str(tmp_path / "u.npy"), "-o", str(tmp_path / "r.png"),
+            "--filter-size", "3", "--blur", "1"], capsys)
+    ids = read_ids(tmp_path / "r.png")
+    assert ids.dtype == np.uint16
+    np.testing.assert_array_equal(ids, cucrf.infer(logits, image, filter_size=3, blur=1).argmax(0))
+    assert ids.max() == 299
+
+
+def _crf_must_not_run(monkeypatch):
+    import cucrf._api
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the CRF ran")
+
+    monkeypatch.setattr(cucrf._api, "infer", refuse)
+
+
+@pytest.mark.parametrize("case", ["png limit", "overlay limit", "comparison limit", "label map"])
+def test_refine_refuses_too_many_classes_before_the_crf(case, tmp_path, capsys, monkeypatch):
+    h, w = 2, 3
+    iio.imwrite(tmp_path / "i.png", np.zeros((h, w, 3), np.uint8))
+    c = 65537 if case == "png limit" else 257
+    np.save(tmp_path / "u.npy", np.zeros((c, h, w), np.float32))
+    iio.imwrite(tmp_path / "l.png", np.zeros((h, w), np.uint8))
+    unary = tmp_path / ("l.png" if case == "label map" else "u.npy")
+    argv = ["refine", str(tmp_path / "i.png"), "-u", str(unary), "-o", str(tmp_path / "r.png")]
+    argv += {"png limit": [], "overlay limit": ["--overlay", str(tmp_path / "o.png")],
+             "comparison limit": ["--comparison", str(tmp_path / "c.png")],
+             "label map": ["--num-classes", "70000"]}[case]
+    _crf_must_not_run(monkeypatch)
+    rc = main(argv)
+    _, err = capsys.readouterr()
+    assert rc == 1, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cucrf: error: "), err
+    assert str(unary) in lines[0]
+    limit = {"png limit": "at most 65536", "label map": "at most 65536", "overlay limit": "--overlay",
+             "comparison limit": "--comparison"}[case]
+    assert limit in lines[0], lines[0]
+    assert str({"png limit": 65537, "label map": 70000}.get(case, 257)) + " classes" in lines[0]
+    assert not (tmp_path / "r.png").exists()
+
+
+def test_refine_overlay_and_comparison(tmp_path, capsys, pair):
+    image, _, logits, p = pair
+    out_png, overlay, comparison = tmp_path / "r.png", tmp_path / "pics" / "o.png", tmp_path / "c.png"
+    out, _ = run_ok(["refine", p["image"], "-u", p["npy"], "-o", str(out_png), "--filter-size", "5",
+                     "--overlay", str(overlay), "--comparison", str(comparison)], capsys)
+    refined = read_ids(out_png)
+    np.testing.assert_array_equal(iio.imread(overlay), palette.overlay(image, refined, alpha=0.5))
+    strip = iio.imread(comparison)
+    assert strip.ndim == 3 and strip.shape[2] == 3 and strip.dtype == np.uint8
+    assert strip.shape[1] >= 3 * W and strip.shape[0] > H  # image, before, after; captions and legend
+    # the panels are in the strip, in order: image, the unary's argmax, the refined labels
+    rows = [r for r in range(strip.shape[0] - H + 1)
+            if np.array_equal(strip[r:r + H, :W], image)]
+    assert len(rows) == 1
+    body = strip[rows[0]:rows[0] + H]
+    panels = [body[:, i * (W + 4):i * (W + 4) + W] for i in range(3)]
+    np.testing.assert_array_equal(panels[1], palette.color_labels(logits.argmax(0)))
+    np.testing.assert_array_equal(panels[2], palette.color_labels(refined))
+    assert str(overlay) in out and str(comparison) in out
+    # nothing but the label map unless asked
+    run_ok(["refine", p["image"], "-u", p["npy"], "-o", str(tmp_path / "plain.png"), "--filter-size", "5"], capsys)
+    assert sorted(f.name for f in tmp_path.iterdir() if f.name.startswith("plain")) == ["plain.png"]
+
+
+def test_refine_pictures_next_to_each_output_or_in_a_folder(tmp_path, capsys, pair):
+    image, _, logits, p = pair
+    run_ok(["refine", p["image"], "-u", p["npy"], "--out-dir", str(tmp_path / "out"), "--filter-size", "5",
+            "--overlay", "--comparison"], capsys)
+    assert sorted(f.name for f in (tmp_path / "out").iterdir()) == ["scene.png", "scene_comparison.png",
+                                                                    "scene_overlay.png"]
+    (tmp_path / "ov").mkdir()
+    run_ok(["refine", p["image"], "-u", p["npy"], "-o", str(tmp_path / "r.png"), "--filter-size", "5",
+            "--overlay", str(tmp_path / "ov")], capsys)
+    assert iio.imread(tmp_path / "ov" / "r.png").shape == (H, W, 3)
+
+
+def test_refine_refuses_a_picture_over_another_output(tmp_path, capsys, pair):
+    _, _, _, p = pair
+    out = tmp_path / "r.png"
+    _refused(["refine", p["image"], "-u", p["npy"], "-o", str(out), "--overlay", str(out)], capsys,
+             "--overlay", out, [p["image"]], "is also the -o/--output path")
+    _refused(["refine", p["image"], "-u", p["npy"], "-o", str(out), "--comparison", str(tmp_path / "c.jpg")],
+             capsys, "--comparison", tmp_path / "c.jpg", [p["image"]], "expected a .png file")
+    _refused(["refine", p["image"], "-u", p["npy"], "-o", str(out), "--overlay", p["image"]], capsys,
+             "--overlay", p["image"], [p["image"]], "is the image")
+    assert not out.exists()
+
+
+def test_demo_label_maps_read_back_as_class_ids(tmp_path, capsys):
+    out_dir = tmp_path / "demo"
+    run_ok(["demo", "--out", str(out_dir)], capsys)
+    _, label, _ = make_scene()
+    for name in ("truth.png", "noisy.png", "refined.png"):
+        ids = iio.imread(out_dir / name)
+        assert ids.shape == label.shape and ids.dtype == np.uint8, name
+    np.testing.assert_array_equal(iio.imread(out_dir / "truth.png"), label)

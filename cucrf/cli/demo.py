@@ -11,6 +11,7 @@ import numpy as np
 from ._crf import IGNORE, num_classes_from_labels, run_crf
 from ._errors import CLIError, UsageError
 from ._files import load_params, read_image, read_label, write_rgb
+from ._pictures import comparison_strip, legend_entries, write_label_png
 from ._parser import fraction, positive_int
 
 EPILOG = """\
@@ -32,8 +33,8 @@ def add_parser(sub, parents) -> argparse.ArgumentParser:
         help="refine a noisy segmentation of a generated scene (or your own image + label)",
         description="Make a noisy segmentation from a ground-truth label (the paper's synthetic\n"
                     "unary), refine it with the CRF, print accuracy and mean IoU before and after,\n"
-                    "and write image.png, truth.png, noisy.png, refined.png, overlay.png and\n"
-                    "comparison.png to --out.",
+                    "and write image.png, truth.png, noisy.png, refined.png (label PNGs of class ids),\n"
+                    "overlay.png and comparison.png (pictures in colour) to --out.",
         epilog=EPILOG,
     )
     demo.add_argument("--image", metavar="IMG", help="your own image (use with --label)")
@@ -51,32 +52,6 @@ def add_parser(sub, parents) -> argparse.ArgumentParser:
     demo.add_argument("--per-class", action="store_true", help="also print the IoU of every class")
     demo.set_defaults(func=run)
     return demo
-
-
-def caption_strip(panels, captions, gap):
-    """Row of panels (H, W, 3) with captions above them, ``gap`` white pixels between panels."""
-    h = panels[0].shape[0]
-    white = np.full((h, gap, 3), 255, dtype=np.uint8)
-    row = [panels[0]]
-    for p in panels[1:]:
-        row += [white, p]
-    body = np.concatenate(row, axis=1)
-    try:
-        from PIL import Image, ImageDraw, ImageFont
-
-        font = ImageFont.load_default()
-        strip = Image.new("RGB", (body.shape[1], 18), "white")
-        draw = ImageDraw.Draw(strip)
-        x = 0
-        for panel, caption in zip(panels, captions):
-            width = panel.shape[1]
-            while caption and draw.textlength(caption, font=font) > width - 4:
-                caption = caption[:-1]  # shorten captions that do not fit small panels
-            draw.text((x + 2, 3), caption, fill="black", font=font)
-            x += width + gap
-        return np.concatenate([np.asarray(strip), body], axis=0)
-    except Exception:  # captions are decoration: never fail the demo because of a font
-        return body
 
 
 def run(args) -> int:
@@ -150,14 +125,15 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rgb = palette._as_rgb(image)
     write_rgb(out / "image.png", image)
-    palette.save_label_png(out / "truth.png", label)
-    palette.save_label_png(out / "noisy.png", noisy)
-    palette.save_label_png(out / "refined.png", refined)
+    write_label_png(out / "truth.png", label, num_classes)
+    write_label_png(out / "noisy.png", noisy, num_classes)
+    write_label_png(out / "refined.png", refined, num_classes)
     import imageio.v3 as iio
 
     iio.imwrite(out / "overlay.png", palette.overlay(rgb, refined, alpha=0.5))
     panels = [rgb] + [palette.color_labels(x) for x in (label, noisy, refined)]
     captions = ["image", "ground truth", f"noisy, mIoU {miou[0]:.1%}", f"CRF, mIoU {miou[1]:.1%}"]
-    iio.imwrite(out / "comparison.png", caption_strip(panels, captions, gap=4))
+    entries = legend_entries([label, noisy, refined], class_names, special={IGNORE: "ignore"})
+    iio.imwrite(out / "comparison.png", comparison_strip(panels, captions, entries))
     print(f"wrote image.png truth.png noisy.png refined.png overlay.png comparison.png to {out}{os.sep}")
     return 0

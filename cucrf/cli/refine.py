@@ -12,7 +12,9 @@ import numpy as np
 from ._crf import IGNORE, num_classes_from_labels, run_crf
 from ._errors import CLIError, UsageError, error_text
 from ._files import (check_output_paths, check_transform_channels, check_unary_shape, existing_file,
-                     load_feature_transform, load_params, load_unary, read_image)
+                     load_feature_transform, load_params, load_unary, read_image, write_rgb)
+from ._pictures import (COLOUR_MAX_CLASSES, PNG_MAX_CLASSES, comparison_strip, image_rgb, legend_entries,
+                        write_label_png)
 from ._parser import label_or_none, positive_int
 
 EPILOG = """\
@@ -26,14 +28,22 @@ UNARY files:
   image)          label with --confidence, pixels equal to --unknown-label are left to the CRF
 
 Images and unaries are paired in order: the first UNARY belongs to the first IMAGE, and so on.
-The refined labels are written as paletted PNGs (pixel values are class ids, viewers show
-colours). Several images show a progress bar. An output path that names one of the input files
-is refused before any work.
+The refined labels are written as single-channel PNGs of class ids (8-bit, 16-bit beyond 256
+classes): they read back as the ids with imageio, Pillow or OpenCV, and look dark in a viewer.
+Pictures in colour are extra outputs: --overlay (the labels blended over the image) and
+--comparison (image, labels before and after the CRF, and a legend of the classes).
+
+--save-probabilities, --overlay and --comparison take one file per image, or one folder for
+all images (an existing folder, or a path ending in '/'; files named after the output PNGs),
+or no path: then each file goes next to its output PNG (OUT.npy, OUT_overlay.png,
+OUT_comparison.png). Several images show a progress bar. An output path that names one of the
+input files, or another output, is refused before any work.
 
 examples:
   cucrf refine photo.jpg --unary logits.npy -o refined.png
+  cucrf refine photo.jpg --unary logits.npy -o refined.png --overlay overlay.png --comparison strip.png
   cucrf refine photo.jpg --unary coarse_label.png --confidence 0.7 -o refined.png
-  cucrf refine img/*.jpg --unary logits/*.npz --out-dir refined --save-probabilities
+  cucrf refine img/*.jpg --unary logits/*.npz --out-dir refined --save-probabilities --comparison
   cucrf params > params.json   # edit, then: cucrf refine ... --params params.json
 """
 
@@ -44,7 +54,7 @@ def add_parser(sub, parents) -> argparse.ArgumentParser:
         "refine", parents=parents, formatter_class=argparse.RawDescriptionHelpFormatter,
         help="refine the class scores or label maps of your own images",
         description="Refine per-pixel class scores (or a coarse label map) of one or more images\n"
-                    "with the CRF and write the refined labels as paletted PNGs.",
+                    "with the CRF and write the refined labels as PNGs of class ids.",
         usage="cucrf refine IMAGE [IMAGE ...] --unary UNARY [UNARY ...] (-o OUT.png [OUT.png ...] | "
               "--out-dir DIR) [options]",
         epilog=EPILOG,
@@ -75,6 +85,13 @@ def add_parser(sub, parents) -> argparse.ArgumentParser:
                              ".npy paths given (one per image), into a folder (an existing one, or a path "
                              "ending in /; files named after the output PNGs) or, without paths, next to "
                              "each output PNG")
+    refine.add_argument("--overlay", nargs="*", metavar="OUT.png",
+                        help="also write the refined labels in colour over the image (see below for the paths)")
+    refine.add_argument("--comparison", nargs="*", metavar="OUT.png",
+                        help="also write a strip: the image, the labels before and after the CRF, a legend")
+    refine.add_argument("--class-names", metavar="NAMES",
+                        help="class names for the --comparison legend: comma-separated, or a text file with one "
+                             "name a line (default: class ids)")
     refine.set_defaults(func=run)
     return refine
 
@@ -88,7 +105,10 @@ def _looks_like_probabilities(unary) -> bool:
 
 
 def _outputs(args):
-    """Output PNG paths and probability paths (or None), one per image."""
+    """The paths each image's results go to: ``{"labels": [...], "probabilities": [...], ...}``.
+
+    Every list has one entry per image; None where that output was not asked for.
+    """
     n = len(args.images)
     if args.output is not None:
         if len(args.output) != n:
@@ -104,47 +124,116 @@ def _outputs(args):
     for o in outputs:
         if o.suffix.lower() != ".png":
             raise CLIError(f"output {str(o)!r} must be a .png file (the refined labels are written "
-                           "as a paletted PNG)")
-    return outputs, _probability_paths(args.save_probabilities, outputs)
+                           "as a PNG of class ids)")
+    return {
+        "labels": outputs,
+        "probabilities": _extra_paths(args.save_probabilities, outputs, "--save-probabilities", ".npy",
+                                      "the probabilities are saved as a NumPy array", ""),
+        "overlay": _extra_paths(args.overlay, outputs, "--overlay", ".png", "the overlay is a PNG picture",
+                                "_overlay"),
+        "comparison": _extra_paths(args.comparison, outputs, "--comparison", ".png",
+                                   "the comparison is a PNG picture", "_comparison"),
+    }
 
 
 def _is_folder(path: str) -> bool:
-    """Whether a --save-probabilities path names a folder: an existing one, or one ending in a separator."""
+    """Whether an output path names a folder: an existing one, or one ending in a separator."""
     return Path(path).is_dir() or path.endswith(("/", os.sep))
 
 
-def _probability_paths(given, outputs):
-    """The .npy path of each image's probabilities (None when not saved).
+def _extra_paths(given, outputs, option, suffix, why, tag):
+    """The path of an optional output of each image (None when not asked for).
 
-    ``given`` is the list of --save-probabilities paths (None: not saved; empty: next to each
-    output PNG). A folder receives ``<output PNG stem>.npy``; a file must end in .npy, so that
-    the file written is exactly the one reported.
+    Parameters
+    ----------
+    given : list of str or None
+        The paths given to ``option``: None, the option is absent; empty, next to each output
+        PNG as ``<stem><tag><suffix>``; one folder, every image's file inside it as
+        ``<output stem><suffix>``; else one file per image (or folder), ending in ``suffix``,
+        so that the file written is exactly the one reported.
+    outputs : list of Path
+        The label PNG of each image.
+    option, suffix, why, tag : str
+        The option's name, the suffix its files need and why, the tag of files next to outputs.
     """
     n = len(outputs)
     if given is None:
         return [None] * n
     if not given:
-        return [o.with_suffix(".npy") for o in outputs]  # next to each PNG
+        return [o.with_name(o.stem + tag + suffix) for o in outputs]  # next to each PNG
     if len(given) == 1 and n > 1 and _is_folder(given[0]):
         given = given * n  # one folder for every image
     if len(given) != n:
-        raise UsageError(f"got {n} image(s) but {len(given)} --save-probabilities path(s); give one .npy file "
-                         "per image, one folder for all, or no path to save next to each output PNG")
-    probs = []
+        raise UsageError(f"got {n} image(s) but {len(given)} {option} path(s); give one {suffix} file "
+                         f"per image, one folder for all, or no path to write next to each output PNG")
+    paths = []
     for path, output in zip(given, outputs):
         if _is_folder(path):
-            probs.append(Path(path) / (output.stem + ".npy"))
-        elif Path(path).suffix.lower() != ".npy":
-            raise UsageError(f"--save-probabilities {path!r}: expected a .npy file (the probabilities are "
-                             "saved as a NumPy array) or a folder (an existing one, or a path ending in '/'); "
-                             "give a path ending in .npy")
+            paths.append(Path(path) / (output.stem + suffix))
+        elif Path(path).suffix.lower() != suffix:
+            raise UsageError(f"{option} {path!r}: expected a {suffix} file ({why}) or a folder (an existing one, "
+                             f"or a path ending in '/'); give a path ending in {suffix}")
         else:
-            probs.append(Path(path))
-    if len(set(probs)) != len(probs):
-        dup = next(q for q in probs if probs.count(q) > 1)
-        raise UsageError(f"--save-probabilities: two images would be written to the same file {str(dup)!r}; "
+            paths.append(Path(path))
+    if len(set(paths)) != len(paths):
+        dup = next(q for q in paths if paths.count(q) > 1)
+        raise UsageError(f"{option}: two images would be written to the same file {str(dup)!r}; "
                          "give one path per image")
-    return probs
+    return paths
+
+
+def _check_distinct(outputs) -> None:
+    """A :class:`UsageError` when two kinds of output of ``outputs`` (option, path) share a file."""
+    from ._files import same_file
+
+    for j, (option, path) in enumerate(outputs):
+        for other, earlier in outputs[:j]:
+            if other != option and same_file(path, earlier):
+                raise UsageError(f"{option} {str(path)!r} is also the {other} path; give each output its own path")
+
+
+def _class_names(spec):
+    """The names given to --class-names (a comma-separated list or a text file, one name a line), or None."""
+    if spec is None:
+        return None
+    p = Path(spec)
+    if p.is_file():
+        try:
+            names = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CLIError(f"--class-names {spec!r}: cannot read the file ({error_text(exc)}); expected a text "
+                           "file with one class name a line") from exc
+    else:
+        names = [n.strip() for n in spec.split(",")]
+    if not names or not all(names):
+        raise UsageError(f"--class-names {spec!r}: expected class names separated by commas, or a text file with "
+                         "one name a line, none of them empty")
+    return names
+
+
+def _check_class_count(num_classes, upath, kind, args, class_names) -> None:
+    """Refuse, before the CRF runs, a class count that the outputs asked for cannot show."""
+    what = f"label map {upath!r}" if kind == "labels" else f"unary {upath!r}"
+    if kind == "labels" and args.num_classes is not None:
+        what += f" (--num-classes {args.num_classes})"
+    if num_classes > PNG_MAX_CLASSES:
+        raise CLIError(f"{what} has {num_classes} classes, but a label PNG holds at most {PNG_MAX_CLASSES} class "
+                       "ids (16 bits); expected at most 65536 classes")
+    pictures = [option for option, asked in (("--overlay", args.overlay), ("--comparison", args.comparison))
+                if asked is not None]
+    if pictures and num_classes > COLOUR_MAX_CLASSES:
+        raise CLIError(f"{what} has {num_classes} classes, but {' and '.join(pictures)} colour at most "
+                       f"{COLOUR_MAX_CLASSES} classes (the VOC palette); leave {' and '.join(pictures)} out")
+    if class_names is not None and len(class_names) < num_classes:
+        raise CLIError(f"--class-names gives {len(class_names)} names but {what} has {num_classes} classes; "
+                       f"expected one name per class")
+
+
+def _before(unary, kind, unknown):
+    """The labels before the CRF, for the comparison: the unary's argmax, or the label map (unknown as 255)."""
+    if kind == "labels":
+        return unary if unknown is None else np.where(unary == unknown, IGNORE, unary)
+    return unary.argmax(axis=0)
 
 
 def run(args) -> int:
@@ -157,15 +246,17 @@ def run(args) -> int:
     if len(args.unary) != n:
         raise UsageError(f"got {n} image(s) but {len(args.unary)} --unary file(s); give one unary "
                          "per image, in the same order")
-    outputs, prob_paths = _outputs(args)
+    paths = _outputs(args)
     inputs = [("image", i) for i in args.images] + [("unary", u) for u in args.unary]
     if args.params is not None and not args.params.lstrip().startswith("{"):  # else JSON text
         inputs.append(("--params file", args.params))
     if args.feature_transform is not None:
         inputs.append(("--feature-transform file", args.feature_transform))
-    out_option = "-o/--output" if args.output is not None else "--out-dir"
-    check_output_paths([(out_option, o) for o in outputs]
-                       + [("--save-probabilities", p) for p in prob_paths if p is not None], inputs)
+    options = {"labels": "-o/--output" if args.output is not None else "--out-dir",
+               "probabilities": "--save-probabilities", "overlay": "--overlay", "comparison": "--comparison"}
+    every_output = [(options[key], path) for key, column in paths.items() for path in column if path is not None]
+    check_output_paths(every_output, inputs)
+    _check_distinct(every_output)
     # Check every input exists before spending time on the first image.
     for i, u in zip(args.images, args.unary):
         existing_file(i, "image")
@@ -174,11 +265,12 @@ def run(args) -> int:
     transform = None
     if args.feature_transform is not None:
         transform = load_feature_transform(args.feature_transform)
+    class_names = _class_names(args.class_names)
 
     total = 0.0
     bar = tqdm(total=n, unit="image", disable=n <= 1, file=sys.stderr, dynamic_ncols=True)
     try:
-        for ipath, upath, opath, ppath in zip(args.images, args.unary, outputs, prob_paths):
+        for k, (ipath, upath) in enumerate(zip(args.images, args.unary)):
             image = read_image(ipath)
             unary, kind = load_unary(upath, args.unary_kind)
             check_unary_shape(unary, kind, image, upath, ipath)
@@ -187,32 +279,49 @@ def run(args) -> int:
                 check_transform_channels(transform, image.shape[2], f"--feature-transform {args.feature_transform!r}",
                                          f"image {ipath!r} has")
                 extra["feature_transform"] = transform
+            unknown = None
             if kind == "labels":
                 unknown = None if args.unknown_label is None or args.unknown_label < 0 else args.unknown_label
-                extra.update(
-                    num_classes=num_classes_from_labels(unary, unknown, args.num_classes, f"label map {upath!r}"),
-                    confidence=args.confidence, unknown_label=unknown,
-                )
+                num_classes = num_classes_from_labels(unary, unknown, args.num_classes, f"label map {upath!r}")
+                extra.update(num_classes=num_classes, confidence=args.confidence, unknown_label=unknown)
             else:
-                if args.num_classes is not None and unary.shape[0] != args.num_classes:
-                    raise CLIError(f"unary {upath!r} has {unary.shape[0]} classes but --num-classes "
+                num_classes = unary.shape[0]
+                if args.num_classes is not None and num_classes != args.num_classes:
+                    raise CLIError(f"unary {upath!r} has {num_classes} classes but --num-classes "
                                    f"is {args.num_classes}")
                 if kind == "logits" and _looks_like_probabilities(unary):
                     tqdm.write(f"cucrf: note: {upath} looks like probabilities (values in [0, 1] summing "
                                "to 1); if so, pass --unary-kind probabilities", file=sys.stderr)
+            _check_class_count(num_classes, upath, kind, args, class_names)
             try:
                 q, seconds = run_crf(unary, image, args, params, **extra)
             except (ValueError, TypeError) as exc:
                 raise CLIError(f"{ipath}: {error_text(exc)}") from exc
             total += seconds
-            opath.parent.mkdir(parents=True, exist_ok=True)
-            palette.save_label_png(opath, q.argmax(axis=0).astype(np.uint8 if q.shape[0] <= 256 else np.int64))
-            if ppath is not None:
-                ppath.parent.mkdir(parents=True, exist_ok=True)
-                with open(ppath, "wb") as f:  # np.save(path) would append '.npy' to other spellings
-                    np.save(f, q)
-            extra_text = f", probabilities {ppath}" if ppath is not None else ""
-            tqdm.write(f"{opath}  ({image.shape[0]}x{image.shape[1]}, {q.shape[0]} classes, "
+            refined = q.argmax(axis=0)
+            written = []
+            for key, column in paths.items():
+                path = column[k]
+                if path is None:
+                    continue
+                path.parent.mkdir(parents=True, exist_ok=True)
+                if key == "labels":
+                    write_label_png(path, refined, num_classes)
+                    continue
+                if key == "probabilities":
+                    with open(path, "wb") as f:  # np.save(path) would append '.npy' to other spellings
+                        np.save(f, q)
+                elif key == "overlay":
+                    write_rgb(path, palette.overlay(image_rgb(image), refined, alpha=0.5))
+                else:
+                    before = _before(unary, kind, unknown)
+                    panels = [image_rgb(image), palette.color_labels(before), palette.color_labels(refined)]
+                    entries = legend_entries([before, refined], class_names or [], special={IGNORE: "unknown"}
+                                             if kind == "labels" and unknown is not None else None)
+                    write_rgb(path, comparison_strip(panels, ["image", "before (unary)", "after (CRF)"], entries))
+                written.append(f"{key} {path}")
+            extra_text = "".join(f", {w}" for w in written)
+            tqdm.write(f"{paths['labels'][k]}  ({image.shape[0]}x{image.shape[1]}, {num_classes} classes, "
                        f"{seconds:.3f} s{extra_text})", file=sys.stdout)
             bar.update(1)
     finally:
