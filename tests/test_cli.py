@@ -991,3 +991,218 @@ def test_demo_label_maps_read_back_as_class_ids(tmp_path, capsys):
         ids = iio.imread(out_dir / name)
         assert ids.shape == label.shape and ids.dtype == np.uint8, name
     np.testing.assert_array_equal(iio.imread(out_dir / "truth.png"), label)
+
+
+# -- messages: every error names the file or option, what it got and what it expects ----------------
+
+
+def _one_error_line(rc, err, status=1):
+    assert rc == status, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cucrf: error: "), err
+    return lines[0]
+
+
+def test_truncated_npz_unary_names_the_file(tmp_path, capsys, pair):
+    _, _, logits, p = pair
+    data = Path(p["npz"]).read_bytes()
+    for name, cut in (("tail.npz", data[: len(data) // 2]), ("head.npz", data[: len(data) - 30])):
+        bad = tmp_path / name
+        bad.write_bytes(cut)
+        line = _one_error_line(main(["refine", p["image"], "-u", str(bad), "-o", str(tmp_path / "r.png")]),
+                               capsys.readouterr().err)
+        assert str(bad) in line and "truncated or corrupt" in line and ".npz" in line, line
+        assert not (tmp_path / "r.png").exists()
+
+
+@pytest.mark.parametrize("role", ["image", "label map", "demo label", "demo image"])
+def test_a_text_file_named_png_is_not_an_image(role, tmp_path, capsys, pair):
+    _, _, _, p = pair
+    fake = tmp_path / "fake.png"
+    fake.write_text("hello, not a picture\n")
+    argv = {"image": ["refine", str(fake), "-u", p["npy"], "-o", str(tmp_path / "r.png")],
+            "label map": ["refine", p["image"], "-u", str(fake), "-o", str(tmp_path / "r.png")],
+            "demo label": ["demo", "--image", p["image"], "--label", str(fake), "--out", str(tmp_path / "d")],
+            "demo image": ["demo", "--image", str(fake), "--label", p["label"], "--out", str(tmp_path / "d")]}[role]
+    line = _one_error_line(main(argv), capsys.readouterr().err)
+    assert str(fake) in line and "is not an image" in line and "PNG" in line, line
+    assert "pip install" not in line and "plugin" not in line
+    assert "b'hello, not a pic'" in line  # what the file holds instead
+
+
+def test_a_truncated_png_is_named(tmp_path, capsys, pair):
+    _, _, _, p = pair
+    cut = tmp_path / "cut.png"
+    data = Path(p["image"]).read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    line = _one_error_line(main(["refine", str(cut), "-u", p["npy"], "-o", str(tmp_path / "r.png")]),
+                           capsys.readouterr().err)
+    assert str(cut) in line and "PNG" in line and "truncated or corrupt" in line, line
+
+
+@pytest.mark.parametrize("command", ["demo", "fit", "fit checkpoint", "eval csv", "params"])
+def test_an_output_under_a_file_is_refused_before_any_work(command, tmp_path, capsys, fit_data):
+    afile = tmp_path / "img.png"
+    afile.write_bytes(b"a file, not a folder")
+    under = afile / "sub" / "out"
+    fit = ["fit", fit_data["folder"], "--synthetic", "--num-classes", "3", "--no-progress"] + FIT_OPTS
+    argv, option = {
+        "demo": (["demo", "--out", str(under)], "--out"),
+        "fit": (fit + ["-o", str(under)], "-o/--out"),
+        "fit checkpoint": (fit + ["-o", str(tmp_path / "o"), "--checkpoint", str(under) + ".npz"], "--checkpoint"),
+        "eval csv": (["eval", "--data", fit_data["folder"], "--methods", "unary", "--no-progress",
+                      "--csv", str(under) + ".csv"], "--csv"),
+        "params": (["params", "-o", str(under) + ".json"], "-o/--output"),
+    }[command]
+    line = _one_error_line(main(argv), capsys.readouterr().err, status=2)
+    assert option in line and str(afile) in line and "is a file, not a folder" in line, line
+    assert "File exists" not in line
+    assert capsys.readouterr().out == ""
+    assert not (tmp_path / "o").exists()
+
+
+def test_demo_refuses_to_overwrite_its_inputs(tmp_path, capsys, pair):
+    image, label, _, _ = pair
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    iio.imwrite(folder / "image.png", image)
+    iio.imwrite(folder / "truth.png", label)
+    before = (folder / "image.png").read_bytes()
+    line = _one_error_line(main(["demo", "--image", str(folder / "image.png"), "--label", str(folder / "truth.png"),
+                                 "--out", str(folder)]), capsys.readouterr().err, status=2)
+    assert "--out" in line and str(folder / "image.png") in line and "is the image" in line, line
+    assert (folder / "image.png").read_bytes() == before
+
+
+def test_demo_refuses_a_16_bit_image_before_any_work(tmp_path, capsys, pair):
+    image, _, _, p = pair
+    img16 = tmp_path / "img16.png"
+    iio.imwrite(img16, image[:, :, 0].astype(np.uint16) * 257)  # 16-bit grey PNG
+    out_dir = tmp_path / "d16"
+    rc = main(["demo", "--image", str(img16), "--label", p["label"], "--out", str(out_dir), "--filter-size", "5"])
+    out, err = capsys.readouterr()
+    line = _one_error_line(rc, err)
+    assert str(img16) in line and "16-bit" in line and "8-bit" in line, line
+    assert out == "" and not out_dir.exists()  # nothing printed, nothing left behind
+
+
+def test_demo_refuses_more_classes_than_it_can_colour_before_any_work(tmp_path, capsys, pair):
+    image, label, _, p = pair
+    lab16 = tmp_path / "lab16.png"
+    big = label.astype(np.uint16)
+    big[0, 0] = 300
+    iio.imwrite(lab16, big)
+    out_dir = tmp_path / "d"
+    rc = main(["demo", "--image", p["image"], "--label", str(lab16), "--out", str(out_dir)])
+    out, err = capsys.readouterr()
+    line = _one_error_line(rc, err)
+    assert str(lab16) in line and "301 classes" in line and "256" in line, line
+    assert out == "" and not out_dir.exists()
+
+
+def test_single_frame_gifs_are_read(tmp_path, capsys, pair):
+    image, label, logits, p = pair
+    Image.fromarray(image).save(tmp_path / "scene.gif")
+    # a paletted label GIF: the palette indices are the class ids
+    lab = Image.fromarray(label).convert("P")
+    lab.putpalette(palette.PALETTE.tobytes())
+    lab.save(tmp_path / "label.gif")
+    with Image.open(tmp_path / "label.gif") as im:
+        assert im.mode == "P" and np.array_equal(np.asarray(im), label)
+    assert iio.imread(tmp_path / "scene.gif").shape[0] == 1  # imageio reads GIFs as a stack of frames
+    gif_image = np.asarray(Image.open(tmp_path / "scene.gif").convert("RGB"))
+    run_ok(["refine", str(tmp_path / "scene.gif"), "-u", p["npy"], "-o", str(tmp_path / "r.png"), "--filter-size",
+            "5", "--save-probabilities"], capsys)
+    np.testing.assert_allclose(np.load(tmp_path / "r.npy"), cucrf.infer(logits, gif_image, filter_size=5), atol=1e-6)
+    run_ok(["refine", p["image"], "-u", str(tmp_path / "label.gif"), "-o", str(tmp_path / "l.png"),
+            "--filter-size", "5", "--num-classes", str(C), "--save-probabilities"], capsys)
+    expected = cucrf.infer(label, image, unary_kind="labels", num_classes=C, unknown_label=255, filter_size=5)
+    np.testing.assert_allclose(np.load(tmp_path / "l.npy"), expected, atol=1e-6)
+    out, _ = run_ok(["demo", "--image", str(tmp_path / "scene.gif"), "--label", str(tmp_path / "label.gif"),
+                     "--out", str(tmp_path / "d"), "--filter-size", "5"], capsys)
+    assert f"{H}x{W} pixels, {C} classes" in out
+
+
+def test_an_animated_gif_is_refused(tmp_path, capsys, pair):
+    image, _, _, p = pair
+    frames = [Image.fromarray(image), Image.fromarray(255 - image)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    line = _one_error_line(main(["refine", str(tmp_path / "anim.gif"), "-u", p["npy"], "-o", str(tmp_path / "r.png")]),
+                           capsys.readouterr().err)
+    assert str(tmp_path / "anim.gif") in line and "2 frames" in line and "a single image" in line, line
+
+
+@pytest.mark.parametrize("command", [[], ["demo"], ["refine"], ["fit"], ["eval"], ["params"]])
+def test_help_shows_single_percent_signs(command, capsys):
+    assert main(command + ["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "%%" not in out and "%(" not in out
+    if command in (["demo"], ["eval"]):
+        assert "20% of the" in out.replace("\n", " ")
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for argv in (["params"], ["--help"], ["refine", "--help"]):
+        proc = subprocess.Popen([sys.executable, "-m", "cucrf", *argv], cwd=tmp_path, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc.stdout.close()  # as 'cucrf params | head -0' does: nobody reads
+        err = proc.stderr.read().decode()
+        rc = proc.wait(timeout=60)
+        proc.stderr.close()
+        assert err == "", err
+        assert rc in (0, 141)  # 141: the status of a command ended by SIGPIPE, which shells expect
+
+
+def test_refine_no_progress(tmp_path, capsys, pair):
+    image, _, logits, p = pair
+    second = tmp_path / "b.png"
+    iio.imwrite(second, image[::-1].copy())
+    argv = ["refine", p["image"], str(second), "-u", p["npy"], p["npy"], "--out-dir", str(tmp_path / "out"),
+            "--filter-size", "5", "--iterations", "1"]
+    _, err = run_ok(argv, capsys)
+    assert "2/2" in err
+    out, err = run_ok(argv + ["--no-progress"], capsys)
+    assert "2/2" not in err and "it/s" not in err and "image/s" not in err and "refined 2 images" in out
+
+
+@pytest.mark.parametrize("name, expected", [("2007_000033_image.png", "2007_000033.png"),
+                                            ("scene.jpg", "scene.png"), ("p4-image.png", "p4.png"),
+                                            ("aachen_000000_000019_leftImg8bit.png", "aachen_000000_000019.png"),
+                                            ("x_img.png", "x.png"), ("_image.png", "_image.png"),
+                                            ("my_imagery.png", "my_imagery.png")])
+def test_refine_out_dir_names_the_label_map_after_the_image(name, expected, tmp_path, capsys, pair):
+    image, _, _, p = pair
+    src = tmp_path / "in" / name
+    src.parent.mkdir()
+    iio.imwrite(src, image)
+    run_ok(["refine", str(src), "-u", p["npy"], "--out-dir", str(tmp_path / "out"), "--filter-size", "5",
+            "--iterations", "1"], capsys)
+    assert [f.name for f in (tmp_path / "out").iterdir()] == [expected]
+
+
+def test_eval_per_class_shows_class_names(tmp_path, capsys):
+    from cucrf.datasets import CLASS_NAMES
+
+    data = tmp_path / "data"
+    folder = data / "msrc"
+    folder.mkdir(parents=True)
+    for n in range(2):
+        image, label = _fit_scene(n)
+        iio.imwrite(folder / f"m{n}_image.png", image)
+        iio.imwrite(folder / f"m{n}_label.png", label)
+    out, _ = run_ok(["eval", "--data", str(data), "--methods", "unary,cucrf:3x2", "--iterations", "1",
+                     "--no-progress", "--per-class"], capsys)
+    assert len(CLASS_NAMES["msrc"]) == 23 and CLASS_NAMES["msrc"][:3] == ["building", "grass", "tree"]
+    for i, name in enumerate(CLASS_NAMES["msrc"]):
+        assert re.search(rf"^\s+{i} {name}\s", out, re.M), name
+    row = re.search(r"^\s+1 grass\s+([\d.]+)\s+([\d.]+)\s*$", out, re.M)
+    assert row, out  # one column per method
+    # a folder of unknown classes: --class-names names them
+    out, _ = run_ok(["eval", "--data", str(folder), "--methods", "unary", "--num-classes", "3", "--no-progress",
+                     "--per-class", "--class-names", "dark,red,green"], capsys)
+    assert re.search(r"^\s+2 green\s", out, re.M), out
+    line = _one_error_line(main(["eval", "--data", str(folder), "--methods", "unary", "--num-classes", "3",
+                                 "--no-progress", "--class-names", "dark,red"]), capsys.readouterr().err)
+    assert "--class-names" in line and "2 names" in line and "3 classes" in line, line

@@ -14,6 +14,7 @@ share read files (:mod:`._files`), run the CRF (:mod:`._crf`), define the errors
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import demo, fit, params, refine
@@ -58,8 +59,25 @@ def main(argv=None) -> int:
     Returns
     -------
     int
-        Exit status: 0 on success, 1 on an error, 2 on a bad command line.
+        Exit status: 0 on success, 1 on an error, 2 on a bad command line, 130 when
+        interrupted, 141 when the reader of the output went away (``cucrf params | head -1``).
     """
+    try:
+        status = _run(argv)
+        sys.stdout.flush()  # a closed pipe shows here when the output was buffered
+        return status
+    except BrokenPipeError:
+        # The reader went away: stop quietly, as command-line tools do, and keep Python from
+        # reporting the same error again when it flushes stdout at exit.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout is no real file (e.g. captured): nothing to flush
+            pass
+        return 141  # 128 + SIGPIPE, the status shells expect of a command that lost its reader
+
+
+def _run(argv) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -77,6 +95,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("cucrf: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        raise
     except Exception as exc:  # one line, no traceback, unless --debug
         if args.debug:
             raise

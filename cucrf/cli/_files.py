@@ -115,6 +115,8 @@ def check_transform_channels(transform, channels: int, option: str, where: str) 
 
 def load_unary(path: str, kind):
     """Read a unary file; return ``(array, kind)`` with ``kind`` resolved when it was None (auto)."""
+    from .. import datasets
+
     p = existing_file(path, "unary")
     suffix = p.suffix.lower()
     if suffix in LABEL_IMAGE_SUFFIXES:
@@ -122,23 +124,22 @@ def load_unary(path: str, kind):
             raise CLIError(f"unary {path!r} is an image, which is read as a label map; it cannot be "
                            f"used with --unary-kind {kind}")
         return read_label(path, "unary label map"), "labels"
+    if suffix not in (".npy", ".npz"):
+        raise CLIError(f"unary {path!r} has suffix {p.suffix!r}; expected .npy, .npz or a label image such as .png")
+    name = None
+
+    def pick(files):
+        nonlocal name
+        if not files:
+            raise CLIError(f"unary {path!r} holds no arrays; expected an array of shape (C, H, W) named "
+                           f"{', '.join(map(repr, NPZ_KEYS))} or the only one")
+        name = next((k for k in NPZ_KEYS if k in files), files[0])
+        return name
+
     try:
-        if suffix == ".npy":
-            arr = np.load(p, allow_pickle=False)
-            name = None
-        elif suffix == ".npz":
-            with np.load(p, allow_pickle=False) as z:
-                if not z.files:
-                    raise CLIError(f"unary {path!r} holds no arrays")
-                name = next((k for k in NPZ_KEYS if k in z.files), z.files[0])
-                arr = z[name]
-        else:
-            raise CLIError(f"unary {path!r} has suffix {p.suffix!r}; expected .npy, .npz or a label "
-                           "image such as .png")
-    except (OSError, ValueError, EOFError) as exc:
-        if isinstance(exc, CLIError):
-            raise
-        raise CLIError(f"cannot read unary {path!r}: {error_text(exc)}") from exc
+        arr = datasets._load_array(p, "unary", pick if suffix == ".npz" else None)
+    except ValueError as exc:  # a message that names the file
+        raise CLIError(error_text(exc)) from exc
     if kind is None:
         if arr.ndim == 2 and np.issubdtype(arr.dtype, np.integer):
             kind = "labels"
@@ -215,3 +216,27 @@ def write_rgb(path: Path, image: np.ndarray) -> None:
     import imageio.v3 as iio
 
     iio.imwrite(path, image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image)
+
+
+def load_class_names(spec, option: str = "--class-names"):
+    """Class names from ``option``: a known set (voc, msrc, camvid), a text file with one name a line, or a
+    comma-separated list; None for None."""
+    from .. import datasets
+
+    if spec is None:
+        return None
+    if spec.strip().lower() in datasets.CLASS_NAMES:
+        return list(datasets.CLASS_NAMES[spec.strip().lower()])
+    p = Path(spec)
+    if p.is_file():
+        try:
+            names = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CLIError(f"{option} {spec!r}: cannot read the file ({error_text(exc)}); expected a text file "
+                           "with one class name a line") from exc
+    else:
+        names = [n.strip() for n in spec.split(",")]
+    if not names or not all(names):
+        raise UsageError(f"{option} {spec!r}: expected {', '.join(datasets.CLASS_NAMES)}, class names separated "
+                         "by commas, or a text file with one name a line, none of them empty")
+    return names

@@ -10,13 +10,16 @@ import numpy as np
 
 from ._crf import IGNORE, num_classes_from_labels, run_crf
 from ._errors import CLIError, UsageError
-from ._files import load_params, read_image, read_label, write_rgb
-from ._pictures import comparison_strip, legend_entries, write_label_png
+from ._files import check_output_paths, load_params, read_image, read_label, write_rgb
+from ._pictures import COLOUR_MAX_CLASSES, comparison_strip, image_rgb, legend_entries, write_label_png
 from ._parser import fraction, positive_int
+
+#: What the demo writes into --out.
+FILES = ("image.png", "truth.png", "noisy.png", "refined.png", "overlay.png", "comparison.png")
 
 EPILOG = """\
 The demo reproduces the paper's synthetic task: the ground-truth label is downsampled by 8,
-20%% of the low-resolution cells get a random class, and the result is upsampled again. The
+20% of the low-resolution cells get a random class, and the result is upsampled again. The
 CRF has to recover the object boundaries from the image alone.
 
 examples:
@@ -62,6 +65,12 @@ def run(args) -> int:
 
     if (args.image is None) != (args.label is None):
         raise UsageError("--image and --label must be given together (see 'cucrf demo --help')")
+    out = Path(args.out)
+    inputs = [("image", args.image), ("label", args.label)] if args.image is not None else []
+    if args.params is not None and not args.params.lstrip().startswith("{"):  # else JSON text
+        inputs.append(("--params file", args.params))
+    check_output_paths([("--out", out)], [])  # a folder, not under a file
+    check_output_paths([("--out", out / name) for name in FILES], inputs)
     params = load_params(args.params)  # read early: a bad file should fail before any work
     if args.image is None:
         from .._demo_scene import make_scene
@@ -75,9 +84,21 @@ def run(args) -> int:
                 f"image {args.image!r} is {image.shape[0]}x{image.shape[1]} but label {args.label!r} "
                 f"is {label.shape[0]}x{label.shape[1]} (H x W); they must be the same size"
             )
+        if image.dtype != np.uint8:
+            bits = f"{8 * image.dtype.itemsize}-bit" if image.dtype.kind in "ui" else "floating-point"
+            raise CLIError(
+                f"image {args.image!r} is {bits} ({image.dtype}, values up to {image.max()}), but the demo "
+                "shows the image and its colour bandwidths are for 8-bit values 0..255; expected an 8-bit image: "
+                "convert it to 8 bits first (or use 'cucrf refine' with --params for other ranges)"
+            )
         class_names = None
         source = Path(args.image).name
     num_classes = num_classes_from_labels(label, IGNORE, args.num_classes, f"label {args.label!r}")
+    if num_classes > COLOUR_MAX_CLASSES:
+        given = f"--num-classes {args.num_classes}" if args.num_classes is not None else \
+            f"label {args.label!r} holds class ids up to {num_classes - 1}"
+        raise CLIError(f"{given}: {num_classes} classes, but the demo's pictures colour at most "
+                       f"{COLOUR_MAX_CLASSES} classes; expected a label with class ids 0..255 (255 = ignore)")
     if class_names is None or len(class_names) != num_classes:
         class_names = [f"class {i}" for i in range(num_classes)]
     if args.num_classes is not None:
@@ -98,7 +119,6 @@ def run(args) -> int:
     miou = (mean_iou(cm_before), mean_iou(cm_after))
 
     h, w = label.shape
-    out = Path(args.out)
     device = args.device or "cpu"
     print(f"cucrf demo: {source}, {h}x{w} pixels, {num_classes} classes")
     print(f"  unary: synthetic (downsample {args.downsample}, {args.replace_prob:.0%} of cells "
@@ -122,18 +142,20 @@ def run(args) -> int:
     print()
     print(f"CRF inference: {seconds:.3f} s ({device})")
 
+    # Make every picture before the folder: a failure leaves nothing behind.
+    import imageio.v3 as iio
+
+    rgb = image_rgb(image)
+    panels = [rgb] + [palette.color_labels(x) for x in (label, noisy, refined)]
+    captions = ["image", "ground truth", f"noisy, mIoU {miou[0]:.1%}", f"CRF, mIoU {miou[1]:.1%}"]
+    entries = legend_entries([label, noisy, refined], class_names, special={IGNORE: "ignore"})
+    overlay, comparison = palette.overlay(rgb, refined, alpha=0.5), comparison_strip(panels, captions, entries)
     out.mkdir(parents=True, exist_ok=True)
-    rgb = palette._as_rgb(image)
     write_rgb(out / "image.png", image)
     write_label_png(out / "truth.png", label, num_classes)
     write_label_png(out / "noisy.png", noisy, num_classes)
     write_label_png(out / "refined.png", refined, num_classes)
-    import imageio.v3 as iio
-
-    iio.imwrite(out / "overlay.png", palette.overlay(rgb, refined, alpha=0.5))
-    panels = [rgb] + [palette.color_labels(x) for x in (label, noisy, refined)]
-    captions = ["image", "ground truth", f"noisy, mIoU {miou[0]:.1%}", f"CRF, mIoU {miou[1]:.1%}"]
-    entries = legend_entries([label, noisy, refined], class_names, special={IGNORE: "ignore"})
-    iio.imwrite(out / "comparison.png", comparison_strip(panels, captions, entries))
-    print(f"wrote image.png truth.png noisy.png refined.png overlay.png comparison.png to {out}{os.sep}")
+    iio.imwrite(out / "overlay.png", overlay)
+    iio.imwrite(out / "comparison.png", comparison)
+    print(f"wrote {' '.join(FILES)} to {out}{os.sep}")
     return 0

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 from pathlib import Path
 
 from ._errors import CLIError, UsageError
-from ._files import check_transform_channels, load_feature_transform, load_params, load_split_arg, read_image
+from ._files import (check_output_paths, check_transform_channels, load_class_names, load_feature_transform,
+                     load_params, load_split_arg, read_image)
 from ._parser import add_debug, fraction, positive_int
 
 EPILOG = """\
@@ -28,7 +30,7 @@ So the output folders of several 'cucrf fit' runs compare in one table:
   --params fit1=run1/params.json --feature-transform fit1=run1/feature_transform.json
   --params fit2=run2/params.json
 
-UNARIES: 'synthetic' (default) degrades each label as in the ConvCRF paper (downsample 8, 20%% of
+UNARIES: 'synthetic' (default) degrades each label as in the ConvCRF paper (downsample 8, 20% of
 the cells replaced; seed = --seed + the image's position in its folder, sorted by id); any other
 NAME reads <unary-dir>/<id>_NAME.npz (an array 'logits', (C, H, W)).
 
@@ -94,6 +96,9 @@ def add_parser(sub, parents=()) -> argparse.ArgumentParser:
     evalp.add_argument("--max-images", type=positive_int, metavar="N", help="use the first N images of each set")
     evalp.add_argument("--csv", metavar="OUT.csv", help="also write the results as CSV")
     evalp.add_argument("--per-class", action="store_true", help="also print the IoU of every class")
+    evalp.add_argument("--class-names", metavar="NAMES",
+                       help="names of the classes for --per-class: voc, msrc, camvid, a comma-separated list, or a "
+                            "text file with one name a line (default: the names of voc, msrc and camvid sets)")
     evalp.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_debug(evalp)
     evalp.set_defaults(func=run)
@@ -154,6 +159,36 @@ def _parameters(args):
     return params, transform, named, (bare_transform, named_transforms)
 
 
+def _check_names(names, num_classes, where) -> None:
+    if len(names) != num_classes:
+        raise CLIError(f"--class-names gives {len(names)} names but {where}: {num_classes} classes; expected one "
+                       "name per class")
+
+
+def _names_of(result, given):
+    """The class names of a set: those given, else the known names of its folder, else None."""
+    from ..datasets import CLASS_NAMES
+
+    if given is not None:
+        return given
+    known = CLASS_NAMES.get(result.name.lower())
+    return known if known is not None and len(known) == result.num_classes else None
+
+
+def _per_class_table(result, names) -> str:
+    """The IoU of every class (rows, named when ``names`` is given) for every method (columns), in percent."""
+    methods = list(result.scores.values())
+    labels = [f"{c} {names[c]}" if names else f"{c}" for c in range(result.num_classes)]
+    width = max([16] + [len(t) + 2 for t in labels])
+    cols = [max(8, len(m.method) + 2) for m in methods]
+    lines = [f"  {'IoU % per class':<{width}}" + "".join(f"{m.method:>{w}}" for m, w in zip(methods, cols))]
+    ious = [m.per_class_iou for m in methods]
+    for c, text in enumerate(labels):
+        cells = "".join(f"{100 * v[c]:>{w}.1f}" if math.isfinite(v[c]) else f"{'-':>{w}}" for v, w in zip(ious, cols))
+        lines.append(f"  {text:<{width}}{cells}")
+    return "\n".join(lines) + "\n"
+
+
 def run(args) -> int:
     """Run ``cucrf eval``; return the exit status."""
     from .. import datasets, evaluation
@@ -161,7 +196,15 @@ def run(args) -> int:
 
     if args.subset is not None and args.split is None:
         raise UsageError(f"--subset {args.subset} needs --split FILE (the JSON that names each subset's ids)")
+    if args.csv is not None:
+        inputs = [("--params file", _split_name(v)[1]) for v in args.params or []]
+        inputs += [("--feature-transform file", _split_name(v)[1]) for v in args.feature_transform or []]
+        inputs += [("--split file", args.split)] if args.split is not None else []
+        check_output_paths([("--csv", Path(args.csv))], [(w, f) for w, f in inputs if not f.lstrip().startswith("{")])
     params, transform, named, transform_files = _parameters(args)
+    class_names = load_class_names(args.class_names)
+    if class_names is not None and args.num_classes is not None:
+        _check_names(class_names, args.num_classes, f"--num-classes is {args.num_classes}")
     try:
         methods = evaluation.parse_methods(args.methods or METHODS)
     except ValueError as exc:
@@ -214,7 +257,15 @@ def run(args) -> int:
         )
     except FileNotFoundError as exc:
         raise CLIError(str(exc)) from exc
-    print(evaluation.format_table(results, per_class=args.per_class), end="")
+    if class_names is not None:
+        for r in results:
+            _check_names(class_names, r.num_classes, f"set {r.name!r} has {r.num_classes} classes")
+    for k, r in enumerate(results):
+        if k:
+            print()
+        print(evaluation.format_table([r]), end="")
+        if args.per_class:
+            print(_per_class_table(r, _names_of(r, class_names)), end="")
     if args.csv:
         evaluation.write_csv(results, args.csv)
         print(f"wrote {args.csv}")

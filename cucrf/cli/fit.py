@@ -13,7 +13,7 @@ import numpy as np
 
 from ._crf import normalization
 from ._errors import CLIError, UsageError
-from ._files import load_params, load_split_arg
+from ._files import check_output_paths, load_params, load_split_arg
 from ._parser import class_count, non_negative_int, patience, positive_int, val_fraction
 
 EPILOG = """\
@@ -44,6 +44,9 @@ examples:
   cucrf fit data/msrc --synthetic --num-classes 23 --split split.json --metric miou_gt --out fitted
   cucrf refine img.png --unary img.npz --params fitted/params.json -o refined.png
 """
+
+#: What fit may write into -o/--out.
+FILES = ("params.json", "feature_transform.json", "history.json", "training_curve.png")
 
 #: Selection metrics: (name in messages, short name in plots, a percentage?).
 METRICS = {"accuracy": ("validation pixel accuracy", "pixel accuracy", True),
@@ -308,10 +311,17 @@ def run(args) -> int:
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UsageError(f"-o/--out {args.out!r} is a file; expected a folder to write params.json, history.json "
                          "and the training curve into")
+    out = Path(args.out)
+    inputs = [(what, path) for what, path in (("--params file", args.params), ("--split file", args.split))
+              if path is not None and not path.lstrip().startswith("{")]
+    check_output_paths([("-o/--out", out)], [])  # a folder, not under a file
+    outputs = [("-o/--out", out / name) for name in FILES]
+    if args.checkpoint is not None:
+        outputs.append(("--checkpoint", Path(args.checkpoint)))
+    check_output_paths(outputs, inputs)
     params = load_params(args.params)  # read early: a bad file should fail before any work
     train, validation, num_classes = _fit_data(args)
 
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     source = "synthetic unaries" if args.synthetic else f"unaries from {args.unary_dir}"
     if validation is not None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from ._files import check_output_paths
 from ._parser import add_debug
 
 
@@ -24,6 +26,8 @@ def run(args) -> int:
     """Run ``cucrf params``; return the exit status."""
     from .._params import CRFParams
 
+    if args.output:
+        check_output_paths([("-o/--output", Path(args.output))], [])  # not under a file
     params = CRFParams() if args.params is None else CRFParams.from_json(args.params)
     if args.output:
         params.to_json(args.output)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import numpy as np
 from ._crf import IGNORE, num_classes_from_labels, run_crf
 from ._errors import CLIError, UsageError, error_text
 from ._files import (check_output_paths, check_transform_channels, check_unary_shape, existing_file,
-                     load_feature_transform, load_params, load_unary, read_image, write_rgb)
+                     load_class_names, load_feature_transform, load_params, load_unary, read_image,
+                     write_rgb)
 from ._pictures import (COLOUR_MAX_CLASSES, PNG_MAX_CLASSES, comparison_strip, image_rgb, legend_entries,
                         write_label_png)
 from ._parser import label_or_none, positive_int
@@ -36,8 +38,8 @@ Pictures in colour are extra outputs: --overlay (the labels blended over the ima
 --save-probabilities, --overlay and --comparison take one file per image, or one folder for
 all images (an existing folder, or a path ending in '/'; files named after the output PNGs),
 or no path: then each file goes next to its output PNG (OUT.npy, OUT_overlay.png,
-OUT_comparison.png). Several images show a progress bar. An output path that names one of the
-input files, or another output, is refused before any work.
+OUT_comparison.png). Several images show a progress bar (--no-progress: none). An output path
+that names an input file or another output is refused before any work.
 
 examples:
   cucrf refine photo.jpg --unary logits.npy -o refined.png
@@ -66,7 +68,8 @@ def add_parser(sub, parents) -> argparse.ArgumentParser:
     where.add_argument("-o", "--output", nargs="+", metavar="OUT.png",
                        help="output PNG for each image")
     where.add_argument("--out-dir", metavar="DIR",
-                       help="write each result to DIR/<image name>.png")
+                       help="write each result to DIR/<image name>.png (an ending _image, _img, _rgb or "
+                            "_leftImg8bit of the name is left out: DIR/<id>.png for <id>_image.png)")
     refine.add_argument("--unary-kind", choices=["logits", "probabilities", "labels"], default=None,
                         help="what the unary holds (default: from the file, see below; arrays are logits)")
     refine.add_argument("--confidence", type=float, default=None, metavar="P",
@@ -90,8 +93,9 @@ def add_parser(sub, parents) -> argparse.ArgumentParser:
     refine.add_argument("--comparison", nargs="*", metavar="OUT.png",
                         help="also write a strip: the image, the labels before and after the CRF, a legend")
     refine.add_argument("--class-names", metavar="NAMES",
-                        help="class names for the --comparison legend: comma-separated, or a text file with one "
-                             "name a line (default: class ids)")
+                        help="class names for the --comparison legend: voc, msrc, camvid, a comma-separated "
+                             "list, or a text file with one name a line (default: class ids)")
+    refine.add_argument("--no-progress", action="store_true", help="no progress bar (for several images)")
     refine.set_defaults(func=run)
     return refine
 
@@ -116,7 +120,7 @@ def _outputs(args):
                              "output per image or use --out-dir")
         outputs = [Path(o) for o in args.output]
     else:
-        outputs = [Path(args.out_dir) / (Path(i).stem + ".png") for i in args.images]
+        outputs = [Path(args.out_dir) / (output_stem(i) + ".png") for i in args.images]
     if len(set(outputs)) != len(outputs):
         dup = next(o for o in outputs if outputs.count(o) > 1)
         raise CLIError(f"two images would be written to the same file {str(dup)!r}; give -o paths "
@@ -134,6 +138,22 @@ def _outputs(args):
         "comparison": _extra_paths(args.comparison, outputs, "--comparison", ".png",
                                    "the comparison is a PNG picture", "_comparison"),
     }
+
+
+#: Endings of image file names that say "this is the image" (``<id>_image.png`` pairs, Cityscapes'
+#: ``<id>_leftImg8bit.png``); the label map of ``<id>_image.png`` is ``<id>.png``.
+_IMAGE_TAGS = re.compile(r"[_-](image|img|rgb|leftImg8bit)$", re.IGNORECASE)
+
+
+def output_stem(image_path) -> str:
+    """The name of an image's outputs in --out-dir: its stem without an ``_image``-style ending.
+
+    >>> output_stem("data/2007_000033_image.png"), output_stem("photo.jpg"), output_stem("_image.png")
+    ('2007_000033', 'photo', '_image')
+    """
+    stem = Path(image_path).stem
+    short = _IMAGE_TAGS.sub("", stem)
+    return short or stem
 
 
 def _is_folder(path: str) -> bool:
@@ -192,25 +212,6 @@ def _check_distinct(outputs) -> None:
                 raise UsageError(f"{option} {str(path)!r} is also the {other} path; give each output its own path")
 
 
-def _class_names(spec):
-    """The names given to --class-names (a comma-separated list or a text file, one name a line), or None."""
-    if spec is None:
-        return None
-    p = Path(spec)
-    if p.is_file():
-        try:
-            names = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-        except (OSError, UnicodeDecodeError) as exc:
-            raise CLIError(f"--class-names {spec!r}: cannot read the file ({error_text(exc)}); expected a text "
-                           "file with one class name a line") from exc
-    else:
-        names = [n.strip() for n in spec.split(",")]
-    if not names or not all(names):
-        raise UsageError(f"--class-names {spec!r}: expected class names separated by commas, or a text file with "
-                         "one name a line, none of them empty")
-    return names
-
-
 def _check_class_count(num_classes, upath, kind, args, class_names) -> None:
     """Refuse, before the CRF runs, a class count that the outputs asked for cannot show."""
     what = f"label map {upath!r}" if kind == "labels" else f"unary {upath!r}"
@@ -265,10 +266,10 @@ def run(args) -> int:
     transform = None
     if args.feature_transform is not None:
         transform = load_feature_transform(args.feature_transform)
-    class_names = _class_names(args.class_names)
+    class_names = load_class_names(args.class_names)
 
     total = 0.0
-    bar = tqdm(total=n, unit="image", disable=n <= 1, file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=n, unit="image", disable=n <= 1 or args.no_progress, file=sys.stderr, dynamic_ncols=True)
     try:
         for k, (ipath, upath) in enumerate(zip(args.images, args.unary)):
             image = read_image(ipath)
