@@ -27,7 +27,8 @@ def num_classes_from_labels(label: np.ndarray, unknown, given, what: str) -> int
         return given
     known = label if unknown is None else label[label != unknown]
     if known.size == 0:
-        raise CLIError(f"{what} holds no class ids other than the unknown label {unknown}")
+        raise CLIError(f"{what} holds no class ids other than the unknown label {unknown}; expected some labelled "
+                       "pixels (or give --num-classes)")
     return max(int(known.max()) + 1, 2)
 
 

@@ -24,7 +24,8 @@ def existing_file(path: str, what: str) -> Path:
     if not p.exists():
         raise CLIError(f"{what} {path!r} does not exist")
     if not p.is_file():
-        raise CLIError(f"{what} {path!r} is not a file")
+        kind = "a folder" if p.is_dir() else "not a regular file"
+        raise CLIError(f"{what} {path!r} is {kind}; expected a file")
     return p
 
 

@@ -105,7 +105,8 @@ def run(args) -> int:
         bad = (label != IGNORE) & (label >= num_classes)
         if bad.any():
             raise CLIError(
-                f"label holds class id {int(label[bad].max())} but --num-classes is {num_classes}"
+                f"label {args.label!r} holds class id {int(label[bad].max())} but --num-classes is {num_classes}; "
+                f"expected class ids in [0, {num_classes}) or {IGNORE} (ignore)"
             )
 
     unary = synthetic_unary(label, num_classes, downsample=args.downsample,
