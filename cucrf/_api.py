@@ -14,7 +14,7 @@ from ._backends import check_same_device, describe, device_scope, get_backend, t
 from ._geometry import axis_geometry
 from ._params import CRFParams
 from ._validation import (
-    ProblemTooLargeError, available_memory_bytes, check_feature_magnitude, check_finite, check_float_array,
+    ProblemTooLargeError, available_memory_bytes, check_compute_dtype, check_feature_magnitude, check_finite, check_float_array,
     check_image, check_image_magnitude, check_int, check_result_finite, check_unary_magnitude,
 )
 from .unary import unary_from_labels, unary_from_probabilities
@@ -219,13 +219,14 @@ def infer(unary, image, params=None, *, filter_size=DEFAULT_FILTER_SIZE, blur=DE
     ((4, 32, 48), dtype('float32'), True)
     """
     reference = _like_reference(like, unary, image)
+    image_kind = interop.array_kind(image)
     unary, image = _share_inputs(unary, image, device)
     with device_scope(unary):
         prepared = _prepare_inputs(
             unary, image, params, filter_size=filter_size, blur=blur, iterations=iterations,
             unary_kind=unary_kind, num_classes=num_classes, confidence=confidence, unknown_label=unknown_label,
             clip=clip, normalization=normalization, include_self=include_self, output=output, dtype=dtype,
-            device=device, feature_transform=feature_transform, training=False,
+            device=device, feature_transform=feature_transform, training=False, image_kind=image_kind,
         )
         result = _meanfield.mean_field(prepared.backend, prepared.unary, prepared.features, prepared.params,
                                        prepared.config, return_logits=output == "logits")
@@ -314,12 +315,8 @@ def check_feature_transform(feature_transform, num_channels):
         matrix, offset = feature_transform
     else:
         matrix, offset = feature_transform, None
-    to_np = (lambda a: a.get() if type(a).__module__.split(".")[0] == "cupy" else a)
-    try:
-        matrix = np.array(to_np(matrix), dtype=np.float64)
-        offset = None if offset is None else np.array(to_np(offset), dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"feature_transform must hold numeric arrays: {exc}") from exc
+    matrix = _real_float64("matrix", matrix)
+    offset = None if offset is None else _real_float64("offset", offset)
     if matrix.ndim != 2 or matrix.shape[1] != num_channels or matrix.shape[0] < 1:
         raise ValueError(
             f"feature_transform matrix must have shape (F', {num_channels}) for an image with "
@@ -332,6 +329,22 @@ def check_feature_transform(feature_transform, num_channels):
     if not (np.isfinite(matrix).all() and np.isfinite(offset).all()):
         raise ValueError("feature_transform must contain only finite values")
     return matrix, offset
+
+
+def _real_float64(part, value):
+    """One part of a feature transform as a float64 NumPy array; complex values are a TypeError."""
+    if type(value).__module__.split(".")[0] == "cupy":
+        value = value.get()
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"feature_transform {part} must be an array of numbers: {exc}") from exc
+    if array.dtype.kind == "c":  # converting would silently drop the imaginary part
+        raise TypeError(f"feature_transform {part} must be real, got complex dtype {array.dtype}")
+    try:
+        return np.array(array, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise TypeError(f"feature_transform {part} must be an array of numbers: {exc}") from exc
 
 
 def apply_feature_transform(xp, features, transform):
@@ -349,14 +362,19 @@ def apply_feature_transform(xp, features, transform):
 
 def _prepare_inputs(unary, image, params, *, filter_size, blur, iterations, unary_kind, num_classes,
                     confidence, unknown_label, clip, normalization, output, dtype, device, feature_transform,
-                    training, include_self=False):
-    """Every check of :func:`infer`; returns a :class:`_Prepared` ready for the mean-field loop."""
+                    training, include_self=False, image_kind=None):
+    """Every check of :func:`infer`; returns a :class:`_Prepared` ready for the mean-field loop.
+
+    ``image_kind`` is the array library the caller passed the image as (see
+    :func:`cucrf.interop.array_kind`), for hints in the messages; None: that of ``image``.
+    """
+    if image_kind is None:
+        image_kind = interop.array_kind(image)
     include_self = check_include_self(include_self)
     _choice("unary_kind", unary_kind, _UNARY_KINDS)
     _choice("output", output, _OUTPUTS)
     _choice("device", device, _DEVICES)
-    if dtype is not None and np.dtype(dtype) not in (np.float32, np.float64):
-        raise TypeError(f"dtype must be numpy.float32, numpy.float64 or None, got {dtype!r}")
+    dtype = check_compute_dtype(dtype)
 
     unary, library = to_backend_array("unary", unary, device)
     image, image_library = to_backend_array("image", image, device)
@@ -371,7 +389,7 @@ def _prepare_inputs(unary, image, params, *, filter_size, blur, iterations, unar
         check_unary_layout(unary, image)  # shapes only: before the image is blamed for the unary's layout
     given_unary = unary
 
-    compute_dtype = np.dtype(dtype) if dtype is not None else (
+    compute_dtype = dtype if dtype is not None else (
         np.dtype(np.float64) if unary.dtype == np.float64 else np.dtype(np.float32)
     )
 
@@ -413,7 +431,7 @@ def _prepare_inputs(unary, image, params, *, filter_size, blur, iterations, unar
     B, C, H, W = u4.shape
     if C < 2:
         raise ValueError(f"unary must have at least 2 classes on axis {1 if batched else 0}, got shape {tuple(unary.shape)}")
-    image4 = check_image(image, xp, B, H, W, batched, finite=False)
+    image4 = check_image(image, xp, B, H, W, batched, finite=False, kind=image_kind)
     F = image4.shape[-1]
     transform = check_feature_transform(feature_transform, F)
     F_out = F if transform is None else transform[0].shape[0]
@@ -553,13 +571,14 @@ def infer_vjp(unary, image, params=None, *, grad_output, filter_size=DEFAULT_FIL
         raise ValueError(f"infer_vjp differentiates with respect to logits only: unary_kind must be 'logits', "
                          f"got {unary_kind!r}")
     reference = _like_reference(like, unary, image)
+    image_kind = interop.array_kind(image)
     unary, image = _share_inputs(unary, image, device)
     with device_scope(unary):
         prepared = _prepare_inputs(
             unary, image, params, filter_size=filter_size, blur=blur, iterations=iterations, unary_kind="logits",
             num_classes=None, confidence=None, unknown_label=None, clip=1e-5, normalization=normalization,
             include_self=include_self, output=output, dtype=dtype, device=device,
-            feature_transform=feature_transform, training=True,
+            feature_transform=feature_transform, training=True, image_kind=image_kind,
         )
         backend, xp = prepared.backend, prepared.backend.xp
         _meanfield.check_backward_support(backend)

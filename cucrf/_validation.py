@@ -9,7 +9,7 @@ import numpy as np
 
 __all__ = [
     "ProblemTooLargeError", "array_library", "check_int", "check_float_array", "check_image", "check_finite",
-    "available_memory_bytes",
+    "available_memory_bytes", "check_compute_dtype",
 ]
 
 
@@ -47,6 +47,20 @@ def check_int(name, value, *, minimum=None, odd=False):
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     if odd and value % 2 == 0:
         raise ValueError(f"{name} must be odd (the window is centred on the pixel), got {value}")
+    return value
+
+
+def check_compute_dtype(dtype):
+    """``dtype`` as ``numpy.dtype('float32')`` or ``numpy.dtype('float64')``, or None; a TypeError otherwise."""
+    if dtype is None:
+        return None
+    expected = "numpy.float32, numpy.float64 (or 'float32', 'float64') or None"
+    try:
+        value = np.dtype(dtype)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"dtype must be {expected}, got {dtype!r}, which is not a dtype") from exc
+    if value not in (np.float32, np.float64):
+        raise TypeError(f"dtype must be {expected}, got {dtype!r}")
     return value
 
 
@@ -88,8 +102,12 @@ def check_finite(name, arr, xp):
         raise ValueError(f"{name} contains {bad} NaN or infinite value(s); all values must be finite")
 
 
-def check_image(image, xp, batch, height, width, batched, finite=True):
-    """Validate ``image`` against the unary's (B, H, W); return it as (B, H, W, F)."""
+def check_image(image, xp, batch, height, width, batched, finite=True, kind=None):
+    """Validate ``image`` against the unary's (B, H, W); return it as (B, H, W, F).
+
+    ``kind`` is the array library the caller passed the image as (``'torch'`` gets PyTorch's
+    ``permute`` in the hint for a channels-first image).
+    """
     _check_dtype("image", image, allow_int=True)
     want = 4 if batched else 3
     layout = "(B, H, W, F)" if batched else "(H, W, F)"
@@ -104,9 +122,11 @@ def check_image(image, xp, batch, height, width, batched, finite=True):
     spatial = image.shape[-3:-1]
     if spatial != (height, width):
         if image.shape[-2:] == (height, width):
+            axes = "0, 2, 3, 1" if batched else "1, 2, 0"
+            fix = f"image.permute({axes})" if kind == "torch" else f"image.transpose({axes})"
             raise ValueError(
                 f"image has shape {_shape_text(image.shape)}, which looks channels-first; cucrf expects "
-                f"channels-last {layout}, e.g. image.transpose({'0, 2, 3, 1' if batched else '1, 2, 0'})"
+                f"channels-last {layout}, e.g. {fix}"
             )
         raise ValueError(
             f"image height and width {spatial} differ from the unary's ({height}, {width}); "
