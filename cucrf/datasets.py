@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections.abc
 import json
 import os
+import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -147,8 +148,11 @@ def _read_label(path: Path) -> np.ndarray:
     # Palette PNGs (e.g. VOC SegmentationClass) store class ids as palette indices; without
     # mode="P" imageio would apply the palette and return RGB colours.
     mode = None
+    _image_format(path, "label file")  # no image: say so before imageio tries every plugin on it
     try:
-        mode = iio.immeta(path, index=0).get("mode")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # metadata is a nicety: not worth a plugin's deprecation notice
+            mode = iio.immeta(path, index=0).get("mode")
     except Exception:  # metadata is a nicety; fall back to a plain read
         pass
     lab = _decode(path, "label file", **({"mode": "P"} if mode == "P" else {}))

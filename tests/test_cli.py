@@ -1206,3 +1206,61 @@ def test_eval_per_class_shows_class_names(tmp_path, capsys):
     line = _one_error_line(main(["eval", "--data", str(folder), "--methods", "unary", "--num-classes", "3",
                                  "--no-progress", "--class-names", "dark,red"]), capsys.readouterr().err)
     assert "--class-names" in line and "2 names" in line and "3 classes" in line, line
+
+
+# -- input checks shared with the API: cucrf.InputWarning as 'cucrf: warning:' lines -----------------
+
+
+def _warning_lines(err):
+    return [line for line in err.strip().splitlines() if line]
+
+
+def test_refine_reports_input_warnings_as_one_line_each(tmp_path, capsys, pair):
+    image, _, logits, p = pair
+    energies = tmp_path / "energies.npy"  # pydensecrf's unary_from_softmax: -log(p), all >= 0
+    np.save(energies, -np.log(np.clip(np.exp(logits), 1e-5, None)))
+    cases = {p["probs_npy"]: ("looks like probabilities", "--unary-kind probabilities"),
+             str(energies): ("looks like energies", "-energies")}
+    for path, fragments in cases.items():
+        with __import__("warnings").catch_warnings():
+            __import__("warnings").simplefilter("error", cucrf.InputWarning)  # none may escape as a Python warning
+            _, err = run_ok(["refine", p["image"], "-u", path, "-o", str(tmp_path / "r.png"), "--filter-size", "5"],
+                            capsys)
+        lines = _warning_lines(err)
+        assert len(lines) == 1, err  # once, not again from cucrf.infer
+        assert lines[0].startswith(f"cucrf: warning: unary {path!r} looks like "), lines[0]
+        assert all(f in lines[0] for f in fragments), lines[0]
+        assert "unary_kind=" not in lines[0]  # the command line's option, not the Python argument
+    # logits: no warning at all
+    _, err = run_ok(["refine", p["image"], "-u", p["npy"], "-o", str(tmp_path / "r.png"), "--filter-size", "5"], capsys)
+    assert err == ""
+
+
+def test_refine_warns_about_a_16_bit_image(tmp_path, capsys, pair):
+    image, _, logits, p = pair
+    img16 = tmp_path / "img16.png"
+    iio.imwrite(img16, image[:, :, 0].astype(np.uint16) * 257)
+    _, err = run_ok(["refine", str(img16), "-u", p["npy"], "-o", str(tmp_path / "r.png"), "--filter-size", "5"],
+                    capsys)
+    lines = _warning_lines(err)
+    assert len(lines) == 1 and lines[0].startswith(f"cucrf: warning: image {str(img16)!r} is 16-bit"), err
+    assert "16-bit" in lines[0] and "theta_beta" in lines[0] and "0..255" in lines[0]
+
+
+def test_eval_reports_each_kind_of_input_warning_once(tmp_path, capsys):
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    unaries = tmp_path / "unaries"
+    unaries.mkdir()
+    for n in range(3):
+        image, label = _fit_scene(n)
+        iio.imwrite(folder / f"p{n}_image.png", image)
+        iio.imwrite(folder / f"p{n}_label.png", label)
+        probs = np.exp(synthetic_unary(label, FIT_C, downsample=4, seed=n))  # probabilities stored as logits
+        np.savez(unaries / f"p{n}_net.npz", logits=probs)
+    with __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("error", cucrf.InputWarning)
+        _, err = run_ok(["eval", "--data", str(folder), "--unaries", "net", "--unary-dir", str(unaries),
+                         "--methods", "unary,cucrf:3x2", "--iterations", "1", "--no-progress"], capsys)
+    lines = [line for line in _warning_lines(err) if not line.startswith("cucrf: note:")]
+    assert len(lines) == 1 and lines[0].startswith("cucrf: warning: ") and "looks like probabilities" in lines[0], err

@@ -21,6 +21,7 @@ from . import demo, fit, params, refine
 from . import eval as eval_command
 from ._errors import UsageError, error_text, one_line
 from ._parser import ArgumentParser, crf_options
+from ._warn import warnings_as_lines
 
 __all__ = ["main", "build_parser"]
 
@@ -91,7 +92,8 @@ def _run(argv) -> int:
               file=sys.stderr)
         return 2
     try:
-        return int(args.func(args) or 0)
+        with warnings_as_lines():
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("cucrf: interrupted", file=sys.stderr)
         return 130

@@ -6,6 +6,7 @@ import argparse
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -100,12 +101,35 @@ def add_parser(sub, parents) -> argparse.ArgumentParser:
     return refine
 
 
-def _looks_like_probabilities(unary) -> bool:
-    if not np.issubdtype(unary.dtype, np.floating) or unary.size == 0:
-        return False
-    if unary.min() < 0 or unary.max() > 1:
-        return False
-    return bool(np.allclose(unary.sum(axis=0, dtype=np.float64), 1.0, atol=1e-3))
+def _check_inputs(unary, kind, image, upath, ipath, params, transform) -> None:
+    """Warn (``cucrf: warning:`` lines) about likely mistakes in one image's inputs, before its CRF runs.
+
+    The checks of :func:`cucrf.infer` (:func:`cucrf._diagnostics.check_inputs`), with the file they
+    concern named; and an image beyond 8 bits, whose values the colour bandwidths do not fit.
+    """
+    from .._diagnostics import InputWarning, check_inputs
+    from .._params import CRFParams
+
+    params = params if params is not None else CRFParams()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", InputWarning)
+        # A feature transform changes the units of the image: its checks would not apply.
+        check_inputs(unary, image if transform is None else None, unary_kind=kind, params=params)
+    for w in caught:
+        if issubclass(w.category, InputWarning):
+            text = str(w.message)  # "unary looks like ..." / "image is ...": name the file
+            for what, path in (("unary", upath), ("image", ipath)):
+                if text.startswith(what + " "):
+                    text = f"{what} {path!r} {text[len(what) + 1:]}"
+            warnings.warn(text, InputWarning, stacklevel=2)
+        else:  # pragma: no cover - not expected from check_inputs
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if transform is None and image.dtype.kind in "ui" and params.appearance_weight != 0 and image.max() > 255:
+        theta = params.theta_beta if isinstance(params.theta_beta, float) else tuple(params.theta_beta)
+        warnings.warn(f"image {ipath!r} is {8 * image.dtype.itemsize}-bit ({image.dtype}, values up to "
+                      f"{int(image.max())}), but theta_beta={theta} is a colour bandwidth for 8-bit values 0..255, so "
+                      "nearly every colour difference switches the appearance kernel off; scale the image to 8 bits, "
+                      "or theta_beta by 257 for 16-bit values (in --params)", InputWarning, stacklevel=2)
 
 
 def _outputs(args):
@@ -242,6 +266,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from .. import palette
+    from .._diagnostics import InputWarning
 
     n = len(args.images)
     if len(args.unary) != n:
@@ -290,12 +315,12 @@ def run(args) -> int:
                 if args.num_classes is not None and num_classes != args.num_classes:
                     raise CLIError(f"unary {upath!r} has {num_classes} classes but --num-classes "
                                    f"is {args.num_classes}")
-                if kind == "logits" and _looks_like_probabilities(unary):
-                    tqdm.write(f"cucrf: note: {upath} looks like probabilities (values in [0, 1] summing "
-                               "to 1); if so, pass --unary-kind probabilities", file=sys.stderr)
             _check_class_count(num_classes, upath, kind, args, class_names)
+            _check_inputs(unary, kind, image, upath, ipath, params, transform)
             try:
-                q, seconds = run_crf(unary, image, args, params, **extra)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", InputWarning)  # said above, with the file's name
+                    q, seconds = run_crf(unary, image, args, params, **extra)
             except (ValueError, TypeError) as exc:
                 raise CLIError(f"{ipath}: {error_text(exc)}") from exc
             total += seconds
