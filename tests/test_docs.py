@@ -370,6 +370,15 @@ def test_relative_links_point_to_existing_files(page):
     assert not broken, f"{_page_id(page)}: links to missing files: {', '.join(broken)}"
 
 
+@pytest.mark.parametrize("page", PAGES, ids=_page_id)
+def test_wheel_names_carry_the_current_version(page):
+    import cucrf
+
+    versions = set(re.findall(r"cucrf-([0-9][^-\s]*)-py3-none-any\.whl", page.read_text(encoding="utf-8")))
+    assert versions <= {cucrf.__version__}, (f"{_page_id(page)} names wheels of version(s) {sorted(versions)}; "
+                                             f"the version is {cucrf.__version__}")
+
+
 # -- the reader itself ---------------------------------------------------------------------------------
 
 def test_read_blocks_takes_directives_only_from_the_lines_just_before(tmp_path):
