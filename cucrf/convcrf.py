@@ -26,6 +26,14 @@ given (0..255 for the default ``schan``). NumPy and CuPy arrays are accepted, an
 exposes ``__dlpack__`` (a PyTorch tensor, say) is read through DLPack; the result is a NumPy array
 (or a CuPy one for GPU inputs).
 
+Precision: everything is computed in float64, and a float32 result is that float64 result rounded
+once. Upstream's float32 arithmetic loses digits in two places: adding the k*k window products
+of every message one after the other, and rounding every intermediate (features before they are
+differenced, messages, the softmax between iterations) to float32, errors that the following
+iterations amplify where the scores are large. A float32 result here is therefore within half a
+unit in the last place of the float64 evaluation of upstream's algorithm, closer to it than
+upstream's own float32 output (see docs/convcrf-migration.md for measurements).
+
 Differences from upstream, by choice:
 
 * ``blur`` 3, 5, 7, ... (odd, > 1) raise ``NotImplementedError`` upstream; here they use the
@@ -38,6 +46,8 @@ Differences from upstream, by choice:
 * Unknown config keys are errors (upstream ignores them), so that a misspelt key is not
   silently dropped; missing keys take upstream's defaults (:data:`DEFAULT_CONFIG`).
 * The image size is taken from the arrays (upstream fixes it when the module is built).
+* With ``logsoftmax=False``, a unary entry that is NaN, infinite or negative, a pixel whose
+  probabilities are all 0 and a result that would contain NaN are errors (upstream returns NaN).
 """
 
 from __future__ import annotations
@@ -182,9 +192,28 @@ def resolve_config(config=None, *, strict=False):
 # -------------------------------------------------------------------------------------------------
 # array helpers: cucrf's NumPy primitives, or generic versions for CuPy
 # -------------------------------------------------------------------------------------------------
-def _library(name, value):
-    from ._backends import to_backend_array
+def _library(name, value, caller):
+    """``(array, 'numpy' | 'cupy')`` for the array argument ``name`` of the function ``caller``.
 
+    What DLPack cannot hand over as data (a tensor that records gradients, a traced JAX value) and
+    masked arrays are refused here, naming ``caller``: the generic messages of
+    :func:`cucrf._backends.to_backend_array` point to :func:`cucrf.infer`'s own options.
+    """
+    from ._backends import _is_tracer, to_backend_array
+
+    if isinstance(value, np.ma.MaskedArray):
+        raise TypeError(f"{caller}: {name} must not be a masked array (numpy.ma.MaskedArray), got one with "
+                        f"{int(np.ma.count_masked(value))} masked entries: the mask would be ignored; pass "
+                        f"{name}.filled(value) with a value the mask stands for")
+    module = type(value).__module__.split(".")[0]
+    if module == "torch" and getattr(value, "requires_grad", False):
+        raise TypeError(f"{caller}: {name} is a torch.Tensor that requires grad, but {caller} does not record "
+                        f"autograd history; pass {name}.detach() (no copy). A CRF layer with gradients is "
+                        "cucrf.torch.ConvCRF (cucrf's own model)")
+    if _is_tracer(value):
+        raise TypeError(f"{caller}: {name} is a traced JAX value (inside jax.jit, jax.grad or jax.vmap), which has "
+                        f"no data to read; call {caller} outside the traced function (cucrf.jax.infer runs "
+                        "cucrf's own model as a JAX operation)")
     return to_backend_array(name, value, None)
 
 
@@ -260,7 +289,7 @@ def _gaussian(xp, feats, filter_size):
 def _positions(xp, batch, height, width, scale, dtype):
     ys = xp.arange(height, dtype=dtype)[:, None] * xp.ones((1, width), dtype=dtype)
     xs = xp.ones((height, 1), dtype=dtype) * xp.arange(width, dtype=dtype)[None, :]
-    mesh = xp.stack([ys, xs]) * dtype.type(scale)  # upstream: mesh * (1 / sdims), in float32
+    mesh = xp.stack([ys, xs]) * dtype.type(scale)  # upstream: mesh * (1 / sdims)
     return xp.broadcast_to(mesh[None], (batch, 2, height, width))
 
 
@@ -318,8 +347,26 @@ def _log_softmax(xp, x):
     return s - xp.log(xp.exp(s).sum(axis=1, keepdims=True))
 
 
-def _prepare_image(image, dtype, batch=None, size=None):
-    img, lib = _library("image", image)
+#: The precision of every computation; results are rounded to the requested dtype once, at the end.
+_WORK = np.dtype(np.float64)
+
+
+def _result_dtype(dtype, given, caller):
+    """The dtype of the result: ``dtype``, or float64 for a float64 input and float32 otherwise."""
+    if dtype is None:
+        return np.dtype(np.float64) if np.dtype(given) == np.float64 else np.dtype(np.float32)
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as exc:
+        raise TypeError(f"{caller}: dtype must be numpy.float32, numpy.float64 or None, got {dtype!r}") from exc
+    if dt not in (np.float32, np.float64):
+        raise TypeError(f"{caller}: dtype must be numpy.float32, numpy.float64 or None, got {dtype!r}")
+    return dt
+
+
+def _prepare_image(image, caller, batch=None, size=None):
+    """``(xp, library, image as float64 (B, F, H, W), the image's own dtype)``."""
+    img, lib = _library("image", image, caller)
     xp = np if lib == "numpy" else __import__("cupy")
     if img.ndim != 4:
         raise ValueError(f"image must be 4-D (B, F, H, W) like upstream's input, got shape {tuple(img.shape)}; "
@@ -329,26 +376,51 @@ def _prepare_image(image, dtype, batch=None, size=None):
     if batch is not None and (img.shape[0] != batch or tuple(img.shape[2:]) != size):
         raise ValueError(f"image has shape {tuple(img.shape)} but the unary is (B, C, H, W) = "
                          f"({batch}, C, {size[0]}, {size[1]}); expected ({batch}, F, {size[0]}, {size[1]})")
-    img = img.astype(dtype)
+    given = img.dtype
+    img = img.astype(_WORK)
     if not bool(xp.isfinite(img).all()):
         raise ValueError("image contains NaN or infinity")
-    return xp, lib, img
+    return xp, lib, img, given
 
 
-def features(image, config=None, *, dtype=np.float32):
-    """Upstream's full-resolution feature maps: ``(pos_feats, col_feats)``, each (B, F, H, W).
+def features(image, config=None, *, dtype=None):
+    """Upstream's full-resolution feature maps.
 
-    ``pos_feats`` = pixel (row, column) / ``pos_feats.sdims``; ``col_feats`` = image /
-    ``col_feats.schan``, preceded by (row, column) / ``col_feats.sdims`` with ``use_bias``.
+    Parameters
+    ----------
+    image : array, shape (B, F, H, W)
+        As for :func:`infer`.
+    config : dict, optional
+        Upstream's config dict (see :func:`resolve_config`).
+    dtype : {None, numpy.float32, numpy.float64}
+        The result's dtype; None = float64 for a float64 image, else float32. Computed in float64.
+
+    Returns
+    -------
+    pos_feats : array, shape (B, 2, H, W)
+        Pixel (row, column) / ``pos_feats.sdims``.
+    col_feats : array, shape (B, F, H, W), or (B, 2 + F, H, W) with ``use_bias``
+        The image / ``col_feats.schan``, preceded by (row, column) / ``col_feats.sdims`` with
+        ``use_bias``.
     """
     cfg = resolve_config(config)
-    xp, _, img = _prepare_image(image, np.dtype(dtype))
+    xp, _, img, given = _prepare_image(image, "cucrf.convcrf.features")
+    dt = _result_dtype(dtype, given, "cucrf.convcrf.features")
     pos, col = _features(xp, img, cfg)
-    return xp.ascontiguousarray(pos), xp.ascontiguousarray(col)
+    return xp.ascontiguousarray(pos.astype(dt)), xp.ascontiguousarray(col.astype(dt))
 
 
-def kernels(image, config=None, *, dtype=np.float32):
+def kernels(image, config=None, *, dtype=None):
     """Upstream's materialised kernels for an image, in upstream's layout.
+
+    Parameters
+    ----------
+    image : array, shape (B, F, H, W)
+        As for :func:`infer`.
+    config : dict, optional
+        Upstream's config dict (see :func:`resolve_config`).
+    dtype : {None, numpy.float32, numpy.float64}
+        The result's dtype; None = float64 for a float64 image, else float32. Computed in float64.
 
     Returns
     -------
@@ -358,20 +430,44 @@ def kernels(image, config=None, *, dtype=np.float32):
         kept; with ``norm='sym'``, ``norm_pos`` and ``norm_col``: (B, 1, H, W).
     """
     cfg = resolve_config(config)
-    xp, _, img = _prepare_image(image, np.dtype(dtype))
+    xp, _, img, given = _prepare_image(image, "cucrf.convcrf.kernels")
+    dt = _result_dtype(dtype, given, "cucrf.convcrf.kernels")
     pair = _Pairwise(_Ops(xp), img, cfg)
     k = cfg["filter_size"]
 
     def layout(kern):
         B, _, h, w = kern.shape
-        return kern.reshape(B, 1, k, k, h, w)
+        return kern.reshape(B, 1, k, k, h, w).astype(dt)
 
     out = {"kernel_pos": layout(pair.kernels[0]), "kernel_col": layout(pair.kernels[1])}
     if pair.merged is not None:
         out["kernel_merged"] = layout(pair.merged)
     if cfg["norm"] == "sym":
-        out["norm_pos"], out["norm_col"] = pair.norms
+        out["norm_pos"], out["norm_col"] = (n.astype(dt) for n in pair.norms)
     return out
+
+
+def _first_index(xp, mask):
+    return tuple(int(i) for i in xp.argwhere(mask)[0])
+
+
+def _check_probabilities(xp, u):
+    """``logsoftmax=False``: every entry finite and >= 0, every pixel with a positive entry."""
+    bad = ~xp.isfinite(u) | (u < 0)
+    if bool(bad.any()):
+        at = _first_index(xp, bad)
+        raise ValueError(
+            "config['logsoftmax']=False takes probabilities (upstream applies log): the unary must be finite and "
+            f">= 0, got {int(bad.sum())} entries that are NaN, infinite or negative (the first, at (b, c, y, x) = "
+            f"{at}, is {float(u[at])}); pass logits with logsoftmax=True (the default) instead")
+    empty = ~(u > 0).any(axis=1)
+    if bool(empty.any()):
+        at = _first_index(xp, empty)
+        raise ValueError(
+            f"config['logsoftmax']=False takes probabilities, but {int(empty.sum())} pixel(s) of the unary are 0 "
+            f"for every class (the first at (b, y, x) = {at}): log(0) = -inf for every class leaves no "
+            "distribution to normalise (upstream returns NaN there); give every pixel a positive probability, "
+            "e.g. unary + 1e-5, or a uniform 1 / C where nothing is known")
 
 
 def infer(unary, image, config=None, num_iter=5, *, dtype=None, strict=False, _generic=False):
@@ -379,9 +475,10 @@ def infer(unary, image, config=None, num_iter=5, *, dtype=None, strict=False, _g
 
     Parameters
     ----------
-    unary : array, shape (B, C, H, W)
+    unary : array, shape (B, C, H, W), floating point
         What upstream's ``forward`` takes: logits (``log_softmax`` is applied), or probabilities
-        when ``config['logsoftmax']`` is False (``log`` is applied).
+        when ``config['logsoftmax']`` is False (``log`` is applied; every entry finite and >= 0,
+        every pixel with a positive entry).
     image : array, shape (B, F, H, W)
         The image, channels first, values as upstream expects them (0..255 for ``schan=13``).
     config : dict, optional
@@ -390,15 +487,23 @@ def infer(unary, image, config=None, num_iter=5, *, dtype=None, strict=False, _g
     num_iter : int
         Mean-field iterations (upstream's default 5).
     dtype : {None, numpy.float32, numpy.float64}
-        Compute precision; None = float32, upstream's.
+        The result's dtype; None = float64 for a float64 unary, else float32 (upstream's). The
+        computation is float64 either way, and a float32 result is the float64 one rounded once.
     strict : bool
         Raise ``NotImplementedError`` for what upstream does not implement (odd ``blur`` > 1).
 
     Returns
     -------
-    array, shape (B, C, H, W)
+    array, shape (B, C, H, W), dtype ``dtype``
         Upstream's return value: an unnormalised log-space score (compare with argmax), or
-        probabilities with ``final_softmax`` (or ``num_iter=0`` without ``logsoftmax``).
+        probabilities with ``final_softmax`` (or ``num_iter=0`` without ``logsoftmax``). With
+        ``logsoftmax=False``, classes of probability 0 score -inf (log 0), as upstream's do.
+
+    Raises
+    ------
+    ValueError
+        Bad shapes, NaN or infinite inputs, probabilities that are not probabilities, a result
+        that would contain NaN (zero probabilities with a config that multiplies log 0 by 0).
 
     Examples
     --------
@@ -410,31 +515,30 @@ def infer(unary, image, config=None, num_iter=5, *, dtype=None, strict=False, _g
     >>> out = convcrf.infer(unary, image, {"filter_size": 7, "blur": 4})
     >>> out.shape, out.dtype
     ((1, 3, 24, 32), dtype('float32'))
+    >>> convcrf.infer(unary.astype(np.float64), image, {"filter_size": 7, "blur": 4}).dtype
+    dtype('float64')
     """
+    caller = "cucrf.convcrf.infer"
     cfg = resolve_config(config, strict=strict)
     if isinstance(num_iter, (bool, np.bool_)) or not isinstance(num_iter, numbers.Integral) or num_iter < 0:
         raise ValueError(f"num_iter must be an int >= 0, got {num_iter!r}")
-    if dtype is not None and np.dtype(dtype) not in (np.float32, np.float64):
-        raise TypeError(f"dtype must be numpy.float32, numpy.float64 or None, got {dtype!r}")
-    dt = np.dtype(np.float32 if dtype is None else dtype)
-    u, lib = _library("unary", unary)
+    u, lib = _library("unary", unary, caller)
     xp = np if lib == "numpy" else __import__("cupy")
     if u.ndim != 4:
         raise ValueError(f"unary must be 4-D (B, C, H, W) like upstream's input, got shape {tuple(u.shape)}; "
                          "for a (C, H, W) array pass unary[None]")
     if not np.issubdtype(u.dtype, np.floating):
         raise TypeError(f"unary must be floating point, got dtype {u.dtype}")
+    dt = _result_dtype(dtype, u.dtype, caller)
     B, C, H, W = u.shape
     if C < 1 or H < 1 or W < 1 or B < 1:
         raise ValueError(f"unary must be non-empty, got shape {tuple(u.shape)}")
-    _, img_lib, img = _prepare_image(image, dt, B, (H, W))
+    _, img_lib, img, _ = _prepare_image(image, caller, B, (H, W))
     if img_lib != lib:
         raise TypeError(f"unary is a {lib} array but image is a {img_lib} array; pass both on the same device")
-    u = u.astype(dt)
+    u = u.astype(_WORK)
     if not cfg["logsoftmax"]:
-        if bool((u < 0).any()) or bool(xp.isnan(u).any()):
-            raise ValueError("config['logsoftmax']=False takes probabilities (upstream applies log): the unary "
-                             "must be >= 0")
+        _check_probabilities(xp, u)
     elif not bool(xp.isfinite(u).all()):
         raise ValueError("unary contains NaN or infinity")
 
@@ -447,20 +551,29 @@ def infer(unary, image, config=None, num_iter=5, *, dtype=None, strict=False, _g
         with np.errstate(divide="ignore"):
             lg = xp.log(u)
         pred = _softmax(xp, lg)
+    wt = _WORK.type
     if cfg["weight"] is None:
         w = None
     else:
-        w = dt.type(cfg["weight_init"])
-        keep = dt.type(cfg["unary_weight"]) - w
-    comp = dt.type(0.1 * math.sqrt(2.0 / C)) if cfg["convcomp"] else None
-    for i in range(int(num_iter)):
-        m = pair.message(pred)
-        if comp is not None:
-            m = m + comp * m.sum(axis=1, keepdims=True)
-        pred = lg + m if w is None else keep * lg + w * m
-        if (i != num_iter - 1 or cfg["final_softmax"]) and cfg["softmax"]:
-            pred = _softmax(xp, pred)
-    return xp.ascontiguousarray(pred.astype(dt, copy=False))
+        # Upstream holds its weights as float32 tensors; the float64 evaluation uses the config's values.
+        w = wt(cfg["weight_init"])
+        keep = wt(cfg["unary_weight"]) - w
+    comp = wt(0.1 * math.sqrt(2.0 / C)) if cfg["convcomp"] else None
+    with np.errstate(invalid="ignore"):  # 0 * log(0): reported below
+        for i in range(int(num_iter)):
+            m = pair.message(pred)
+            if comp is not None:
+                m = m + comp * m.sum(axis=1, keepdims=True)
+            pred = lg + m if w is None else keep * lg + w * m
+            if (i != num_iter - 1 or cfg["final_softmax"]) and cfg["softmax"]:
+                pred = _softmax(xp, pred)
+    if bool(xp.isnan(pred).any()):
+        raise ValueError(
+            f"{caller}: the result would contain NaN at {int(xp.isnan(pred).sum())} entries. With "
+            "config['logsoftmax']=False, probabilities of 0 become log(0) = -inf, which this config multiplies "
+            "by 0 (unary_weight equal to weight_init) or passes through the kernels (softmax=False); give every "
+            "class a positive probability (e.g. unary + 1e-5), or pass logits with logsoftmax=True")
+    return xp.ascontiguousarray(pred.astype(dt))
 
 
 #: theta_alpha standing for "no position term" (upstream's colour kernel without ``use_bias``).

@@ -13,6 +13,7 @@ mixture alone is a large relative change). The argmax must be identical everywhe
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -201,7 +202,8 @@ def brute_force(unary, image, cfg, num_iter):
         lg = unary - unary.max(axis=0) - np.log(np.exp(unary - unary.max(axis=0)).sum(axis=0))
         pred = lg
     else:
-        lg = np.log(unary)
+        with np.errstate(divide="ignore"):
+            lg = np.log(unary)
         pred = softmax(lg)
     for it in range(num_iter):
         m = message(pred)
@@ -215,6 +217,112 @@ def brute_force(unary, image, cfg, num_iter):
         if (it != num_iter - 1 or cfg["final_softmax"]) and cfg["softmax"]:
             pred = softmax(pred)
     return pred
+
+
+
+# -------------------------------------------------------------------------------------------------
+# the same semantics vectorised as upstream's code is (unfold of the zero-padded grid, the product
+# with the materialised kernel summed over the window), in float64: fast enough for full images
+# -------------------------------------------------------------------------------------------------
+def _pool_matrix(n, b):
+    """(coarse, n): the average over the real pixels of each cell."""
+    _, coarse, members = _bf_cells(n, b)
+    P = np.zeros((coarse, n))
+    for i, pixels in enumerate(members):
+        P[i, pixels] = 1.0 / len(pixels)
+    return P
+
+
+def _upsample_matrix(n, b):
+    """(n, coarse): bilinear, align_corners=False, cropped to the real pixels."""
+    U = np.zeros((n, _bf_cells(n, b)[1]))
+    for o, pairs in enumerate(_bf_up_weights(n, b)):
+        for cell, weight in pairs:
+            U[o, cell] += weight
+    return U
+
+
+def _unfold(x, k):
+    """(..., h, w) -> (..., k, k, h, w): ``[..., r + dy, r + dx, i, j] = x[..., i + dy, j + dx]``, 0 outside."""
+    r = k // 2
+    padded = np.pad(x, [(0, 0)] * (x.ndim - 2) + [(r, r), (r, r)])
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (k, k), axis=(-2, -1))  # (..., h, w, k, k)
+    return np.moveaxis(windows, (-2, -1), (-4, -3))
+
+
+def unfold_oracle(unary, image, cfg, num_iter):
+    """Upstream ConvCRF's inference for one image in float64: unary (C, H, W), image (F, H, W), full config.
+
+    Returns the outputs for ``num_iter`` = 0, 1, ..., ``num_iter`` (each is what a run of that many
+    iterations returns: the last iteration skips the softmax unless ``final_softmax``).
+    """
+    unary, image = np.asarray(unary, dtype=np.float64), np.asarray(image, dtype=np.float64)
+    C, H, W = unary.shape
+    b, k = cfg["blur"], cfg["filter_size"]
+    if b > 1:
+        Py, Px, Uy, Ux = _pool_matrix(H, b), _pool_matrix(W, b), _upsample_matrix(H, b), _upsample_matrix(W, b)
+
+    def pool(x):
+        return x if b == 1 else Py @ x @ Px.T
+
+    def upsample(x):
+        return x if b == 1 else Uy @ x @ Ux.T
+
+    def gaussian(feats):
+        """(k, k, h, w) kernel on the pooled grid, 0 outside it."""
+        coarse = pool(feats)
+        diff = _unfold(coarse, k) - coarse[:, None, None]
+        inside = _unfold(np.ones(coarse.shape[1:]), k)
+        return np.exp(-0.5 * (diff * diff).sum(axis=0)) * inside
+
+    def apply(kernel, x):
+        return upsample((kernel * _unfold(pool(x), k)).sum(axis=(-4, -3)))
+
+    rows, cols = np.meshgrid(np.arange(H, dtype=np.float64), np.arange(W, dtype=np.float64), indexing="ij")
+    pos = np.stack([rows, cols]) / cfg["pos_feats"]["sdims"]
+    col = image / cfg["col_feats"]["schan"]
+    if cfg["col_feats"]["use_bias"]:
+        col = np.concatenate([np.stack([rows, cols]) / cfg["col_feats"]["sdims"], col])
+    raw = [gaussian(pos), gaussian(col)]
+    compats = [cfg["pos_feats"]["compat"], cfg["col_feats"]["compat"]]
+    if cfg["norm"] == "sym":
+        norms = [1.0 / np.sqrt(apply(g, np.ones((1, H, W))) + 1e-20) for g in raw]
+    else:
+        norms = [None, None]
+
+    def message(x):
+        if cfg["merge"]:
+            return apply(compats[0] * raw[0] + compats[1] * raw[1], x)
+        total = np.zeros_like(x)
+        for g, c, n in zip(raw, compats, norms):
+            total += apply(c * g, x) if n is None else n * apply(c * g, x * n)
+        return total
+
+    def softmax(x):
+        e = np.exp(x - x.max(axis=0))
+        return e / e.sum(axis=0)
+
+    if cfg["logsoftmax"]:
+        shifted = unary - unary.max(axis=0)
+        lg = shifted - np.log(np.exp(shifted).sum(axis=0))
+        pred = lg
+    else:
+        with np.errstate(divide="ignore"):
+            lg = np.log(unary)
+        pred = softmax(lg)
+    outputs = [pred]
+    for _ in range(num_iter):
+        m = message(pred)
+        if cfg["convcomp"]:
+            m = m + 0.1 * math.sqrt(2.0 / C) * m.sum(axis=0)
+        if cfg["weight"] is None:
+            pred = lg + m
+        else:
+            pred = (cfg["unary_weight"] - cfg["weight_init"]) * lg + cfg["weight_init"] * m
+        outputs.append(softmax(pred) if cfg["final_softmax"] and cfg["softmax"] else pred)
+        if cfg["softmax"]:
+            pred = softmax(pred)
+    return outputs
 
 
 CASES = [
@@ -257,6 +365,137 @@ def test_matches_brute_force(case, size):
         generic = convcrf.infer(unary[None], image[None], CASES[case], num_iter=num_iter, dtype=np.float64,
                                 _generic=True)
         np.testing.assert_allclose(generic, ours, rtol=1e-9, atol=1e-9 * np.abs(expected).max())
+
+
+#: float64 results: max |ours - oracle| <= F64_RANGE_TOL * (max - min of the oracle's output).
+F64_RANGE_TOL = 1e-9
+#: float32 results are the float64 result rounded once: within half a unit in the last place.
+HALF_ULP32 = 2.0 ** -24
+
+
+def _range_error(ours, oracle):
+    """max |ours - oracle| as a fraction of the oracle output's range (max - min)."""
+    ours, oracle = np.asarray(ours, dtype=np.float64), np.asarray(oracle, dtype=np.float64)
+    assert ours.shape == oracle.shape
+    return np.abs(ours - oracle).max() / (oracle.max() - oracle.min())
+
+
+def _assert_rounded_float64(ours32, oracle):
+    """ours32 is float32 and differs from the float64 oracle by its own rounding only."""
+    assert ours32.dtype == np.float32
+    bound = HALF_ULP32 * np.abs(oracle) + 2 * F64_RANGE_TOL * (oracle.max() - oracle.min())
+    excess = np.abs(ours32.astype(np.float64) - oracle) - bound
+    assert excess.max() <= 0, (f"float32 result off by up to {excess.max():.3g} beyond half an ulp "
+                               f"(range error {_range_error(ours32, oracle):.3g})")
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_unfold_oracle_agrees_with_brute_force(case):
+    cfg = convcrf.resolve_config(CASES[case])
+    unary, image = _problem(7, 9, 3, 3, seed=case, probabilities=not cfg["logsoftmax"])
+    outputs = unfold_oracle(unary, image, cfg, 3)
+    for num_iter in range(4):
+        expected = brute_force(unary, image, cfg, num_iter)
+        np.testing.assert_allclose(outputs[num_iter], expected, rtol=1e-12, atol=1e-12 * np.abs(expected).max())
+
+
+# Upstream's test config at 30 x 40 (filter 5, blur 1, norm 'sym', separate kernels), upstream's
+# demo config (filter 7, blur 4, merged) and its defaults (filter 11, blur 4).
+PRECISION_CASES = [
+    dict(filter_size=5, blur=1, merge=False, norm="sym", weight="scalar", weight_init=0.5,
+         pos_feats={"sdims": 1.5}, col_feats={"sdims": 2, "schan": 2, "compat": 3, "use_bias": True}),
+    dict(filter_size=5, blur=1),
+    dict(filter_size=7, blur=4),
+    dict(),
+    dict(filter_size=5, blur=2, logsoftmax=False, final_softmax=True),
+]
+
+
+@pytest.mark.parametrize("case", range(len(PRECISION_CASES)))
+def test_float64_input_is_computed_in_float64(case):
+    cfg = convcrf.resolve_config(PRECISION_CASES[case])
+    unary, image = _problem(30, 40, 4, 3, seed=10 + case, probabilities=not cfg["logsoftmax"])
+    expected = unfold_oracle(unary, image, cfg, 5)[5]
+    out = convcrf.infer(unary[None], image[None], PRECISION_CASES[case])  # no dtype: the unary's float64
+    assert out.dtype == np.float64
+    assert _range_error(out[0], expected) <= F64_RANGE_TOL
+    # A float32 unary gives a float32 result by default, as upstream's.
+    assert convcrf.infer(unary[None].astype(np.float32), image[None], PRECISION_CASES[case]).dtype == np.float32
+
+
+@pytest.mark.parametrize("case", range(len(PRECISION_CASES)))
+def test_float32_result_is_the_float64_result_rounded(case):
+    cfg = convcrf.resolve_config(PRECISION_CASES[case])
+    unary, image = _problem(30, 40, 4, 3, seed=20 + case, probabilities=not cfg["logsoftmax"])
+    u32, im32 = unary.astype(np.float32), image.astype(np.float32)
+    outputs = unfold_oracle(u32, im32, cfg, 5)
+    for num_iter in (1, 5):
+        out = convcrf.infer(u32[None], im32[None], PRECISION_CASES[case], num_iter=num_iter)
+        _assert_rounded_float64(out[0], outputs[num_iter])
+        # The same from float64 inputs asked for a float32 result.
+        out = convcrf.infer(u32[None].astype(np.float64), im32[None].astype(np.float64), PRECISION_CASES[case],
+                            num_iter=num_iter, dtype=np.float32)
+        _assert_rounded_float64(out[0], outputs[num_iter])
+
+
+@pytest.fixture(scope="module")
+def reference_oracle():
+    """Oracle outputs (num_iter 0..5) on each reference file's float32 inputs, computed once."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            ref = _load(name)
+            cfg = convcrf.resolve_config(ref["config"])
+            cache[name] = unfold_oracle(ref["unary"][0], ref["image_nchw"][0], cfg, int(ref["num_iter"]))
+        return cache[name]
+
+    return get
+
+
+def _reference_runs(ref):
+    runs = [(int(k[len("output_iter"):]), ref[k]) for k in ref if k.startswith("output_iter")]
+    return runs + [(int(ref["num_iter"]), ref["output"])]
+
+
+@needs_reference
+@pytest.mark.parametrize("name", ["small_testconf_10x10", "demo_f7_b4"])
+def test_reference_inputs_in_float64_match_the_oracle(name, reference_oracle):
+    ref = _load(name)
+    oracle = reference_oracle(name)
+    u64, im64 = ref["unary"].astype(np.float64), ref["image_nchw"].astype(np.float64)
+    for num_iter, _ in _reference_runs(ref):
+        out = convcrf.infer(u64, im64, ref["config"], num_iter=num_iter)
+        assert out.dtype == np.float64
+        assert _range_error(out[0], oracle[num_iter]) <= F64_RANGE_TOL
+
+
+@needs_reference
+@pytest.mark.parametrize("name", ["small_testconf_10x10", "demo_f7_b4"])
+def test_float32_at_least_as_accurate_as_upstream(name, reference_oracle):
+    """Against the float64 evaluation of upstream's algorithm on the same (float32) inputs, the float32
+    result is at least as close as upstream's own float32 output (observed: 4 to 19 times closer)."""
+    ref = _load(name)
+    oracle = reference_oracle(name)
+    for num_iter, upstream_out in _reference_runs(ref):
+        out = convcrf.infer(ref["unary"], ref["image_nchw"], ref["config"], num_iter=num_iter)
+        ours, theirs = _range_error(out[0], oracle[num_iter]), _range_error(upstream_out[0], oracle[num_iter])
+        assert ours <= theirs, f"after {num_iter} iterations: {ours:.3g} of the range, upstream {theirs:.3g}"
+        _assert_rounded_float64(out[0], oracle[num_iter])
+
+
+@needs_reference
+def test_float64_demo_unary_is_honoured(reference_oracle):
+    """The demo's unary before upstream's float32 conversion: a float64 input gives a float64 result."""
+    ref = _load("demo_f7_b4")
+    if "unary_hwc_float64" not in ref:
+        pytest.skip("the reference file has no float64 unary")
+    unary = np.ascontiguousarray(ref["unary_hwc_float64"].transpose(2, 0, 1))
+    cfg = convcrf.resolve_config(ref["config"])
+    expected = unfold_oracle(unary, ref["image_nchw"][0], cfg, 1)[1]
+    out = convcrf.infer(unary[None], ref["image_nchw"], ref["config"], num_iter=1)
+    assert out.dtype == np.float64
+    assert _range_error(out[0], expected) <= F64_RANGE_TOL
 
 
 def test_batch_and_channels():
@@ -401,3 +640,115 @@ def test_torch_tensors_through_dlpack():
     out = convcrf.infer(torch.from_numpy(u), torch.from_numpy(im), cfg)
     assert isinstance(out, np.ndarray)
     np.testing.assert_array_equal(out, convcrf.infer(u, im, cfg))
+
+
+# -------------------------------------------------------------------------------------------------
+# errors name the function that was called
+# -------------------------------------------------------------------------------------------------
+def _names_cucrf_infer(message):
+    return re.search(r"\bcucrf\.infer(_vjp)?\b", message) is not None
+
+
+@pytest.mark.parametrize("call, caller", [
+    (lambda u, im: convcrf.infer(u, im), "cucrf.convcrf.infer"),
+    (lambda u, im: convcrf.features(im), "cucrf.convcrf.features"),
+    (lambda u, im: convcrf.kernels(im), "cucrf.convcrf.kernels"),
+])
+def test_tensors_that_require_grad_are_refused_naming_the_convcrf_function(call, caller):
+    torch = pytest.importorskip("torch")
+    unary, image = _problem(6, 7, 2, 3, seed=0)
+    names = ("unary", "image") if caller == "cucrf.convcrf.infer" else ("image",)
+    for name in names:
+        u, im = torch.from_numpy(unary[None]), torch.from_numpy(image[None])
+        (u if name == "unary" else im).requires_grad_(True)
+        with pytest.raises(TypeError) as info:
+            call(u, im)
+        message = str(info.value)
+        assert caller in message and f"{name}.detach()" in message and not _names_cucrf_infer(message), message
+
+
+def test_masked_arrays_are_refused_naming_the_convcrf_function():
+    unary, image = _problem(6, 7, 2, 3, seed=0)
+    masked = np.ma.masked_less(unary[None], 0)
+    with pytest.raises(TypeError) as info:
+        convcrf.infer(masked, image[None])
+    message = str(info.value)
+    assert "cucrf.convcrf.infer" in message and "masked" in message and "filled" in message
+    assert "unary_kind" not in message and not _names_cucrf_infer(message)  # cucrf.infer's options do not apply
+    with pytest.raises(TypeError, match="cucrf.convcrf.features: image must not be a masked array"):
+        convcrf.features(np.ma.masked_less(image[None], 10))
+
+
+def test_dtype_errors_name_the_convcrf_function():
+    unary, image = _problem(6, 7, 2, 3, seed=0)
+    with pytest.raises(TypeError, match=r"cucrf\.convcrf\.infer: dtype must be numpy.float32, numpy.float64 or None"):
+        convcrf.infer(unary[None], image[None], dtype=np.int32)
+    with pytest.raises(TypeError, match=r"cucrf\.convcrf\.kernels: dtype"):
+        convcrf.kernels(image[None], dtype="float16")
+
+
+def test_features_and_kernels_follow_the_image_dtype():
+    _, image = _problem(6, 7, 2, 3, seed=0)
+    assert convcrf.features(image[None])[0].dtype == np.float64
+    assert convcrf.features(image[None].astype(np.uint8))[1].dtype == np.float32
+    k32 = convcrf.kernels(image[None].astype(np.float32), {"blur": 1, "filter_size": 3})["kernel_merged"]
+    k64 = convcrf.kernels(image[None].astype(np.float32).astype(np.float64), {"blur": 1, "filter_size": 3})
+    assert k32.dtype == np.float32 and k64["kernel_merged"].dtype == np.float64
+    # Computed in float64 and rounded once.
+    np.testing.assert_array_equal(k32, k64["kernel_merged"].astype(np.float32))
+
+
+# -------------------------------------------------------------------------------------------------
+# logsoftmax=False: the unary holds probabilities
+# -------------------------------------------------------------------------------------------------
+def _probabilities(seed=0):
+    unary, image = _problem(6, 7, 3, 3, seed=seed, probabilities=True)
+    return unary[None].copy(), image[None]
+
+
+@pytest.mark.parametrize("value, match", [
+    (np.inf, r"finite and >= 0, got 1 entries that are NaN, infinite or negative \(the first, at \(b, c, y, x\) = "
+             r"\(0, 1, 2, 3\), is inf\)"),
+    (np.nan, r"NaN, infinite or negative .* is nan"),
+    (-0.25, r">= 0, got 1 entries .* is -0.25"),
+])
+def test_probabilities_must_be_finite_and_nonnegative(value, match):
+    unary, image = _probabilities()
+    unary[0, 1, 2, 3] = value
+    keep = unary.copy()
+    with pytest.raises(ValueError, match=match):
+        convcrf.infer(unary, image, {"logsoftmax": False, "filter_size": 3, "blur": 1})
+    assert np.array_equal(unary, keep, equal_nan=True)
+
+
+def test_pixels_without_any_probability_are_refused():
+    unary, image = _probabilities()
+    unary[0, :, 4, 5] = 0.0
+    unary[0, :, 1, 2] = 0.0
+    with pytest.raises(ValueError, match=r"2 pixel\(s\) of the unary are 0 for every class \(the first at "
+                                         r"\(b, y, x\) = \(0, 1, 2\)\).*unary \+ 1e-5"):
+        convcrf.infer(unary, image, {"logsoftmax": False, "filter_size": 3, "blur": 1})
+
+
+def test_zero_probabilities_of_some_classes_score_minus_infinity_like_upstream():
+    unary, image = _probabilities(seed=1)
+    unary[0, 0, 2:4, 1:5] = 0.0  # class 0 impossible there; the others still have probability
+    cfg = {"logsoftmax": False, "filter_size": 3, "blur": 2}
+    for num_iter in (0, 1, 3):
+        out = convcrf.infer(unary, image, cfg, num_iter=num_iter)
+        expected = brute_force(unary[0], image[0], convcrf.resolve_config(cfg), num_iter)
+        assert not np.isnan(out).any()
+        if num_iter:
+            assert np.isneginf(out[0, 0, 2:4, 1:5]).all()
+        np.testing.assert_allclose(out[0], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_zero_probabilities_that_would_give_nan_are_refused():
+    unary, image = _probabilities(seed=2)
+    unary[0, 0, 0, 0] = 0.0
+    # unary_weight == weight_init: upstream multiplies log(0) = -inf by 0.
+    cfg = {"logsoftmax": False, "filter_size": 3, "blur": 1, "unary_weight": 0.2}
+    with pytest.raises(ValueError, match=r"cucrf.convcrf.infer: the result would contain NaN.*unary \+ 1e-5"):
+        convcrf.infer(unary, image, cfg)
+    unary += 1e-5
+    assert np.isfinite(convcrf.infer(unary, image, cfg)).all()
