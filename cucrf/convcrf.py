@@ -197,9 +197,9 @@ def _library(name, value, caller):
 
     What DLPack cannot hand over as data (a tensor that records gradients, a traced JAX value) and
     masked arrays are refused here, naming ``caller``: the generic messages of
-    :func:`cucrf._backends.to_backend_array` point to :func:`cucrf.infer`'s own options.
+    :func:`cucrf.interop.to_backend_array` point to :func:`cucrf.infer`'s own options.
     """
-    from ._backends import _is_tracer, to_backend_array
+    from .interop import _is_tracer, to_backend_array
 
     if isinstance(value, np.ma.MaskedArray):
         raise TypeError(f"{caller}: {name} must not be a masked array (numpy.ma.MaskedArray), got one with "
