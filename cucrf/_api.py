@@ -310,7 +310,7 @@ def _prepare_inputs(unary, image, params, *, filter_size, blur, iterations, unar
     )
 
     def check_memory(B, C, H, W, F, config):
-        need = _meanfield.estimate_bytes(B, C, H, W, F, config, compute_dtype.itemsize,
+        need = _meanfield.estimate_bytes(B, C, (H, W), F, config, compute_dtype.itemsize,
                                          stored_kernels=getattr(backend, "stores_kernels", True))
         if training:
             # The tape keeps 2 T full-size arrays, the backward pass about as many again.

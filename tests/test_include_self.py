@@ -205,8 +205,8 @@ def test_memory_estimate_covers_the_kernel_stack_with_centre(norm):
     features = rng.uniform(0, 40, size=(B, F, H, W))
     setup = _meanfield.prepare(nb, features, to_crfparams(random_params(rng, C, F)), config)
     assert setup.kernels.shape[2] == k * k  # the centre is stored
-    stored = _meanfield.estimate_bytes(B, C, H, W, F, config, 8)
-    on_the_fly = _meanfield.estimate_bytes(B, C, H, W, F, config, 8, stored_kernels=False)
+    stored = _meanfield.estimate_bytes(B, C, (H, W), F, config, 8)
+    on_the_fly = _meanfield.estimate_bytes(B, C, (H, W), F, config, 8, stored_kernels=False)
     assert stored - on_the_fly >= setup.kernels.nbytes
 
 
