@@ -537,7 +537,7 @@ def fit(unaries, images, labels, params=None, *, validation=None, val_fraction="
     _meanfield.check_backward_support(backend)
 
     def configs(shape):
-        return _api.check_config(filter_size, blur, iterations, normalization, *shape, keep_centre=include_self)
+        return _api.check_config(filter_size, blur, iterations, normalization, tuple(shape), keep_centre=include_self)
 
     trainer = _trainer.Trainer(backend, configs, params, keys, learn_temperature=temperature, prior_strength=prior,
                                class_weights=class_weights, ignore_index=ignore_index, num_classes=C,

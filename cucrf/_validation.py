@@ -88,29 +88,36 @@ def check_finite(name, arr, xp):
         raise ValueError(f"{name} contains {bad} NaN or infinite value(s); all values must be finite")
 
 
-def check_image(image, xp, batch, height, width, batched, finite=True):
-    """Validate ``image`` against the unary's (B, H, W); return it as (B, H, W, F)."""
+def check_image(image, xp, batch, size, batched, finite=True):
+    """Validate ``image`` against the unary's batch and spatial ``size`` ((H, W) or (D, H, W));
+    return it as (B, *size, F)."""
     _check_dtype("image", image, allow_int=True)
-    want = 4 if batched else 3
-    layout = "(B, H, W, F)" if batched else "(H, W, F)"
+    size = tuple(size)
+    nd = len(size)
+    names = "H, W" if nd == 2 else "D, H, W"
+    want = nd + 2 if batched else nd + 1
+    layout = f"(B, {names}, F)" if batched else f"({names}, F)"
     if image.ndim != want:
         hint = ""
-        if image.ndim == want - 1 and image.shape[-2:] == (height, width):
+        if image.ndim == want - 1 and image.shape[-nd:] == size:
             hint = "; for a single-channel image add a channel axis: image[..., None]"
         raise ValueError(
-            f"image must have shape {layout} to match a unary with {'4' if batched else '3'} dimensions, "
+            f"image must have shape {layout} to match a unary with {nd + 2 if batched else nd + 1} dimensions, "
             f"got shape {_shape_text(image.shape)}{hint}"
         )
-    spatial = image.shape[-3:-1]
-    if spatial != (height, width):
-        if image.shape[-2:] == (height, width):
+    spatial = tuple(image.shape[-nd - 1:-1])
+    if spatial != size:
+        if tuple(image.shape[-nd:]) == size:
+            order = ", ".join(str(a) for a in ((0,) + tuple(range(2, nd + 2)) + (1,) if batched
+                                               else tuple(range(1, nd + 1)) + (0,)))
             raise ValueError(
                 f"image has shape {_shape_text(image.shape)}, which looks channels-first; cucrf expects "
-                f"channels-last {layout}, e.g. image.transpose({'0, 2, 3, 1' if batched else '1, 2, 0'})"
+                f"channels-last {layout}, e.g. image.transpose({order})"
             )
+        what = "height and width" if nd == 2 else "depth, height and width"
         raise ValueError(
-            f"image height and width {spatial} differ from the unary's ({height}, {width}); "
-            f"expected image shape {layout} with H={height}, W={width}"
+            f"image {what} {spatial} differ from the unary's {size}; "
+            f"expected image shape {layout} with " + ", ".join(f"{n}={v}" for n, v in zip(names.split(", "), size))
         )
     if batched and image.shape[0] != batch:
         raise ValueError(f"image has batch size {image.shape[0]} but the unary has {batch}")

@@ -73,7 +73,7 @@ class _Spec:
     def settings(self):
         return dict(filter_size=self.filter_size, blur=self.blur, iterations=self.iterations,
                     normalization=self.normalization, include_self=self.include_self, output=self.output,
-                    device=self.device)
+                    device=self.device, spatial_dims=2)
 
     def params(self, dynamic):
         """CRFParams from the constants and the (NumPy or CuPy) values of the array-valued fields."""
@@ -275,7 +275,7 @@ def infer(unary, image, params=None, *, filter_size=DEFAULT_FILTER_SIZE, blur=DE
         raise ValueError(f"image must have shape {'(B, H, W, F)' if unary.ndim == 4 else '(H, W, F)'} matching the "
                          f"unary {unary.shape}, got shape {image.shape}")
     include_self = _api.check_include_self(include_self)
-    _api.check_config(filter_size, blur, iterations, normalization, unary.shape[-2], unary.shape[-1],
+    _api.check_config(filter_size, blur, iterations, normalization, tuple(unary.shape[-2:]),
                       keep_centre=include_self)
     spec = _Spec(constants, tuple(sorted(dynamic)), filter_size, blur, iterations, normalization, output, device,
                  include_self)

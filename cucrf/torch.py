@@ -217,7 +217,7 @@ def infer(unary, image, params=None, *, filter_size=DEFAULT_FILTER_SIZE, blur=DE
     include_self = _api.check_include_self(include_self)
     constants, names, tensors = _split_params(params)
     settings = dict(filter_size=filter_size, blur=blur, iterations=iterations, normalization=normalization,
-                    include_self=include_self, output=output, dtype=dtype)
+                    include_self=include_self, output=output, dtype=dtype, spatial_dims=2)
     return _CRFFunction.apply(_Spec(constants, names, settings), unary, image, *tensors)
 
 
@@ -312,7 +312,7 @@ class ConvCRF(torch.nn.Module):
         learn = _check_learn(learn)
         # Checked now rather than at the first forward pass.
         include_self = _api.check_include_self(include_self)
-        _api.check_config(filter_size, blur, iterations, normalization, 10**6, 10**6, keep_centre=include_self)
+        _api.check_config(filter_size, blur, iterations, normalization, (10**6, 10**6), keep_centre=include_self)
         self.num_classes = num_classes if num_classes is not None else params.num_classes
         self.filter_size, self.blur, self.iterations = filter_size, blur, iterations
         self.normalization, self.output, self.dtype = normalization, output, dtype
