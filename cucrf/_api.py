@@ -84,20 +84,15 @@ def check_config(filter_size, blur, iterations, normalization, size, keep_centre
             if b > n:
                 raise ValueError(f"blur[{a}]={b} is larger than axis {a} of the {shape} input ({n} pixels); "
                                  f"use at most {n}")
-    if per_axis:
-        for a, (k, c) in enumerate(zip(sizes, coarse)):
-            if k > max(2 * c - 1, 1):
-                raise ValueError(
-                    f"filter_size[{a}]={k} is larger than the input allows: with blur={blur} the {shape} input is "
-                    f"a {grid} grid, so the window can be at most {max(2 * c - 1, 1)} cells wide on axis {a}")
-    else:
-        largest = 2 * max(coarse) - 1
-        if filter_size > max(largest, 3):
+    # A window wider than twice the longest axis of the grid only adds empty cells.
+    largest = max(2 * max(coarse) - 1, 3)
+    what = "image" if nd == 2 else "volume"
+    for a, k in enumerate(sizes):
+        if k > largest:
+            name = f"filter_size[{a}]" if per_axis else "filter_size"
             raise ValueError(
-                f"filter_size={filter_size} is larger than the {'image' if nd == 2 else 'volume'} allows: with "
-                f"blur={blur} the {shape} {'image' if nd == 2 else 'volume'} is a {grid} grid, so the window can "
-                f"be at most {max(largest, 3)} cells wide; use a smaller filter_size or blur"
-            )
+                f"{name}={k} is larger than the {what} allows: with blur={blur} the {shape} {what} is a {grid} "
+                f"grid, so the window can be at most {largest} cells wide; use a smaller filter_size or blur")
     return _meanfield.CRFConfig(filter_size, blur, iterations, normalization, keep_centre, spacing)
 
 
