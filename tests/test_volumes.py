@@ -254,3 +254,54 @@ def test_inputs_are_not_modified():
     cucrf.infer_vjp(unary, image, grad_output=np.ones_like(unary), spatial_dims=3, filter_size=3, blur=2)
     np.testing.assert_array_equal(unary, u0)
     np.testing.assert_array_equal(image, i0)
+
+
+# ---------------------------------------------------------------------------------------------
+# learning on volumes
+# ---------------------------------------------------------------------------------------------
+def _noisy_scene(seed, shape=(14, 12)):
+    r = np.random.default_rng(seed)
+    label = np.zeros(shape, int)
+    label[:, shape[1] // 2:] = 1
+    label[3:9, 2:7] = 2
+    image = (label * 70.0 + r.normal(0, 15, shape))[..., None]
+    noisy = np.where(r.uniform(size=shape) < 0.3, r.integers(0, 3, shape), label)
+    unary = np.log(np.eye(3)[noisy].transpose((2, 0, 1)) * 0.5 + 0.25)
+    return unary, image, label
+
+
+def test_fit_on_one_slice_volumes_equals_fit_on_images():
+    """fit on (C, 1, H, W) volumes follows fit on the (C, H, W) images: same losses, same parameters."""
+    data = [_noisy_scene(s) for s in range(3)]
+    opts = dict(filter_size=3, epochs=2, progress=False, params=cucrf.CRFParams(theta_beta=25.0), dtype=np.float64)
+    flat = cucrf.fit([d[0] for d in data], [d[1] for d in data], [d[2] for d in data], blur=2, **opts)
+    vol = cucrf.fit([d[0][:, None] for d in data], [d[1][None] for d in data], [d[2][None] for d in data],
+                    spatial_dims=3, blur=(1, 2, 2), **opts)
+    assert [h["epoch"] for h in vol.history] == [h["epoch"] for h in flat.history]
+    compared = 0
+    for a, b in zip(vol.history, flat.history):
+        for key in ("train_loss", "val_loss", "val_miou"):
+            if b.get(key) is not None:
+                np.testing.assert_allclose(a[key], b[key], rtol=1e-9)
+                compared += 1
+    assert compared >= 4
+    np.testing.assert_allclose(vol.params.compatibility_matrix(3), flat.params.compatibility_matrix(3), rtol=1e-8)
+    assert vol.params.theta_alpha == pytest.approx(flat.params.theta_alpha, rel=1e-8)
+
+
+def test_fit_on_volumes_learns():
+    def volume(seed):
+        slices = [_noisy_scene(seed * 10 + z, (12, 10)) for z in range(6)]
+        return (np.stack([s[0] for s in slices], axis=1), np.stack([s[1] for s in slices]),
+                np.stack([s[2] for s in slices]))
+
+    data = [volume(s) for s in range(3)]
+    result = cucrf.fit([d[0] for d in data], [d[1] for d in data], [d[2] for d in data], spatial_dims=3,
+                       spacing=(2.0, 1.0, 1.0), filter_size=3, blur=(1, 2, 2), epochs=3, progress=False,
+                       params=cucrf.CRFParams(theta_beta=25.0))
+    assert result.history[-1]["train_loss"] < result.history[1]["train_loss"] or result.improved
+    with pytest.raises(TypeError, match=r"one \(N, D, H, W\) array, got a bare array of shape \(6, 12, 10\)"):
+        cucrf.fit(np.stack([d[0] for d in data]), np.stack([d[1] for d in data]), data[0][2], spatial_dims=3,
+                  progress=False)
+    with pytest.raises(ValueError, match="pass spatial_dims=3"):
+        cucrf.fit([d[0] for d in data], [d[1] for d in data], [d[2] for d in data], progress=False)
