@@ -12,6 +12,7 @@ True
 """
 
 from ._api import DEFAULT_BLUR, DEFAULT_FILTER_SIZE, DEFAULT_ITERATIONS, InferVJP, infer, infer_vjp
+from ._diagnostics import InputWarning
 from ._fit import FeatureTransform, FitResult, TrainingDivergedError, fit
 from ._params import CRFParams
 from ._validation import ProblemTooLargeError
@@ -22,5 +23,5 @@ __version__ = "0.1.0"
 __all__ = [
     "infer", "CRFParams", "unary_from_probabilities", "unary_from_labels",
     "ProblemTooLargeError", "DEFAULT_FILTER_SIZE", "DEFAULT_BLUR", "DEFAULT_ITERATIONS",
-    "infer_vjp", "InferVJP", "fit", "FitResult", "FeatureTransform", "TrainingDivergedError",
+    "infer_vjp", "InferVJP", "fit", "FitResult", "FeatureTransform", "TrainingDivergedError", "InputWarning",
 ]

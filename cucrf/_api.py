@@ -9,12 +9,14 @@ from typing import Optional
 import numpy as np
 
 from . import _meanfield, interop
+from ._diagnostics import check_inputs, check_unary_layout
 from ._backends import check_same_device, describe, device_scope, get_backend, to_backend_array
 from ._geometry import axis_geometry
 from ._params import CRFParams
 from ._spatial import axes_text, check_per_axis, check_spacing, check_spatial_dims, resolve_spatial_dims
 from ._validation import (
-    ProblemTooLargeError, available_memory_bytes, check_finite, check_float_array, check_image, check_int,
+    ProblemTooLargeError, available_memory_bytes, check_compute_dtype, check_feature_magnitude, check_finite, check_float_array,
+    check_image, check_image_magnitude, check_int, check_result_finite, check_unary_magnitude,
 )
 from .unary import unary_from_labels, unary_from_probabilities
 
@@ -107,6 +109,39 @@ def check_backend_geometry(backend, nd, config):
         f"spacing={config.spacing}: pass device='cpu'")
 
 
+def training_bytes(batch, classes, size, channels, config, itemsize):
+    """Memory :func:`infer_vjp` needs beyond :func:`cucrf._meanfield.estimate_bytes`, in bytes.
+
+    Measured (tracemalloc, NumPy backend) to bound the peak over classes 2..21, filter sizes 3..11,
+    blur 1..4, 0..5 iterations, with and without symmetric normalisation: the tape keeps the
+    ``T + 1`` marginals and ``T`` messages (full size); the backward pass a few full-size
+    gradients; for each of the ``S`` kernels (2 with symmetric normalisation) it collects the
+    coarse message gradients and inputs of every iteration and concatenates them (4 S T coarse
+    arrays at once); per window offset it forms feature and per-pixel temporaries.
+    """
+    T = max(config.iterations, 1)
+    S = 2 if config.normalization == "symmetric" else 1
+    pixels = int(np.prod(size))
+    cells = int(np.prod(_meanfield.coarse_shape(size, config)))
+    full = batch * classes * pixels
+    coarse = batch * classes * cells
+    elements = (2 * T + 5 + 2 * (S - 1)) * full + 4 * S * T * coarse
+    elements += 4 * batch * channels * cells + 8 * S * batch * pixels
+    return int(elements * itemsize)
+
+
+def required_bytes(batch, classes, size, channels, config, itemsize, *, training, stored_kernels=True):
+    """The memory :func:`infer` (or, with ``training``, :func:`infer_vjp`) is estimated to need, in bytes.
+
+    What the check before allocating compares with the available memory.
+    """
+    need = _meanfield.estimate_bytes(batch, classes, size, channels, config, itemsize,
+                                     stored_kernels=stored_kernels)
+    if training:
+        need += training_bytes(batch, classes, size, channels, config, itemsize)
+    return need
+
+
 def _check_params(params, num_classes, num_channels):
     if params is None:
         return CRFParams()
@@ -195,6 +230,22 @@ def infer(unary, image, params=None, *, filter_size=DEFAULT_FILTER_SIZE, blur=DE
         In the unary's array library (NumPy or CuPy) unless ``like`` says otherwise, of the
         compute dtype.
 
+    Raises
+    ------
+    ValueError
+        Besides bad shapes and settings: for finite values too large for the compute dtype
+        (``unary_weight * unary`` or the image's squared colour differences, divided by
+        ``theta_beta``, beyond a quarter of its largest value); the message names the input and
+        the fix (rescale it, or ``dtype=np.float64``). A result with NaN or infinity is never
+        returned: it is a ValueError too.
+
+    Warns
+    -----
+    cucrf.InputWarning
+        When the inputs look like a common mistake: probabilities or pydensecrf energies
+        ``-log(p)`` passed as logits, or a float image in [0, 1] with a ``theta_beta`` meant for
+        0..255 values (see :func:`cucrf._diagnostics.check_inputs`).
+
     Notes
     -----
     Inputs exposing ``__dlpack__`` (PyTorch CPU or CUDA tensors, JAX arrays, ...) are shared
@@ -212,19 +263,33 @@ def infer(unary, image, params=None, *, filter_size=DEFAULT_FILTER_SIZE, blur=DE
     ((4, 32, 48), dtype('float32'), True)
     """
     reference = _like_reference(like, unary, image)
+    image_kind = interop.array_kind(image)
     unary, image = _share_inputs(unary, image, device)
     with device_scope(unary):
         prepared = _prepare_inputs(
             unary, image, params, filter_size=filter_size, blur=blur, iterations=iterations,
             unary_kind=unary_kind, num_classes=num_classes, confidence=confidence, unknown_label=unknown_label,
             clip=clip, normalization=normalization, include_self=include_self, output=output, dtype=dtype,
-            device=device, feature_transform=feature_transform, training=False, spatial_dims=spatial_dims,
-            spacing=spacing,
+            device=device, feature_transform=feature_transform, training=False, image_kind=image_kind,
+            spatial_dims=spatial_dims, spacing=spacing,
         )
         result = _meanfield.mean_field(prepared.backend, prepared.unary, prepared.features, prepared.params,
                                        prepared.config, return_logits=output == "logits")
+        check_result_finite("the output of cucrf.infer", result, prepared.unary.dtype,
+                            lambda: _magnitudes(prepared))
         result = result if prepared.batched else result[0]
         return result if reference is None else _to_like(result, reference[0])
+
+
+def _magnitudes(prepared, grad_output=None):
+    """A sentence on the sizes of the prepared inputs, for the error about a non-finite result."""
+    xp = prepared.backend.xp
+    peak = float(xp.max(xp.abs(prepared.unary))) * abs(prepared.params.unary_weight)
+    lo, hi = float(xp.min(prepared.features)), float(xp.max(prepared.features))
+    text = f"The largest |unary_weight * unary| is {peak:.3g}; the image features lie in [{lo:.3g}, {hi:.3g}]"
+    if grad_output is not None:
+        text += f"; the largest |grad_output| is {float(xp.max(xp.abs(grad_output))):.3g}"
+    return text + "."
 
 
 def _to_like(value, reference):
@@ -295,12 +360,8 @@ def check_feature_transform(feature_transform, num_channels):
         matrix, offset = feature_transform
     else:
         matrix, offset = feature_transform, None
-    to_np = (lambda a: a.get() if type(a).__module__.split(".")[0] == "cupy" else a)
-    try:
-        matrix = np.array(to_np(matrix), dtype=np.float64)
-        offset = None if offset is None else np.array(to_np(offset), dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"feature_transform must hold numeric arrays: {exc}") from exc
+    matrix = _real_float64("matrix", matrix)
+    offset = None if offset is None else _real_float64("offset", offset)
     if matrix.ndim != 2 or matrix.shape[1] != num_channels or matrix.shape[0] < 1:
         raise ValueError(
             f"feature_transform matrix must have shape (F', {num_channels}) for an image with "
@@ -313,6 +374,22 @@ def check_feature_transform(feature_transform, num_channels):
     if not (np.isfinite(matrix).all() and np.isfinite(offset).all()):
         raise ValueError("feature_transform must contain only finite values")
     return matrix, offset
+
+
+def _real_float64(part, value):
+    """One part of a feature transform as a float64 NumPy array; complex values are a TypeError."""
+    if type(value).__module__.split(".")[0] == "cupy":
+        value = value.get()
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"feature_transform {part} must be an array of numbers: {exc}") from exc
+    if array.dtype.kind == "c":  # converting would silently drop the imaginary part
+        raise TypeError(f"feature_transform {part} must be real, got complex dtype {array.dtype}")
+    try:
+        return np.array(array, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise TypeError(f"feature_transform {part} must be an array of numbers: {exc}") from exc
 
 
 def apply_feature_transform(xp, features, transform):
@@ -331,15 +408,20 @@ def apply_feature_transform(xp, features, transform):
 
 def _prepare_inputs(unary, image, params, *, filter_size, blur, iterations, unary_kind, num_classes,
                     confidence, unknown_label, clip, normalization, output, dtype, device, feature_transform,
-                    training, include_self=False, spatial_dims=None, spacing=None):
-    """Every check of :func:`infer`; returns a :class:`_Prepared` ready for the mean-field loop."""
+                    training, include_self=False, image_kind=None, spatial_dims=None, spacing=None):
+    """Every check of :func:`infer`; returns a :class:`_Prepared` ready for the mean-field loop.
+
+    ``image_kind`` is the array library the caller passed the image as (see
+    :func:`cucrf.interop.array_kind`), for hints in the messages; None: that of ``image``.
+    """
+    if image_kind is None:
+        image_kind = interop.array_kind(image)
     include_self = check_include_self(include_self)
     _choice("unary_kind", unary_kind, _UNARY_KINDS)
     _choice("output", output, _OUTPUTS)
     _choice("device", device, _DEVICES)
     spatial_dims = check_spatial_dims(spatial_dims)
-    if dtype is not None and np.dtype(dtype) not in (np.float32, np.float64):
-        raise TypeError(f"dtype must be numpy.float32, numpy.float64 or None, got {dtype!r}")
+    dtype = check_compute_dtype(dtype)
 
     unary, library = to_backend_array("unary", unary, device)
     image, image_library = to_backend_array("image", image, device)
@@ -351,17 +433,17 @@ def _prepare_inputs(unary, image, params, *, filter_size, blur, iterations, unar
     backend = get_backend(library)
     xp = backend.xp
     nd = resolve_spatial_dims(spatial_dims, unary.shape, image.shape, unary_kind)
+    if unary_kind != "labels":
+        check_unary_layout(unary, image, nd)  # shapes only: before the image is blamed for the unary's layout
+    given_unary = unary
 
-    compute_dtype = np.dtype(dtype) if dtype is not None else (
+    compute_dtype = dtype if dtype is not None else (
         np.dtype(np.float64) if unary.dtype == np.float64 else np.dtype(np.float32)
     )
 
     def check_memory(B, C, size, F, config):
-        need = _meanfield.estimate_bytes(B, C, size, F, config, compute_dtype.itemsize,
-                                         stored_kernels=getattr(backend, "stores_kernels", True))
-        if training:
-            # The tape keeps 2 T full-size arrays, the backward pass about as many again.
-            need += 4 * max(config.iterations, 1) * B * C * int(np.prod(size)) * compute_dtype.itemsize
+        need = required_bytes(B, C, size, F, config, compute_dtype.itemsize, training=training,
+                              stored_kernels=getattr(backend, "stores_kernels", True))
         available = backend.available_memory_bytes() if hasattr(backend, "available_memory_bytes") else available_memory_bytes()
         if available is not None and need > available:
             raise ProblemTooLargeError(
@@ -406,7 +488,7 @@ def _prepare_inputs(unary, image, params, *, filter_size, blur, iterations, unar
     size = tuple(u4.shape[2:])
     if C < 2:
         raise ValueError(f"unary must have at least 2 classes on axis {1 if batched else 0}, got shape {tuple(unary.shape)}")
-    image4 = check_image(image, xp, B, size, batched, finite=False)
+    image4 = check_image(image, xp, B, size, batched, finite=False, kind=image_kind)
     F = image4.shape[-1]
     transform = check_feature_transform(feature_transform, F)
     F_out = F if transform is None else transform[0].shape[0]
@@ -419,6 +501,13 @@ def _prepare_inputs(unary, image, params, *, filter_size, blur, iterations, unar
     # Scanned for NaN only now: a problem refused for its size is never read.
     check_finite("unary", unary, xp)
     check_finite("image", image4, xp)
+    # With a feature transform theta_beta is in the transformed units: the image scale says nothing.
+    check_inputs(given_unary, image4 if transform is None else None, unary_kind=unary_kind, params=params,
+                 stacklevel=3, spatial_dims=nd)
+    # Values the compute dtype cannot carry through the kernels and the softmax are refused here,
+    # naming the input, instead of coming back as NaN.
+    check_unary_magnitude(u4, xp, params.unary_weight, compute_dtype)
+    check_image_magnitude(image4, xp, compute_dtype)
     # No copy when the dtype already fits: mean-field inference never writes to its inputs, and
     # a copy would cost a whole unary's worth of memory.
     u = u4.astype(compute_dtype, copy=False)
@@ -426,6 +515,9 @@ def _prepare_inputs(unary, image, params, *, filter_size, blur, iterations, unar
     if not config.plain or nd != 2:
         check_backend_geometry(backend, nd, config)
     features = apply_feature_transform(xp, image_features, transform)
+    if config.iterations > 0:  # without an iteration the features are never used
+        check_feature_magnitude(features, xp, params.theta_beta_vector(F_out), config.blur, training,
+                                transformed=transform is not None)
     return _Prepared(backend, u, image_features, features, params, config, batched, transform, library)
 
 
@@ -520,6 +612,13 @@ def infer_vjp(unary, image, params=None, *, grad_output, filter_size=DEFAULT_FIL
     InferVJP
         ``.output``, ``.unary``, ``.image``, ``.params`` (dict), ``.feature_transform``.
 
+    Raises
+    ------
+    ValueError
+        As for :func:`infer`; also when an image's raw value range squared (which the gradient
+        computes) exceeds a quarter of the compute dtype's largest value, and instead of returning
+        an output or gradient that holds NaN or infinity.
+
     Examples
     --------
     >>> import numpy as np, cucrf
@@ -533,13 +632,15 @@ def infer_vjp(unary, image, params=None, *, grad_output, filter_size=DEFAULT_FIL
         raise ValueError(f"infer_vjp differentiates with respect to logits only: unary_kind must be 'logits', "
                          f"got {unary_kind!r}")
     reference = _like_reference(like, unary, image)
+    image_kind = interop.array_kind(image)
     unary, image = _share_inputs(unary, image, device)
     with device_scope(unary):
         prepared = _prepare_inputs(
             unary, image, params, filter_size=filter_size, blur=blur, iterations=iterations, unary_kind="logits",
             num_classes=None, confidence=None, unknown_label=None, clip=1e-5, normalization=normalization,
             include_self=include_self, output=output, dtype=dtype, device=device,
-            feature_transform=feature_transform, training=True, spatial_dims=spatial_dims, spacing=spacing,
+            feature_transform=feature_transform, training=True, image_kind=image_kind, spatial_dims=spatial_dims,
+            spacing=spacing,
         )
         backend, xp = prepared.backend, prepared.backend.xp
         _meanfield.check_backward_support(backend)
@@ -565,9 +666,18 @@ def infer_vjp(unary, image, params=None, *, grad_output, filter_size=DEFAULT_FIL
             g_features, g_transform = _feature_transform_backward(xp, prepared.image_features, g_features,
                                                                   prepared.transform)
         g_image = xp.ascontiguousarray(xp.moveaxis(g_features, 1, -1))
+        param_grads = params_gradient_dict(prepared.params, grads)
+        computed = [("the output", result), ("the gradient with respect to the unary", g_unary),
+                    ("the gradient with respect to the image", g_image)]
+        computed += [(f"the gradient with respect to {k}", v) for k, v in param_grads.items()]
+        computed += [(f"the gradient with respect to feature_transform {k}", v) for k, v in (g_transform or {}).items()]
+        for what, value in computed:
+            check_result_finite(f"{what} (cucrf.infer_vjp)", value, prepared.unary.dtype,
+                                lambda: _magnitudes(prepared, g4),
+                                inputs="grad_output, the unary or the image (with theta_beta)")
         if not prepared.batched:
             result, g_unary, g_image = result[0], g_unary[0], g_image[0]
-        result = InferVJP(result, g_unary, g_image, params_gradient_dict(prepared.params, grads), g_transform)
+        result = InferVJP(result, g_unary, g_image, param_grads, g_transform)
         if reference is not None:
             result = dataclasses.replace(result, output=_to_like(result.output, reference[0]),
                                          unary=_to_like(result.unary, reference[0]),

@@ -50,6 +50,11 @@ def to_backend_array(name, value, device):
     device : {None, 'cpu', 'gpu'}
         Where to compute; None keeps the data where it is.
     """
+    if device not in (None, "cpu", "gpu"):
+        raise ValueError(f"device must be one of [None, 'cpu', 'gpu'], got {device!r}")
+    if value is None:
+        raise TypeError(f"{name} must be an array (NumPy, CuPy, or any object exposing __dlpack__ such as a "
+                        "PyTorch tensor or a JAX array) or a nested sequence of numbers, got None")
     if isinstance(value, np.ma.MaskedArray):
         raise TypeError(
             f"{name} must not be a masked array (numpy.ma.MaskedArray), got one with "

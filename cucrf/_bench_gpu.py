@@ -20,7 +20,8 @@ import statistics
 
 import numpy as np
 
-__all__ = ["PROBLEMS", "BACKWARD_PROBLEMS", "floor_model", "backward_floor_model", "run", "run_backward"]
+__all__ = ["PROBLEMS", "BACKWARD_PROBLEMS", "floor_model", "backward_floor_model", "run", "run_backward",
+           "gpu_problem", "main"]
 
 #: (name, B, C, H, W, filter_size, blur)
 PROBLEMS = [
@@ -355,6 +356,31 @@ def _torch_row(torch, cupy, unary, image, params, k, blur):
     return out
 
 
-if __name__ == "__main__":
+def gpu_problem():
+    """Why the GPU benchmark cannot run here (CuPy or a usable GPU missing), in one line; None when it can."""
+    from . import _backends
+
+    try:
+        _backends._import_cupy(need_device=True)
+    except RuntimeError as exc:
+        return " ".join(str(exc).split())
+    return None
+
+
+def main(argv=None) -> int:
+    """``python -m cucrf._bench_gpu``: the forward and backward benchmarks; 1 without a GPU."""
+    import argparse
+    import sys
+
+    argparse.ArgumentParser(prog="python -m cucrf._bench_gpu", description=__doc__.splitlines()[0]).parse_args(argv)
+    problem = gpu_problem()
+    if problem is not None:
+        print(f"python -m cucrf._bench_gpu: error: {problem}", file=sys.stderr)
+        return 1
     run()
     run_backward()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -7,6 +7,7 @@ import json
 import math
 import numbers
 import os
+from collections.abc import Sequence
 from typing import Optional, Tuple, Union
 
 import numpy as np
@@ -14,6 +15,7 @@ import numpy as np
 __all__ = ["CRFParams"]
 
 _POTTS = "potts"
+_BOM = "\ufeff"
 
 
 # The kernels compute 1 / theta^2 (in Python floats, then float32) and scale positions and image
@@ -28,11 +30,21 @@ BANDWIDTH_RANGE = (1e-6, 1e6)
 MAX_ABS_WEIGHT = 1e6
 
 
+def _to_float(name, value, allowed):
+    """``value`` (a real number) as a float; an integer too large for a float is a ValueError naming ``name``."""
+    try:
+        return float(value)
+    except OverflowError:
+        digits = math.floor((abs(int(value)).bit_length() - 1) * math.log10(2)) + 1  # at most one too few
+        raise ValueError(f"{name} must be in {allowed}, got an integer of {digits} or more digits, too large "
+                         "for a float") from None
+
+
 def _as_positive_float(name, value):
     """``value`` as a float bandwidth in ``BANDWIDTH_RANGE``; raises TypeError/ValueError naming ``name``."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}")
-    value = float(value)
+    value = _to_float(name, value, f"[{BANDWIDTH_RANGE[0]:g}, {BANDWIDTH_RANGE[1]:g}]")
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be finite and > 0, got {value!r}")
     low, high = BANDWIDTH_RANGE
@@ -45,7 +57,7 @@ def _as_finite_float(name, value):
     """``value`` as a float with ``|value| <= MAX_ABS_WEIGHT``; raises TypeError/ValueError naming ``name``."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}")
-    value = float(value)
+    value = _to_float(name, value, f"[-{MAX_ABS_WEIGHT:g}, {MAX_ABS_WEIGHT:g}]")
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value!r}")
     if abs(value) > MAX_ABS_WEIGHT:
@@ -56,10 +68,11 @@ def _as_finite_float(name, value):
 def _as_theta_beta(value):
     if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
         return _as_positive_float("theta_beta", value)
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+    if isinstance(value, (str, bytes)) or not (isinstance(value, Sequence) or hasattr(value, "shape")):
+        unordered = " (a set or mapping has no channel order)" if hasattr(value, "__len__") else ""
         raise TypeError(
-            "theta_beta must be a positive number or a sequence with one positive number per "
-            f"image channel, got {value!r} of type {type(value).__name__}"
+            "theta_beta must be a positive number or a sequence (tuple, list or array) with one positive "
+            f"number per image channel, in channel order; got {value!r} of type {type(value).__name__}{unordered}"
         )
     values = tuple(np.asarray(value, dtype=object).ravel().tolist()) if hasattr(value, "shape") else tuple(value)
     if len(values) == 0:
@@ -73,7 +86,16 @@ def _as_compatibility(value):
     if isinstance(value, str):
         raise ValueError(f"compatibility must be 'potts' or a (C, C) matrix, got the string {value!r}")
     try:
-        matrix = np.array(value, dtype=np.float64)
+        given = np.asarray(value)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"compatibility must be 'potts' or a (C, C) matrix of numbers, got {value!r}") from exc
+    if given.dtype.kind == "c":  # a float conversion would silently drop the imaginary part
+        raise TypeError(f"compatibility must be real, got complex dtype {given.dtype}")
+    try:
+        matrix = np.array(given, dtype=np.float64)
+    except OverflowError:
+        raise ValueError(f"compatibility entries must be in [-{MAX_ABS_WEIGHT:g}, {MAX_ABS_WEIGHT:g}], got an "
+                         "integer too large for a float") from None
     except (TypeError, ValueError) as exc:
         raise TypeError(f"compatibility must be 'potts' or a (C, C) matrix of numbers, got {value!r}") from exc
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] < 2:
@@ -228,19 +250,56 @@ class CRFParams:
         return text
 
     @classmethod
-    def from_json(cls, text_or_path: Union[str, os.PathLike]) -> "CRFParams":
-        """Read parameters from JSON text or from a ``.json`` file path."""
-        text = os.fspath(text_or_path)
-        if not text.lstrip().startswith("{"):
+    def from_json(cls, text_or_path: Union[str, bytes, os.PathLike]) -> "CRFParams":
+        """Read parameters from JSON text or from a JSON file.
+
+        Parameters
+        ----------
+        text_or_path : str, bytes or os.PathLike
+            A ``str`` whose first character (after white space or a UTF-8 byte order mark) is
+            ``{`` or ``[`` is JSON text; any other ``str`` and every ``os.PathLike``
+            (``pathlib.Path``) is a file path; ``bytes`` are UTF-8 JSON text. A byte order mark at
+            the start of the text or file is ignored.
+
+        Raises
+        ------
+        TypeError
+            For another type.
+        ValueError
+            When the file cannot be read, the text is not JSON, or holds something other than an
+            object of known parameters with valid values.
+        """
+        if isinstance(text_or_path, (bytes, bytearray)):
             try:
-                with open(text, encoding="utf-8") as f:
+                text = bytes(text_or_path).decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"CRF parameters given as bytes must be UTF-8 JSON text: {exc}") from exc
+            source, path = "the JSON bytes", None
+        elif isinstance(text_or_path, os.PathLike) or (
+                isinstance(text_or_path, str) and not text_or_path.lstrip(_BOM + " \t\r\n").startswith(("{", "["))):
+            path = os.fspath(text_or_path)
+            try:
+                with open(path, encoding="utf-8") as f:
                     text = f.read()
-            except OSError as exc:
-                raise ValueError(f"cannot read CRF parameters from {text_or_path!r}: {exc}") from exc
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ValueError(f"cannot read CRF parameters from {path!r}: {exc}") from exc
+            source = f"file {path!r}"
+        elif isinstance(text_or_path, str):
+            text, source, path = text_or_path, "the JSON text", None
+        else:
+            raise TypeError("CRF parameters must be JSON text (str or bytes) or a file path (str or os.PathLike), "
+                            f"got {type(text_or_path).__name__}")
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"CRF parameters are not valid JSON: {exc}") from exc
+            data = json.loads(text.lstrip(_BOM))
+        except ValueError as exc:  # JSONDecodeError, or an integer of more digits than Python converts
+            hint = ""
+            if path is None and isinstance(text_or_path, str) and os.path.exists(text_or_path):
+                hint = (f"; a str starting with '{{' or '[' is read as JSON text, but a file of that name exists: "
+                        f"pass pathlib.Path({text_or_path!r}) to read the file")
+            raise ValueError(f"CRF parameters in {source} are not valid JSON: {exc}{hint}") from exc
+        if not isinstance(data, dict):
+            raise ValueError(f"CRF parameters in {source} must be a JSON object such as {{\"theta_alpha\": 80.0}}, "
+                             f"got a JSON {type(data).__name__}")
         return cls.from_dict(data)
 
     save = to_json

@@ -9,7 +9,7 @@ import numpy as np
 
 __all__ = [
     "ProblemTooLargeError", "array_library", "check_int", "check_float_array", "check_image", "check_finite",
-    "available_memory_bytes",
+    "available_memory_bytes", "check_compute_dtype",
 ]
 
 
@@ -47,6 +47,20 @@ def check_int(name, value, *, minimum=None, odd=False):
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     if odd and value % 2 == 0:
         raise ValueError(f"{name} must be odd (the window is centred on the pixel), got {value}")
+    return value
+
+
+def check_compute_dtype(dtype):
+    """``dtype`` as ``numpy.dtype('float32')`` or ``numpy.dtype('float64')``, or None; a TypeError otherwise."""
+    if dtype is None:
+        return None
+    expected = "numpy.float32, numpy.float64 (or 'float32', 'float64') or None"
+    try:
+        value = np.dtype(dtype)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"dtype must be {expected}, got {dtype!r}, which is not a dtype") from exc
+    if value not in (np.float32, np.float64):
+        raise TypeError(f"dtype must be {expected}, got {dtype!r}")
     return value
 
 
@@ -88,9 +102,13 @@ def check_finite(name, arr, xp):
         raise ValueError(f"{name} contains {bad} NaN or infinite value(s); all values must be finite")
 
 
-def check_image(image, xp, batch, size, batched, finite=True):
+def check_image(image, xp, batch, size, batched, finite=True, kind=None):
     """Validate ``image`` against the unary's batch and spatial ``size`` ((H, W) or (D, H, W));
-    return it as (B, *size, F)."""
+    return it as (B, *size, F).
+
+    ``kind`` is the array library the caller passed the image as (``'torch'`` gets PyTorch's
+    ``permute`` in the hint for a channels-first image).
+    """
     _check_dtype("image", image, allow_int=True)
     size = tuple(size)
     nd = len(size)
@@ -108,11 +126,12 @@ def check_image(image, xp, batch, size, batched, finite=True):
     spatial = tuple(image.shape[-nd - 1:-1])
     if spatial != size:
         if tuple(image.shape[-nd:]) == size:
-            order = ", ".join(str(a) for a in ((0,) + tuple(range(2, nd + 2)) + (1,) if batched
-                                               else tuple(range(1, nd + 1)) + (0,)))
+            axes = ", ".join(str(a) for a in ((0,) + tuple(range(2, nd + 2)) + (1,) if batched
+                                              else tuple(range(1, nd + 1)) + (0,)))
+            fix = f"image.permute({axes})" if kind == "torch" else f"image.transpose({axes})"
             raise ValueError(
                 f"image has shape {_shape_text(image.shape)}, which looks channels-first; cucrf expects "
-                f"channels-last {layout}, e.g. image.transpose({order})"
+                f"channels-last {layout}, e.g. {fix}"
             )
         what = "height and width" if nd == 2 else "depth, height and width"
         raise ValueError(
@@ -141,3 +160,160 @@ def available_memory_bytes():
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+# -- values the compute dtype can carry ----------------------------------------------------------
+
+#: Share of a dtype's largest value that inputs may reach: the softmax subtracts two scores and the
+#: kernels add a squared distance to the squared colour difference, so a factor of 4 leaves room.
+HEADROOM = 4.0
+
+_DTYPE_FIX = "pass dtype=np.float64 (float64 carries values up to 1.8e308)"
+
+
+def dtype_limit(dtype):
+    """The largest magnitude an input may reach in ``dtype``: its largest value / :data:`HEADROOM`."""
+    return float(np.finfo(dtype).max) / HEADROOM
+
+
+def _extremes(arr, xp, axis=None):
+    """(minimum, maximum) of ``arr`` as float64 NumPy values (arrays with ``axis``)."""
+    lo, hi = xp.min(arr, axis=axis), xp.max(arr, axis=axis)
+    to_np = (lambda a: np.asarray(a.get() if hasattr(a, "get") else a, dtype=np.float64))
+    return to_np(lo), to_np(hi)
+
+
+def check_unary_magnitude(unary, xp, unary_weight, dtype):
+    """Refuse a unary whose values, cast to ``dtype`` and times ``unary_weight``, exceed what ``dtype`` carries.
+
+    ``unary`` is the finite unary before the cast (so values a cast would turn into infinity are
+    seen); ``dtype`` the compute dtype. The limit is :func:`dtype_limit`: the softmax subtracts two
+    scaled scores, so twice the largest one must stay finite.
+    """
+    dtype = np.dtype(dtype)
+    lo, hi = _extremes(unary, xp)
+    peak = max(abs(float(lo)), abs(float(hi)))
+    largest = float(np.finfo(dtype).max)
+    if peak > largest:
+        raise ValueError(
+            f"unary holds values up to {peak:.3g} in magnitude, more than {dtype.name} can carry ({largest:.3g}); "
+            f"rescale the unary or {_DTYPE_FIX}"
+        )
+    scaled = peak * abs(float(unary_weight))
+    limit = dtype_limit(dtype)
+    if scaled > limit:
+        raise ValueError(
+            f"unary_weight * unary reaches {scaled:.3g} in magnitude (unary up to {peak:.3g}, unary_weight="
+            f"{float(unary_weight):g}), more than {dtype.name} can carry in the softmax (limit {limit:.3g}, a "
+            f"quarter of its largest value); rescale the unary or unary_weight, or {_DTYPE_FIX}"
+        )
+
+
+def check_image_magnitude(image, xp, dtype):
+    """Refuse a finite image with values that become infinite when cast to the compute ``dtype``."""
+    dtype = np.dtype(dtype)
+    if image.dtype.kind != "f" or image.dtype.itemsize <= dtype.itemsize:
+        return
+    lo, hi = _extremes(image, xp)
+    peak = max(abs(float(lo)), abs(float(hi)))
+    largest = float(np.finfo(dtype).max)
+    if peak > largest:
+        raise ValueError(
+            f"image holds values up to {peak:.3g} in magnitude, more than {dtype.name} can carry ({largest:.3g}); "
+            f"rescale the image (and theta_beta with it) or {_DTYPE_FIX}"
+        )
+
+
+def check_feature_magnitude(features, xp, theta_beta, blur, training, transformed=False):
+    """Refuse features whose kernel arithmetic would leave the range of their dtype.
+
+    Parameters
+    ----------
+    features : array, shape (B, F, *spatial), the compute dtype
+        What the kernels see (the image, after any feature transform).
+    xp : module
+    theta_beta : ndarray, shape (F,)
+        Colour bandwidths.
+    blur : int or tuple of int
+        Pooling sums ``blur ** ndim`` values (the product of the per-axis blurs) before dividing.
+    training : bool
+        The gradient also squares raw (unscaled) feature differences.
+    transformed : bool
+        The features come from a feature transform (named in the messages).
+
+    Notes
+    -----
+    With ``r_f`` the value range of channel ``f``, the forward pass needs
+    ``sum_f (r_f / theta_beta_f)^2`` (the largest squared colour distance) and ``blur^2 max|f|``
+    within :func:`dtype_limit`; the gradient also needs ``max_f r_f^2``. Overflowing to infinity
+    there turns into NaN (``inf - inf``, ``0 * inf``), never into a usable result.
+    """
+    dt = np.dtype(features.dtype)
+    limit = dtype_limit(dt)
+    name = "image (after feature_transform)" if transformed else "image"
+    lo, hi = _extremes(features, xp, axis=(0,) + tuple(range(2, features.ndim)))
+    nd = features.ndim - 2
+    cell = int(np.prod(blur)) if isinstance(blur, tuple) else int(blur) ** nd
+    if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
+        raise ValueError(
+            f"feature_transform maps the image to values beyond what {dt.name} can carry "
+            f"({float(np.finfo(dt).max):.3g}); use a smaller matrix or offset, rescale the image, or {_DTYPE_FIX}"
+        )
+    with np.errstate(over="ignore"):  # float64 arithmetic on the ranges; infinity compares as too large
+        span = hi - lo
+        peak = float(np.max(np.maximum(np.abs(lo), np.abs(hi))))
+        pooled = peak * cell
+        squared = np.square(span / np.asarray(theta_beta, dtype=np.float64))
+        total = float(squared.sum())
+        raw = float(np.max(span)) ** 2 if np.max(span) < 1e154 else np.inf
+    fix = f"rescale the image (and theta_beta with it) or {_DTYPE_FIX}"
+    can_carry = f"more than {dt.name} can carry (limit {limit:.3g}, a quarter of its largest value)"
+    if pooled > limit:
+        raise ValueError(
+            f"{name} holds values up to {peak:.3g} in magnitude; blur={blur} sums {cell} of them per cell, "
+            f"{pooled:.3g}, {can_carry}; use a smaller blur, or {fix}"
+        )
+    if total > limit:
+        f = int(np.argmax(squared))
+        raise ValueError(
+            f"{name} spans {float(span[f]):.3g} in channel {f} (values from {float(lo[f]):.3g} to {float(hi[f]):.3g}); "
+            f"divided by theta_beta={float(theta_beta[f]):g}, the squared colour differences reach {total:.3g}, "
+            f"{can_carry}; {fix}"
+        )
+    if training and raw > limit:
+        f = int(np.argmax(span))
+        raise ValueError(
+            f"{name} spans {float(span[f]):.3g} in channel {f}; the gradient squares differences of raw values, "
+            f"{raw:.3g}, {can_carry}; {fix}"
+        )
+
+
+def check_result_finite(name, values, dtype, hint, inputs="the unary or the image (with theta_beta)"):
+    """Raise a ValueError instead of returning NaN or infinity computed from finite inputs.
+
+    Parameters
+    ----------
+    name : str
+        What was computed ("the output", "the gradient with respect to the unary", ...).
+    values : NumPy or CuPy array, or float
+    dtype : numpy.dtype
+        The compute dtype.
+    hint : callable
+        Returns a sentence on the inputs' magnitudes (only called when raising).
+    inputs : str
+        The inputs to rescale, for the message.
+    """
+    if not (isinstance(values, np.ndarray) or type(values).__module__.split(".")[0] == "cupy"):
+        values = np.asarray(values, dtype=np.float64)
+    xp = array_namespace(values)
+    if bool(xp.isfinite(values).all()):
+        return
+    bad = int((~xp.isfinite(values)).sum())
+    dt = np.dtype(dtype)
+    fix = f"rescale {inputs}"
+    if dt != np.float64:
+        fix += f", or {_DTYPE_FIX}"
+    raise ValueError(
+        f"{name} holds {bad} NaN or infinite value(s) although every input is finite: an intermediate value "
+        f"exceeded what {dt.name} can carry ({float(np.finfo(dt).max):.3g}). {hint()} To fix it, {fix}"
+    )

@@ -172,9 +172,17 @@ def main(argv=None):
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per case (median reported)")
     parser.add_argument("--iterations", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="only the first case, 3 runs")
-    parser.add_argument("--gpu", action="store_true", help="also run the GPU benchmark (needs CuPy and a GPU)")
+    parser.add_argument("--gpu", action="store_true",
+                        help="also run the GPU benchmark (needs CuPy and a GPU; checked before the CPU benchmark)")
     parser.add_argument("--fit", action="store_true", help="only the training throughput of cucrf.fit")
     args = parser.parse_args(argv)
+    if args.gpu:  # before the CPU benchmark's minutes, not after
+        from . import _bench_gpu
+
+        problem = _bench_gpu.gpu_problem()
+        if problem is not None:
+            print(f"{parser.prog}: error: --gpu: {problem}", file=sys.stderr)
+            return 1
     if args.fit:
         print(f"machine: {machine_description()}")
         print("| cucrf.fit, defaults (filter 5, blur 4, 5 iterations), float32 | training images/s |\n|---|---|")

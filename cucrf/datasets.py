@@ -18,15 +18,28 @@ from __future__ import annotations
 import collections.abc
 import json
 import os
+import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Sample", "PairDataset", "load_pairs", "load_split", "synthetic_unary", "SPLIT_SUBSETS"]
+__all__ = ["Sample", "PairDataset", "load_pairs", "load_split", "synthetic_unary", "SPLIT_SUBSETS", "CLASS_NAMES"]
 
 _IMAGE_SUFFIX = "_image.png"
+
+#: Class names of the data sets the evaluation knows, indexed by class id (255 is "ignore" in all).
+CLASS_NAMES = {
+    "voc": ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+            "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+            "tvmonitor"],
+    "msrc": ["building", "grass", "tree", "cow", "horse", "sheep", "sky", "mountain", "aeroplane", "water", "face",
+             "car", "bicycle", "flower", "sign", "bird", "book", "chair", "road", "cat", "dog", "body", "boat"],
+    "camvid": ["sky", "building", "pole", "road", "pavement", "tree", "signsymbol", "fence", "car", "pedestrian",
+               "bicyclist"],
+}
 _LABEL_SUFFIX = "_label.png"
 
 
@@ -68,10 +81,54 @@ class Sample:
         )
 
 
-def _read_image(path: Path) -> np.ndarray:
+#: The first bytes of the image formats the readers decode, and their names.
+_SIGNATURES = [(b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+               (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF")]
+_PNM_MAGIC = (b"P1", b"P2", b"P3", b"P4", b"P5", b"P6")
+
+
+def _image_format(path: Path, what: str) -> str:
+    """The format of an image file from its first bytes; a ValueError when it is no image format read here."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    for magic, name in _SIGNATURES:
+        if head.startswith(magic):
+            return name
+    if head[:2] in _PNM_MAGIC and head[2:3].isspace():
+        return "PNM"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    shown = f"its first bytes are {head!r}" if head else "it is empty"
+    raise ValueError(
+        f"{what} {str(path)!r} is not an image: it does not start like a PNG, JPEG, GIF, BMP, TIFF, PNM or WebP "
+        f"file ({shown}); expected an image file"
+    )
+
+
+def _decode(path: Path, what: str, **kwargs) -> np.ndarray:
+    """Decode an image file into an array, one frame only, with errors that name the file.
+
+    Multi-frame containers (GIF, TIFF) holding a single frame give that frame; several frames are
+    a ValueError. ``kwargs`` go to :func:`imageio.v3.imread` (e.g. ``mode="P"``).
+    """
     import imageio.v3 as iio
 
-    img = np.asarray(iio.imread(path))
+    kind = _image_format(path, what)
+    try:
+        props = iio.improps(path)
+        frames = props.n_images if props.is_batch else None
+        if frames is None or frames == 1:
+            return np.asarray(iio.imread(path, index=0, **kwargs) if frames == 1 else iio.imread(path, **kwargs))
+    except Exception as exc:  # decoders raise an assortment of types for broken files
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        raise ValueError(f"cannot decode {what} {str(path)!r} as a {kind} image ({detail}); the file may be "
+                         "truncated or corrupt") from exc
+    raise ValueError(f"{what} {str(path)!r} holds {frames} frames (an animation or a multi-page file); expected "
+                     "a single image")
+
+
+def _read_image(path: Path) -> np.ndarray:
+    img = _decode(path, "image file")
     if img.ndim == 2:
         img = img[:, :, None]
     elif img.ndim == 3:
@@ -91,11 +148,14 @@ def _read_label(path: Path) -> np.ndarray:
     # Palette PNGs (e.g. VOC SegmentationClass) store class ids as palette indices; without
     # mode="P" imageio would apply the palette and return RGB colours.
     mode = None
+    _image_format(path, "label file")  # no image: say so before imageio tries every plugin on it
     try:
-        mode = iio.immeta(path).get("mode")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # metadata is a nicety: not worth a plugin's deprecation notice
+            mode = iio.immeta(path, index=0).get("mode")
     except Exception:  # metadata is a nicety; fall back to a plain read
         pass
-    lab = np.asarray(iio.imread(path, mode="P") if mode == "P" else iio.imread(path))
+    lab = _decode(path, "label file", **({"mode": "P"} if mode == "P" else {}))
     if lab.ndim == 3 and lab.shape[2] in (2, 4):
         lab = lab[:, :, 0]  # grey + alpha
     if lab.ndim == 3 and lab.shape[2] == 1:
@@ -110,19 +170,48 @@ def _read_label(path: Path) -> np.ndarray:
     return np.ascontiguousarray(lab)
 
 
+def _load_array(path: Path, what: str, pick=None):
+    """The array of a .npy file, or ``pick(npz)`` of a .npz file, with errors that name the file.
+
+    ``pick`` chooses the array name from the archive's names (None: the first); it may raise a
+    ValueError of its own, passed on unchanged.
+    """
+    try:
+        if path.suffix.lower() == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                name = pick(z.files) if pick is not None else z.files[0]
+                return z[name]
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise
+    except _PickError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, KeyError, IndexError) as exc:
+        kind = "a .npz archive (numpy.savez)" if path.suffix.lower() == ".npz" else "a .npy array (numpy.save)"
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        raise ValueError(f"cannot read {what} {str(path)!r} as {kind} ({type(exc).__name__}: {detail}); the file "
+                         "may be truncated or corrupt") from exc
+
+
+class _PickError(ValueError):
+    """The archive is readable but holds no array that fits (passed on as it is)."""
+
+
+def _pick_logits(path):
+    def pick(files):
+        if "logits" in files:
+            return "logits"
+        if len(files) == 1:
+            return files[0]
+        raise _PickError(f"unary file {path} holds arrays {files}; expected one named 'logits'")
+    return pick
+
+
 def _read_unary(path: Path) -> np.ndarray:
     if path.suffix == ".npy":
-        arr = np.load(path, allow_pickle=False)
+        arr = _load_array(path, "unary file")
     elif path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            if "logits" in z.files:
-                arr = z["logits"]
-            elif len(z.files) == 1:
-                arr = z[z.files[0]]
-            else:
-                raise ValueError(
-                    f"unary file {path} holds arrays {z.files}; expected one named 'logits'"
-                )
+        arr = _load_array(path, "unary file", _pick_logits(path))
     else:
         raise ValueError(f"unary file {path} has suffix {path.suffix!r}; expected .npz or .npy")
     if arr.ndim != 3:

@@ -76,9 +76,11 @@ def as_array(value, *, name="array", device=None):
     Raises
     ------
     TypeError
-        For a tensor that requires grad (use :mod:`cucrf.torch`), a traced JAX value (use
-        :mod:`cucrf.jax`), a device other than the CPU or a CUDA/ROCm GPU, or an element type
-        NumPy and CuPy lack (bfloat16).
+        For None, a tensor that requires grad (use :mod:`cucrf.torch`), a traced JAX value (use
+        :mod:`cucrf.jax`), an array on a device other than the CPU or a CUDA/ROCm GPU, or an
+        element type NumPy and CuPy lack (bfloat16).
+    ValueError
+        For a ``device`` other than None, ``'cpu'`` and ``'gpu'``.
 
     Warns
     -----

@@ -42,16 +42,24 @@ def unary_from_probabilities(probabilities, clip=1e-5):
     xp = _namespace(probabilities)
     p = xp.asarray(probabilities)
     check_float_array("probabilities", p, xp, ndims=(3, 4))
-    if not isinstance(clip, numbers.Real) or not 0 < float(clip) < 1:
+    if isinstance(clip, (bool, np.bool_)) or not isinstance(clip, numbers.Real) or not 0 < float(clip) < 1:
         raise ValueError(f"clip must be a number in (0, 1), got {clip!r}")
+    dt = np.dtype(np.float64 if p.dtype == np.float64 else np.float32)
+    tiny = float(np.finfo(dt).tiny)
+    if float(clip) < tiny:
+        # A smaller clip rounds to 0 in the dtype (or is subnormal, which GPUs may flush to 0): log(0) = -inf.
+        raise ValueError(
+            f"clip must be at least {tiny:.3g} (the smallest normal {dt.name}) for {dt.name} probabilities, so that "
+            f"log(clip) is finite, got {clip!r}; use a larger clip (the default is 1e-05)"
+            + (" or float64 probabilities" if dt != np.float64 else "")
+        )
     lo, hi = float(p.min()), float(p.max())
     if lo < 0 or hi > 1 + 1e-6:
         raise ValueError(
             f"probabilities must lie in [0, 1], got values in [{lo:g}, {hi:g}]; "
             "for logits or log-probabilities pass them to cucrf.infer directly"
         )
-    dt = np.float64 if p.dtype == np.float64 else np.float32
-    return xp.log(xp.clip(p.astype(dt), clip, 1.0))
+    return xp.log(xp.clip(p.astype(dt), dt.type(clip), dt.type(1.0)))
 
 
 #: Default ``confidence`` of :func:`unary_from_labels` for three or more classes.
@@ -129,15 +137,17 @@ def unary_from_labels(labels, num_classes, confidence=None, unknown_label=None, 
             f"confidence must be a number in (1/num_classes, 1) = ({1.0 / num_classes:.3g}, 1) for "
             f"num_classes={num_classes}, or None for the default, got {confidence!r}"
         )
-    lab = lab.astype(np.int64)
-    unknown = xp.zeros(lab.shape, dtype=bool) if unknown_label is None else lab == int(unknown_label)
-    bad = (~unknown) & ((lab < 0) | (lab >= num_classes))
+    unknown_label = _check_unknown_label(unknown_label)
+    # Compared in the labels' own dtype: uint64 ids above 2**63 - 1 would wrap to negative int64.
+    unknown = xp.zeros(lab.shape, dtype=bool) if unknown_label is None else _equals(lab, unknown_label)
+    bad = (~unknown) & ((lab < 0) | (lab >= num_classes)) if lab.dtype.kind == "i" else (~unknown) & (lab >= num_classes)
     if bool(bad.any()):
         values = sorted(set(int(v) for v in np.unique(_to_numpy(lab[bad]))[:5]))
         raise ValueError(
             f"labels contains value(s) {values} outside [0, {num_classes}); "
             f"unknown_label is {unknown_label!r}"
         )
+    lab = xp.where(unknown, 0, lab).astype(np.int64)  # every value now fits
     confidence = float(confidence)
     other = np.log((1.0 - confidence) / (num_classes - 1))
     class_axis = 0 if lab.ndim == spatial_dims else 1
@@ -147,6 +157,28 @@ def unary_from_labels(labels, num_classes, confidence=None, unknown_label=None, 
     uniform = np.float32(-np.log(num_classes))
     out = xp.where(xp.expand_dims(unknown, class_axis), uniform, out)
     return out.astype(np.float32)
+
+
+def _check_unknown_label(unknown_label):
+    """``unknown_label`` as an int or None; a float with a fraction is a ValueError, anything else a TypeError."""
+    if unknown_label is None:
+        return None
+    if isinstance(unknown_label, (bool, np.bool_)) or not isinstance(unknown_label, numbers.Real):
+        raise TypeError(f"unknown_label must be an integer label id or None, got {unknown_label!r} of type "
+                        f"{type(unknown_label).__name__}")
+    if isinstance(unknown_label, numbers.Integral):
+        return int(unknown_label)
+    if not (np.isfinite(unknown_label) and float(unknown_label).is_integer()):
+        raise ValueError(f"unknown_label must be a whole number (a label id), got {unknown_label!r}")
+    return int(unknown_label)
+
+
+def _equals(labels, value):
+    """``labels == value`` for an int ``value`` that may lie outside the labels' dtype (never equal then)."""
+    info = np.iinfo(labels.dtype)
+    if not info.min <= value <= info.max:
+        return _namespace(labels).zeros(labels.shape, dtype=bool)
+    return labels == labels.dtype.type(value)
 
 
 def _to_numpy(a):

@@ -4,7 +4,11 @@
 Usage::
 
     python scripts/evaluate_fit.py DATA_DIR [--seeds 0,1,2] [--sets msrc,camvid,voc,voc-espnet2,voc-espnet1]
-                                   [--config default] [--out fit-eval.json] [--split-dir DIR]
+                                   [--config default] [--output fit-eval.json] [--split-dir DIR]
+
+The rows are written (after every run) to ``--output``; by default to ``fit-eval.json`` in a new
+temporary folder, whose path is printed, so that nothing lands in the working directory (or the
+repository) unless asked.
 
 DATA_DIR holds ``voc/``, ``msrc/``, ``camvid/`` (``<id>_image.png`` / ``<id>_label.png``) and
 ``unaries/`` (``<id>_espnet2_384.npz``, ``<id>_espnet1_256.npz``: real network logits for voc/).
@@ -29,6 +33,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -191,7 +196,8 @@ def table(rows):
     return "\n".join(lines)
 
 
-def main():
+def parse_args(argv=None):
+    """The command line (``output``: the JSON file of the rows; a new temporary folder's by default)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("data_dir")
     ap.add_argument("--sets", default="msrc,camvid,voc,voc-espnet2,voc-espnet1")
@@ -199,9 +205,18 @@ def main():
     ap.add_argument("--config", default="default", help="comma-separated names from: " + ", ".join(CONFIGS))
     ap.add_argument("--scale", type=int, default=1)
     ap.add_argument("--no-densecrf", dest="densecrf", action="store_false")
-    ap.add_argument("--out", default="fit-eval.json")
+    ap.add_argument("--output", "--out", dest="output", metavar="FILE.json",
+                    help="where the rows go (default: fit-eval.json in a new temporary folder)")
     ap.add_argument("--split-dir", default=None, help="write each set's split as SET.json here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.output is None:
+        args.output = os.path.join(tempfile.mkdtemp(prefix="cucrf-evaluate-fit-"), "fit-eval.json")
+    return ap, args
+
+
+def main(argv=None):
+    ap, args = parse_args(argv)
+    print(f"writing the rows to {args.output}", flush=True)
     seeds = [int(s) for s in args.seeds.split(",")]
     configs = args.config.split(",")
     for c in configs:
@@ -221,10 +236,11 @@ def main():
         for config in configs:
             for seed in seeds:
                 rows.append(run_one(name, samples, classes, kind, seed, config, args))
-                with open(args.out, "w") as f:
+                with open(args.output, "w") as f:
                     json.dump(rows, f, indent=1)
     print()
     print(table(rows))
+    print(f"\nwrote {args.output}")
 
 
 if __name__ == "__main__":

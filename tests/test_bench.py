@@ -34,3 +34,32 @@ def test_generated_images_are_lazy_and_consistent():
     np.testing.assert_array_equal(labels[2], unaries[2].argmax(axis=0))
     with pytest.raises(IndexError):
         unaries[3]
+
+
+def test_gpu_benchmark_without_a_gpu_is_one_line_before_any_work(monkeypatch, capsys):
+    from cucrf import _backends
+
+    def no_gpu(need_device=True):
+        raise RuntimeError("device='gpu' needs a CUDA GPU, but CuPy found none usable")
+
+    monkeypatch.setattr(_backends, "_import_cupy", no_gpu)
+    ran = []
+    monkeypatch.setattr(bench, "run_cpu", lambda *a, **k: ran.append("cpu"))
+    assert bench.main(["--gpu", "--quick"]) == 1
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("python -m cucrf.bench: error: --gpu: "), err
+    assert "CUDA GPU" in lines[0] and "Traceback" not in err
+    assert ran == [] and out == ""  # checked before the CPU benchmark spends its minutes
+
+
+def test_gpu_benchmark_module_without_a_gpu_is_one_line(monkeypatch, capsys):
+    from cucrf import _backends, _bench_gpu
+
+    def no_gpu(need_device=True):
+        raise RuntimeError("CuPy is not installed")
+
+    monkeypatch.setattr(_backends, "_import_cupy", no_gpu)
+    assert _bench_gpu.main([]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == "python -m cucrf._bench_gpu: error: CuPy is not installed"

@@ -26,10 +26,13 @@ H, W, C = 48, 64, len(CLASS_NAMES)
 
 
 def read_ids(path):
-    """Class ids of a paletted label PNG (and check it is paletted)."""
+    """Class ids of a label PNG, checked to read back as the same ids with imageio and Pillow."""
+    ids = iio.imread(path)
+    assert ids.ndim == 2 and ids.dtype in (np.uint8, np.uint16), (ids.shape, ids.dtype)
     with Image.open(path) as im:
-        assert im.mode == "P"
-        return np.asarray(im)
+        assert im.mode in ("L", "I;16")  # plain grey, no palette: every reader sees the ids
+        np.testing.assert_array_equal(np.asarray(im), ids)
+    return ids
 
 
 def scores(output):
@@ -342,15 +345,16 @@ def test_debug_reraises(pair):
         main(["--debug", "refine", p["image"], "-u", p["npy"], "-o", "x.png", "--filter-size", "4"])
 
 
-def _refused(argv, capsys, option, path, protected):
-    """Run ``argv``: exit 2, one error line naming ``option`` and ``path``, ``protected`` files unchanged."""
+def _refused(argv, capsys, option, path, protected, fragment=""):
+    """Run ``argv``: exit 2, one error line naming ``option`` and ``path`` (and holding ``fragment``),
+    ``protected`` files unchanged."""
     before = {f: Path(f).read_bytes() for f in protected}
     rc = main(argv)
     _, err = capsys.readouterr()
     assert rc == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("cucrf: error: "), err
-    assert option in lines[0] and str(path) in lines[0], err
+    assert option in lines[0] and str(path) in lines[0] and fragment in lines[0], err
     for f, data in before.items():
         assert Path(f).read_bytes() == data, f
 
@@ -433,8 +437,9 @@ def test_save_label_png_roundtrip(tmp_path):
     labels[0, 0] = 255
     path = tmp_path / "l.png"
     palette.save_label_png(path, labels)
-    np.testing.assert_array_equal(read_ids(path), labels)
     with Image.open(path) as im:
+        assert im.mode == "P"  # palette.save_label_png writes paletted PNGs (VOC's format)
+        np.testing.assert_array_equal(np.asarray(im), labels)
         assert im.convert("RGB").getpixel((1, 0)) == tuple(palette.PALETTE[1])
 
 
@@ -641,7 +646,7 @@ def test_fit_logging_is_restored(fit_data, capsys, monkeypatch):
 
 def test_training_curve_figure():
     pytest.importorskip("matplotlib")
-    from cucrf.cli import _training_curve_figure
+    from cucrf.cli.fit import training_curve_figure as _training_curve_figure
 
     history = _history([0.4, 0.6, 0.5, 0.45])
     fig = _training_curve_figure(history, "miou", 1)
@@ -669,7 +674,7 @@ def test_training_curve_figure():
 
 def test_training_curve_png(tmp_path):
     pytest.importorskip("matplotlib")
-    from cucrf.cli import _plot_history
+    from cucrf.cli.fit import plot_history as _plot_history
 
     assert _plot_history(_history([0.4, 0.5]), tmp_path / "c.png", "accuracy", 1)
     assert iio.imread(tmp_path / "c.png").ndim == 3
@@ -794,3 +799,468 @@ def test_fit_end_to_end_then_refine_and_eval(fit_data, capsys):
     argv += ["--feature-transform", f"fitted={ft_path}"] if transform is not None else []
     out, _ = run_ok(argv, capsys)
     assert "scoring the 2 'test' images" in out and re.search(r"^\s+fitted\s+\d", out, re.M)
+
+
+# -- structure --------------------------------------------------------------------------------------
+
+
+def test_one_module_per_command():
+    import importlib
+
+    import cucrf.cli
+
+    parser = cucrf.cli.build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert list(commands) == ["demo", "refine", "fit", "eval", "params"]
+    for name, sub in commands.items():
+        module = importlib.import_module(f"cucrf.cli.{name}")
+        assert callable(module.add_parser)
+        assert sub.get_default("func") is module.run  # each command runs its own module's code
+
+
+# -- refine: where the probabilities go ---------------------------------------------------------------
+
+
+def test_refine_save_probabilities_writes_exactly_the_reported_path(tmp_path, capsys, pair):
+    image, _, logits, p = pair
+    expected = cucrf.infer(logits, image, filter_size=5)
+    base = ["refine", p["image"], "-u", p["npy"], "-o", str(tmp_path / "r.png"), "--filter-size", "5"]
+    upper = tmp_path / "Q.NPY"  # np.save would append '.npy' to any other spelling
+    out, _ = run_ok(base + ["--save-probabilities", str(upper)], capsys)
+    assert f"probabilities {upper}" in out
+    np.testing.assert_allclose(np.load(upper), expected, atol=1e-6)
+    assert sorted(f.name for f in tmp_path.iterdir() if f.name.lower().startswith("q")) == ["Q.NPY"]
+
+
+def test_refine_save_probabilities_refuses_another_suffix(tmp_path, capsys, pair):
+    _, _, _, p = pair
+    target = tmp_path / "p.txt"
+    rc = main(["refine", p["image"], "-u", p["npy"], "-o", str(tmp_path / "r.png"), "--save-probabilities",
+               str(target)])
+    _, err = capsys.readouterr()
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cucrf: error: --save-probabilities ")
+    assert str(target) in lines[0] and "expected a .npy file" in lines[0]
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["logits.npy", "probs.npy", "probs.npz", "scene.png",
+                                                          "scene_label.png", "unary.npz"]  # nothing written
+
+
+def test_refine_save_probabilities_into_a_folder(tmp_path, capsys, pair):
+    image, _, logits, p = pair
+    folder = tmp_path / "probs"
+    folder.mkdir()
+    second = tmp_path / "other.png"
+    iio.imwrite(second, image[::-1].copy())
+    np.save(tmp_path / "other.npy", logits[:, ::-1])
+    # one folder for every image: each file is named after its output PNG
+    out, _ = run_ok(["refine", p["image"], str(second), "-u", p["npy"], str(tmp_path / "other.npy"),
+                     "--out-dir", str(tmp_path / "out"), "--filter-size", "5", "--save-probabilities", str(folder)],
+                    capsys)
+    assert sorted(f.name for f in folder.iterdir()) == ["other.npy", "scene.npy"]
+    assert f"probabilities {folder / 'scene.npy'}" in out
+    np.testing.assert_allclose(np.load(folder / "scene.npy"), cucrf.infer(logits, image, filter_size=5), atol=1e-6)
+    assert not (tmp_path / "probs.npy.npy").exists()
+    # a path ending in a separator is a folder too, created when missing
+    run_ok(["refine", p["image"], "-u", p["npy"], "-o", str(tmp_path / "r.png"), "--filter-size", "5",
+            "--save-probabilities", str(tmp_path / "new") + os.sep], capsys)
+    assert (tmp_path / "new" / "r.npy").is_file()
+
+
+# -- refine: label maps are class ids, pictures are asked for ------------------------------------------
+
+
+def test_refine_label_map_reads_back_as_class_ids(tmp_path, capsys, pair):
+    image, _, logits, p = pair
+    out_png = tmp_path / "r.png"
+    run_ok(["refine", p["image"], "-u", p["npy"], "-o", str(out_png), "--filter-size", "5"], capsys)
+    expected = cucrf.infer(logits, image, filter_size=5).argmax(0)
+    ids = iio.imread(out_png)
+    assert ids.shape == (H, W) and ids.dtype == np.uint8
+    np.testing.assert_array_equal(ids, expected)
+    with Image.open(out_png) as im:
+        assert im.mode == "L"
+        np.testing.assert_array_equal(np.asarray(im), expected)
+
+
+def test_refine_label_map_is_16_bit_beyond_256_classes(tmp_path, capsys):
+    h, w, c = 6, 8, 300
+    image = np.zeros((h, w, 3), np.uint8)
+    image[:, w // 2:] = 200
+    logits = np.zeros((c, h, w), np.float32)
+    logits[3, :, : w // 2] = 8.0
+    logits[299, :, w // 2:] = 8.0  # a class id beyond 8 bits
+    iio.imwrite(tmp_path / "i.png", image)
+    np.save(tmp_path / "u.npy", logits)
+    run_ok(["refine", str(tmp_path / "i.png"), "-u", str(tmp_path / "u.npy"), "-o", str(tmp_path / "r.png"),
+            "--filter-size", "3", "--blur", "1"], capsys)
+    ids = read_ids(tmp_path / "r.png")
+    assert ids.dtype == np.uint16
+    np.testing.assert_array_equal(ids, cucrf.infer(logits, image, filter_size=3, blur=1).argmax(0))
+    assert ids.max() == 299
+
+
+def _crf_must_not_run(monkeypatch):
+    import cucrf._api
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the CRF ran")
+
+    monkeypatch.setattr(cucrf._api, "infer", refuse)
+
+
+@pytest.mark.parametrize("case", ["png limit", "overlay limit", "comparison limit", "label map"])
+def test_refine_refuses_too_many_classes_before_the_crf(case, tmp_path, capsys, monkeypatch):
+    h, w = 2, 3
+    iio.imwrite(tmp_path / "i.png", np.zeros((h, w, 3), np.uint8))
+    c = 65537 if case == "png limit" else 257
+    np.save(tmp_path / "u.npy", np.zeros((c, h, w), np.float32))
+    iio.imwrite(tmp_path / "l.png", np.zeros((h, w), np.uint8))
+    unary = tmp_path / ("l.png" if case == "label map" else "u.npy")
+    argv = ["refine", str(tmp_path / "i.png"), "-u", str(unary), "-o", str(tmp_path / "r.png")]
+    argv += {"png limit": [], "overlay limit": ["--overlay", str(tmp_path / "o.png")],
+             "comparison limit": ["--comparison", str(tmp_path / "c.png")],
+             "label map": ["--num-classes", "70000"]}[case]
+    _crf_must_not_run(monkeypatch)
+    rc = main(argv)
+    _, err = capsys.readouterr()
+    assert rc == 1, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cucrf: error: "), err
+    assert str(unary) in lines[0]
+    limit = {"png limit": "at most 65536", "label map": "at most 65536", "overlay limit": "--overlay",
+             "comparison limit": "--comparison"}[case]
+    assert limit in lines[0], lines[0]
+    assert str({"png limit": 65537, "label map": 70000}.get(case, 257)) + " classes" in lines[0]
+    assert not (tmp_path / "r.png").exists()
+
+
+def test_refine_overlay_and_comparison(tmp_path, capsys, pair):
+    image, _, logits, p = pair
+    out_png, overlay, comparison = tmp_path / "r.png", tmp_path / "pics" / "o.png", tmp_path / "c.png"
+    out, _ = run_ok(["refine", p["image"], "-u", p["npy"], "-o", str(out_png), "--filter-size", "5",
+                     "--overlay", str(overlay), "--comparison", str(comparison)], capsys)
+    refined = read_ids(out_png)
+    np.testing.assert_array_equal(iio.imread(overlay), palette.overlay(image, refined, alpha=0.5))
+    strip = iio.imread(comparison)
+    assert strip.ndim == 3 and strip.shape[2] == 3 and strip.dtype == np.uint8
+    assert strip.shape[1] >= 3 * W and strip.shape[0] > H  # image, before, after; captions and legend
+    # the panels are in the strip, in order: image, the unary's argmax, the refined labels
+    rows = [r for r in range(strip.shape[0] - H + 1)
+            if np.array_equal(strip[r:r + H, :W], image)]
+    assert len(rows) == 1
+    body = strip[rows[0]:rows[0] + H]
+    panels = [body[:, i * (W + 4):i * (W + 4) + W] for i in range(3)]
+    np.testing.assert_array_equal(panels[1], palette.color_labels(logits.argmax(0)))
+    np.testing.assert_array_equal(panels[2], palette.color_labels(refined))
+    assert str(overlay) in out and str(comparison) in out
+    # nothing but the label map unless asked
+    run_ok(["refine", p["image"], "-u", p["npy"], "-o", str(tmp_path / "plain.png"), "--filter-size", "5"], capsys)
+    assert sorted(f.name for f in tmp_path.iterdir() if f.name.startswith("plain")) == ["plain.png"]
+
+
+def test_refine_pictures_next_to_each_output_or_in_a_folder(tmp_path, capsys, pair):
+    image, _, logits, p = pair
+    run_ok(["refine", p["image"], "-u", p["npy"], "--out-dir", str(tmp_path / "out"), "--filter-size", "5",
+            "--overlay", "--comparison"], capsys)
+    assert sorted(f.name for f in (tmp_path / "out").iterdir()) == ["scene.png", "scene_comparison.png",
+                                                                    "scene_overlay.png"]
+    (tmp_path / "ov").mkdir()
+    run_ok(["refine", p["image"], "-u", p["npy"], "-o", str(tmp_path / "r.png"), "--filter-size", "5",
+            "--overlay", str(tmp_path / "ov")], capsys)
+    assert iio.imread(tmp_path / "ov" / "r.png").shape == (H, W, 3)
+
+
+def test_refine_refuses_a_picture_over_another_output(tmp_path, capsys, pair):
+    _, _, _, p = pair
+    out = tmp_path / "r.png"
+    _refused(["refine", p["image"], "-u", p["npy"], "-o", str(out), "--overlay", str(out)], capsys,
+             "--overlay", out, [p["image"]], "is also the -o/--output path")
+    _refused(["refine", p["image"], "-u", p["npy"], "-o", str(out), "--comparison", str(tmp_path / "c.jpg")],
+             capsys, "--comparison", tmp_path / "c.jpg", [p["image"]], "expected a .png file")
+    _refused(["refine", p["image"], "-u", p["npy"], "-o", str(out), "--overlay", p["image"]], capsys,
+             "--overlay", p["image"], [p["image"]], "is the image")
+    assert not out.exists()
+
+
+def test_demo_label_maps_read_back_as_class_ids(tmp_path, capsys):
+    out_dir = tmp_path / "demo"
+    run_ok(["demo", "--out", str(out_dir)], capsys)
+    _, label, _ = make_scene()
+    for name in ("truth.png", "noisy.png", "refined.png"):
+        ids = iio.imread(out_dir / name)
+        assert ids.shape == label.shape and ids.dtype == np.uint8, name
+    np.testing.assert_array_equal(iio.imread(out_dir / "truth.png"), label)
+
+
+# -- messages: every error names the file or option, what it got and what it expects ----------------
+
+
+def _one_error_line(rc, err, status=1):
+    assert rc == status, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cucrf: error: "), err
+    return lines[0]
+
+
+def test_truncated_npz_unary_names_the_file(tmp_path, capsys, pair):
+    _, _, logits, p = pair
+    data = Path(p["npz"]).read_bytes()
+    for name, cut in (("tail.npz", data[: len(data) // 2]), ("head.npz", data[: len(data) - 30])):
+        bad = tmp_path / name
+        bad.write_bytes(cut)
+        line = _one_error_line(main(["refine", p["image"], "-u", str(bad), "-o", str(tmp_path / "r.png")]),
+                               capsys.readouterr().err)
+        assert str(bad) in line and "truncated or corrupt" in line and ".npz" in line, line
+        assert not (tmp_path / "r.png").exists()
+
+
+@pytest.mark.parametrize("role", ["image", "label map", "demo label", "demo image"])
+def test_a_text_file_named_png_is_not_an_image(role, tmp_path, capsys, pair):
+    _, _, _, p = pair
+    fake = tmp_path / "fake.png"
+    fake.write_text("hello, not a picture\n")
+    argv = {"image": ["refine", str(fake), "-u", p["npy"], "-o", str(tmp_path / "r.png")],
+            "label map": ["refine", p["image"], "-u", str(fake), "-o", str(tmp_path / "r.png")],
+            "demo label": ["demo", "--image", p["image"], "--label", str(fake), "--out", str(tmp_path / "d")],
+            "demo image": ["demo", "--image", str(fake), "--label", p["label"], "--out", str(tmp_path / "d")]}[role]
+    line = _one_error_line(main(argv), capsys.readouterr().err)
+    assert str(fake) in line and "is not an image" in line and "PNG" in line, line
+    assert "pip install" not in line and "plugin" not in line
+    assert "b'hello, not a pic'" in line  # what the file holds instead
+
+
+def test_a_truncated_png_is_named(tmp_path, capsys, pair):
+    _, _, _, p = pair
+    cut = tmp_path / "cut.png"
+    data = Path(p["image"]).read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    line = _one_error_line(main(["refine", str(cut), "-u", p["npy"], "-o", str(tmp_path / "r.png")]),
+                           capsys.readouterr().err)
+    assert str(cut) in line and "PNG" in line and "truncated or corrupt" in line, line
+
+
+@pytest.mark.parametrize("command", ["demo", "fit", "fit checkpoint", "eval csv", "params"])
+def test_an_output_under_a_file_is_refused_before_any_work(command, tmp_path, capsys, fit_data):
+    afile = tmp_path / "img.png"
+    afile.write_bytes(b"a file, not a folder")
+    under = afile / "sub" / "out"
+    fit = ["fit", fit_data["folder"], "--synthetic", "--num-classes", "3", "--no-progress"] + FIT_OPTS
+    argv, option = {
+        "demo": (["demo", "--out", str(under)], "--out"),
+        "fit": (fit + ["-o", str(under)], "-o/--out"),
+        "fit checkpoint": (fit + ["-o", str(tmp_path / "o"), "--checkpoint", str(under) + ".npz"], "--checkpoint"),
+        "eval csv": (["eval", "--data", fit_data["folder"], "--methods", "unary", "--no-progress",
+                      "--csv", str(under) + ".csv"], "--csv"),
+        "params": (["params", "-o", str(under) + ".json"], "-o/--output"),
+    }[command]
+    line = _one_error_line(main(argv), capsys.readouterr().err, status=2)
+    assert option in line and str(afile) in line and "is a file, not a folder" in line, line
+    assert "File exists" not in line
+    assert capsys.readouterr().out == ""
+    assert not (tmp_path / "o").exists()
+
+
+def test_demo_refuses_to_overwrite_its_inputs(tmp_path, capsys, pair):
+    image, label, _, _ = pair
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    iio.imwrite(folder / "image.png", image)
+    iio.imwrite(folder / "truth.png", label)
+    before = (folder / "image.png").read_bytes()
+    line = _one_error_line(main(["demo", "--image", str(folder / "image.png"), "--label", str(folder / "truth.png"),
+                                 "--out", str(folder)]), capsys.readouterr().err, status=2)
+    assert "--out" in line and str(folder / "image.png") in line and "is the image" in line, line
+    assert (folder / "image.png").read_bytes() == before
+
+
+def test_demo_refuses_a_16_bit_image_before_any_work(tmp_path, capsys, pair):
+    image, _, _, p = pair
+    img16 = tmp_path / "img16.png"
+    iio.imwrite(img16, image[:, :, 0].astype(np.uint16) * 257)  # 16-bit grey PNG
+    out_dir = tmp_path / "d16"
+    rc = main(["demo", "--image", str(img16), "--label", p["label"], "--out", str(out_dir), "--filter-size", "5"])
+    out, err = capsys.readouterr()
+    line = _one_error_line(rc, err)
+    assert str(img16) in line and "16-bit" in line and "8-bit" in line, line
+    assert out == "" and not out_dir.exists()  # nothing printed, nothing left behind
+
+
+def test_demo_refuses_more_classes_than_it_can_colour_before_any_work(tmp_path, capsys, pair):
+    image, label, _, p = pair
+    lab16 = tmp_path / "lab16.png"
+    big = label.astype(np.uint16)
+    big[0, 0] = 300
+    iio.imwrite(lab16, big)
+    out_dir = tmp_path / "d"
+    rc = main(["demo", "--image", p["image"], "--label", str(lab16), "--out", str(out_dir)])
+    out, err = capsys.readouterr()
+    line = _one_error_line(rc, err)
+    assert str(lab16) in line and "301 classes" in line and "256" in line, line
+    assert out == "" and not out_dir.exists()
+
+
+def test_single_frame_gifs_are_read(tmp_path, capsys, pair):
+    image, label, logits, p = pair
+    Image.fromarray(image).save(tmp_path / "scene.gif")
+    # a paletted label GIF: the palette indices are the class ids
+    lab = Image.fromarray(label).convert("P")
+    lab.putpalette(palette.PALETTE.tobytes())
+    lab.save(tmp_path / "label.gif")
+    with Image.open(tmp_path / "label.gif") as im:
+        assert im.mode == "P" and np.array_equal(np.asarray(im), label)
+    assert iio.imread(tmp_path / "scene.gif").shape[0] == 1  # imageio reads GIFs as a stack of frames
+    gif_image = np.asarray(Image.open(tmp_path / "scene.gif").convert("RGB"))
+    run_ok(["refine", str(tmp_path / "scene.gif"), "-u", p["npy"], "-o", str(tmp_path / "r.png"), "--filter-size",
+            "5", "--save-probabilities"], capsys)
+    np.testing.assert_allclose(np.load(tmp_path / "r.npy"), cucrf.infer(logits, gif_image, filter_size=5), atol=1e-6)
+    run_ok(["refine", p["image"], "-u", str(tmp_path / "label.gif"), "-o", str(tmp_path / "l.png"),
+            "--filter-size", "5", "--num-classes", str(C), "--save-probabilities"], capsys)
+    expected = cucrf.infer(label, image, unary_kind="labels", num_classes=C, unknown_label=255, filter_size=5)
+    np.testing.assert_allclose(np.load(tmp_path / "l.npy"), expected, atol=1e-6)
+    out, _ = run_ok(["demo", "--image", str(tmp_path / "scene.gif"), "--label", str(tmp_path / "label.gif"),
+                     "--out", str(tmp_path / "d"), "--filter-size", "5"], capsys)
+    assert f"{H}x{W} pixels, {C} classes" in out
+
+
+def test_an_animated_gif_is_refused(tmp_path, capsys, pair):
+    image, _, _, p = pair
+    frames = [Image.fromarray(image), Image.fromarray(255 - image)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    line = _one_error_line(main(["refine", str(tmp_path / "anim.gif"), "-u", p["npy"], "-o", str(tmp_path / "r.png")]),
+                           capsys.readouterr().err)
+    assert str(tmp_path / "anim.gif") in line and "2 frames" in line and "a single image" in line, line
+
+
+@pytest.mark.parametrize("command", [[], ["demo"], ["refine"], ["fit"], ["eval"], ["params"]])
+def test_help_shows_single_percent_signs(command, capsys):
+    assert main(command + ["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "%%" not in out and "%(" not in out
+    if command in (["demo"], ["eval"]):
+        assert "20% of the" in out.replace("\n", " ")
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for argv in (["params"], ["--help"], ["refine", "--help"]):
+        proc = subprocess.Popen([sys.executable, "-m", "cucrf", *argv], cwd=tmp_path, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc.stdout.close()  # as 'cucrf params | head -0' does: nobody reads
+        err = proc.stderr.read().decode()
+        rc = proc.wait(timeout=60)
+        proc.stderr.close()
+        assert err == "", err
+        assert rc in (0, 141)  # 141: the status of a command ended by SIGPIPE, which shells expect
+
+
+def test_refine_no_progress(tmp_path, capsys, pair):
+    image, _, logits, p = pair
+    second = tmp_path / "b.png"
+    iio.imwrite(second, image[::-1].copy())
+    argv = ["refine", p["image"], str(second), "-u", p["npy"], p["npy"], "--out-dir", str(tmp_path / "out"),
+            "--filter-size", "5", "--iterations", "1"]
+    _, err = run_ok(argv, capsys)
+    assert "2/2" in err
+    out, err = run_ok(argv + ["--no-progress"], capsys)
+    assert "2/2" not in err and "it/s" not in err and "image/s" not in err and "refined 2 images" in out
+
+
+@pytest.mark.parametrize("name, expected", [("2007_000033_image.png", "2007_000033.png"),
+                                            ("scene.jpg", "scene.png"), ("p4-image.png", "p4.png"),
+                                            ("aachen_000000_000019_leftImg8bit.png", "aachen_000000_000019.png"),
+                                            ("x_img.png", "x.png"), ("_image.png", "_image.png"),
+                                            ("my_imagery.png", "my_imagery.png")])
+def test_refine_out_dir_names_the_label_map_after_the_image(name, expected, tmp_path, capsys, pair):
+    image, _, _, p = pair
+    src = tmp_path / "in" / name
+    src.parent.mkdir()
+    iio.imwrite(src, image)
+    run_ok(["refine", str(src), "-u", p["npy"], "--out-dir", str(tmp_path / "out"), "--filter-size", "5",
+            "--iterations", "1"], capsys)
+    assert [f.name for f in (tmp_path / "out").iterdir()] == [expected]
+
+
+def test_eval_per_class_shows_class_names(tmp_path, capsys):
+    from cucrf.datasets import CLASS_NAMES
+
+    data = tmp_path / "data"
+    folder = data / "msrc"
+    folder.mkdir(parents=True)
+    for n in range(2):
+        image, label = _fit_scene(n)
+        iio.imwrite(folder / f"m{n}_image.png", image)
+        iio.imwrite(folder / f"m{n}_label.png", label)
+    out, _ = run_ok(["eval", "--data", str(data), "--methods", "unary,cucrf:3x2", "--iterations", "1",
+                     "--no-progress", "--per-class"], capsys)
+    assert len(CLASS_NAMES["msrc"]) == 23 and CLASS_NAMES["msrc"][:3] == ["building", "grass", "tree"]
+    for i, name in enumerate(CLASS_NAMES["msrc"]):
+        assert re.search(rf"^\s+{i} {name}\s", out, re.M), name
+    row = re.search(r"^\s+1 grass\s+([\d.]+)\s+([\d.]+)\s*$", out, re.M)
+    assert row, out  # one column per method
+    # a folder of unknown classes: --class-names names them
+    out, _ = run_ok(["eval", "--data", str(folder), "--methods", "unary", "--num-classes", "3", "--no-progress",
+                     "--per-class", "--class-names", "dark,red,green"], capsys)
+    assert re.search(r"^\s+2 green\s", out, re.M), out
+    line = _one_error_line(main(["eval", "--data", str(folder), "--methods", "unary", "--num-classes", "3",
+                                 "--no-progress", "--class-names", "dark,red"]), capsys.readouterr().err)
+    assert "--class-names" in line and "2 names" in line and "3 classes" in line, line
+
+
+# -- input checks shared with the API: cucrf.InputWarning as 'cucrf: warning:' lines -----------------
+
+
+def _warning_lines(err):
+    return [line for line in err.strip().splitlines() if line]
+
+
+def test_refine_reports_input_warnings_as_one_line_each(tmp_path, capsys, pair):
+    image, _, logits, p = pair
+    energies = tmp_path / "energies.npy"  # pydensecrf's unary_from_softmax: -log(p), all >= 0
+    np.save(energies, -np.log(np.clip(np.exp(logits), 1e-5, None)))
+    cases = {p["probs_npy"]: ("looks like probabilities", "--unary-kind probabilities"),
+             str(energies): ("looks like energies", "-energies")}
+    for path, fragments in cases.items():
+        with __import__("warnings").catch_warnings():
+            __import__("warnings").simplefilter("error", cucrf.InputWarning)  # none may escape as a Python warning
+            _, err = run_ok(["refine", p["image"], "-u", path, "-o", str(tmp_path / "r.png"), "--filter-size", "5"],
+                            capsys)
+        lines = _warning_lines(err)
+        assert len(lines) == 1, err  # once, not again from cucrf.infer
+        assert lines[0].startswith(f"cucrf: warning: unary {path!r} looks like "), lines[0]
+        assert all(f in lines[0] for f in fragments), lines[0]
+        assert "unary_kind=" not in lines[0]  # the command line's option, not the Python argument
+    # logits: no warning at all
+    _, err = run_ok(["refine", p["image"], "-u", p["npy"], "-o", str(tmp_path / "r.png"), "--filter-size", "5"], capsys)
+    assert err == ""
+
+
+def test_refine_warns_about_a_16_bit_image(tmp_path, capsys, pair):
+    image, _, logits, p = pair
+    img16 = tmp_path / "img16.png"
+    iio.imwrite(img16, image[:, :, 0].astype(np.uint16) * 257)
+    _, err = run_ok(["refine", str(img16), "-u", p["npy"], "-o", str(tmp_path / "r.png"), "--filter-size", "5"],
+                    capsys)
+    lines = _warning_lines(err)
+    assert len(lines) == 1 and lines[0].startswith(f"cucrf: warning: image {str(img16)!r} is 16-bit"), err
+    assert "16-bit" in lines[0] and "theta_beta" in lines[0] and "0..255" in lines[0]
+
+
+def test_eval_reports_each_kind_of_input_warning_once(tmp_path, capsys):
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    unaries = tmp_path / "unaries"
+    unaries.mkdir()
+    for n in range(3):
+        image, label = _fit_scene(n)
+        iio.imwrite(folder / f"p{n}_image.png", image)
+        iio.imwrite(folder / f"p{n}_label.png", label)
+        probs = np.exp(synthetic_unary(label, FIT_C, downsample=4, seed=n))  # probabilities stored as logits
+        np.savez(unaries / f"p{n}_net.npz", logits=probs)
+    with __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("error", cucrf.InputWarning)
+        _, err = run_ok(["eval", "--data", str(folder), "--unaries", "net", "--unary-dir", str(unaries),
+                         "--methods", "unary,cucrf:3x2", "--iterations", "1", "--no-progress"], capsys)
+    lines = [line for line in _warning_lines(err) if not line.startswith("cucrf: note:")]
+    assert len(lines) == 1 and lines[0].startswith("cucrf: warning: ") and "looks like probabilities" in lines[0], err

@@ -300,3 +300,155 @@ def test_problem_too_large_is_refused_before_converting_labels(monkeypatch):
     probabilities = np.full((150, 10, 12), 1 / 150, np.float32)
     with pytest.raises(cucrf.ProblemTooLargeError, match=r"needs about"):
         call(unary=probabilities, unary_kind="probabilities")
+
+
+# -- values that used to be accepted and silently changed ------------------------------------------
+
+def test_complex_compatibility_is_refused():
+    with pytest.raises(TypeError, match="compatibility must be real, got complex dtype complex128"):
+        cucrf.CRFParams(compatibility=np.ones((3, 3)) * (1 + 1j))
+    with pytest.raises(TypeError, match="compatibility must be real"):
+        cucrf.CRFParams(compatibility=[[0, 1j], [1, 0]])
+
+
+def test_complex_feature_transform_is_refused():
+    with pytest.raises(TypeError, match="feature_transform matrix must be real, got complex dtype"):
+        call(feature_transform=np.eye(3) * (1 + 0.5j))
+    with pytest.raises(TypeError, match="feature_transform offset must be real"):
+        call(feature_transform={"matrix": np.eye(3), "offset": np.zeros(3) + 1j})
+    with pytest.raises(TypeError, match="feature_transform matrix must be an array of numbers"):
+        call(feature_transform=[["a", "b", "c"]] * 3)
+
+
+@pytest.mark.parametrize("value", [{10.0, 12.0, 14.0}, frozenset({10.0, 12.0, 14.0}), {"r": 10.0, "g": 12.0}])
+def test_theta_beta_without_channel_order_is_refused(value):
+    with pytest.raises(TypeError, match=r"theta_beta must be .* in channel order; .* no channel order"):
+        cucrf.CRFParams(theta_beta=value)
+
+
+@pytest.mark.parametrize("value,exc,match", [
+    (255.7, ValueError, r"unknown_label must be a whole number \(a label id\), got 255.7"),
+    (float("nan"), ValueError, "unknown_label must be a whole number"),
+    ("abc", TypeError, "unknown_label must be an integer label id or None, got 'abc' of type str"),
+    ("255", TypeError, "unknown_label must be an integer label id"),
+    (True, TypeError, "unknown_label must be an integer label id"),
+])
+def test_unknown_label_must_be_an_integer(value, exc, match):
+    labels = rng.integers(0, 3, size=(10, 12))
+    with pytest.raises(exc, match=match):
+        cucrf.unary_from_labels(labels, 3, unknown_label=value)
+    with pytest.raises(exc, match=match):
+        call(unary=labels, unary_kind="labels", num_classes=3, unknown_label=value)
+
+
+def test_unknown_label_as_a_whole_float_is_the_integer():
+    labels = rng.integers(0, 3, size=(10, 12))
+    labels[0, 0] = 255
+    np.testing.assert_array_equal(cucrf.unary_from_labels(labels, 3, unknown_label=255.0),
+                                  cucrf.unary_from_labels(labels, 3, unknown_label=255))
+
+
+def test_uint64_labels_are_quoted_as_they_are():
+    labels = rng.integers(0, 3, size=(10, 12)).astype(np.uint64)
+    labels[0, 0] = 2**64 - 1
+    with pytest.raises(ValueError, match=r"labels contains value\(s\) \[18446744073709551615\] outside \[0, 3\)"):
+        cucrf.unary_from_labels(labels, 3)
+    # as unknown_label it is recognised, not wrapped to -1
+    u = cucrf.unary_from_labels(labels, 3, unknown_label=2**64 - 1)
+    np.testing.assert_allclose(u[:, 0, 0], np.log(1 / 3), rtol=1e-6)
+    with pytest.raises(ValueError, match=r"\[18446744073709551615\]"):
+        cucrf.unary_from_labels(labels, 3, unknown_label=-1)  # -1 is no uint64 value: never equal
+
+
+@pytest.mark.parametrize("dtype,clip", [(np.float32, 1e-50), (np.float32, 1e-40), (np.float64, 1e-320)])
+def test_clip_too_small_for_the_dtype_is_refused(dtype, clip):
+    p = np.zeros((2, 3, 3), dtype)
+    p[0] = 1
+    with pytest.raises(ValueError, match=rf"clip must be at least .* \(the smallest normal {np.dtype(dtype).name}\).*"
+                                         r"log\(clip\) is finite"):
+        cucrf.unary_from_probabilities(p, clip=clip)
+    tiny = float(np.finfo(dtype).tiny)
+    assert np.isfinite(cucrf.unary_from_probabilities(p, clip=tiny)).all()
+
+
+def test_as_array_refuses_none_and_unknown_devices():
+    from cucrf import interop
+
+    with pytest.raises(ValueError, match=r"device must be one of \[None, 'cpu', 'gpu'\], got 'tpu'"):
+        interop.as_array(np.ones(3), device="tpu")
+    with pytest.raises(TypeError, match="array must be an array .* got None"):
+        interop.as_array(None)
+    with pytest.raises(TypeError, match="unary must be an array .* got None"):
+        call(unary=None)
+
+
+@pytest.mark.parametrize("dtype,match", [
+    ("bogus", r"dtype must be numpy.float32, numpy.float64 \(or 'float32', 'float64'\) or None, got 'bogus', "
+              "which is not a dtype"),
+    (np.int32, r"dtype must be numpy.float32, numpy.float64 .* got <class 'numpy.int32'>"),
+    ("float16", r"got 'float16'"),
+])
+def test_dtype_errors_say_what_is_accepted(dtype, match):
+    with pytest.raises(TypeError, match=match):
+        call(dtype=dtype)
+    with pytest.raises(TypeError, match=match):
+        cucrf.infer_vjp(UNARY, IMAGE, grad_output=np.ones_like(UNARY), dtype=dtype)
+
+
+def test_dtype_as_a_string_is_accepted():
+    assert call(dtype="float64").dtype == np.float64
+
+
+def test_from_json_accepts_bytes_and_a_byte_order_mark(tmp_path):
+    want = cucrf.CRFParams(theta_alpha=3.0)
+    assert cucrf.CRFParams.from_json(b'{"theta_alpha": 3}') == want
+    assert cucrf.CRFParams.from_json('\ufeff{"theta_alpha": 3}') == want
+    path = tmp_path / "bom.json"
+    path.write_text('{"theta_alpha": 3}', encoding="utf-8-sig")  # what some Windows editors write
+    assert cucrf.CRFParams.from_json(path) == want
+    assert cucrf.CRFParams.from_json(str(path)) == want
+    with pytest.raises(ValueError, match="given as bytes must be UTF-8 JSON text"):
+        cucrf.CRFParams.from_json(b'{"theta_alpha": "\xff"}')
+
+
+@pytest.mark.parametrize("text,exc,match", [
+    ("[1, 2]", ValueError, r"must be a JSON object such as \{\"theta_alpha\": 80.0\}, got a JSON list"),
+    (" [80.0]", ValueError, "got a JSON list"),
+    ('{"theta_alpha": ' + "9" * 400 + "}", ValueError,
+     r"theta_alpha must be in \[1e-06, 1e\+06\], got an integer of 400 or more digits"),
+    ('{"unary_weight": -' + "9" * 400 + "}", ValueError, r"unary_weight must be in .* 400 or more digits"),
+    ('{"compatibility": [[0, ' + "9" * 400 + "], [1, 0]]}", ValueError, "compatibility entries must be in"),
+    ('{"theta_alpha": ' + "9" * 5000 + "}", ValueError, "not valid JSON: Exceeds the limit"),
+])
+def test_from_json_content_errors(text, exc, match):
+    with pytest.raises(exc, match=match):
+        cucrf.CRFParams.from_json(text)
+
+
+def test_from_json_other_types_are_a_type_error():
+    with pytest.raises(TypeError, match=r"JSON text \(str or bytes\) or a file path \(str or os.PathLike\), got int"):
+        cucrf.CRFParams.from_json(3)
+
+
+def test_from_json_path_that_starts_with_a_brace(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "{run 1}.json").write_text('{"theta_alpha": 3}')
+    with pytest.raises(ValueError, match=r"not valid JSON: .*read as JSON text, but a file of that name exists: "
+                                         r"pass pathlib.Path\('\{run 1\}.json'\)"):
+        cucrf.CRFParams.from_json("{run 1}.json")
+    import pathlib
+
+    assert cucrf.CRFParams.from_json(pathlib.Path("{run 1}.json")).theta_alpha == 3.0  # a Path is always a file
+
+
+def test_channels_first_torch_image_gets_a_permute_hint():
+    torch = pytest.importorskip("torch")
+    import cucrf.torch as ct
+
+    unary = torch.tensor(UNARY)[None]
+    image = torch.tensor(IMAGE).permute(2, 0, 1)[None]  # (B, F, H, W)
+    for fn in (cucrf.infer, ct.infer):
+        with pytest.raises(ValueError, match=r"looks channels-first.*image.permute\(0, 2, 3, 1\)"):
+            fn(unary, image, filter_size=3, blur=1)
+    with pytest.raises(ValueError, match=r"image.transpose\(0, 2, 3, 1\)"):
+        call(unary=UNARY[None], image=IMAGE.transpose(2, 0, 1)[None])

@@ -414,7 +414,7 @@ def test_pair_dataset_errors(tmp_path):
         PairDataset(tmp_path / "missing")
     (data / "a_image.png").write_bytes(b"garbage")
     ds = PairDataset(data)
-    with pytest.raises(ValueError, match=r"cannot read image file '.*a_image.png'"):
+    with pytest.raises(ValueError, match=r"image file '.*a_image.png' is not an image"):
         ds.images[0]
     ds.images[1]  # the others still read
 
@@ -465,3 +465,46 @@ def test_load_split(tmp_path):
             load_split(path, folder=tmp_path)
     with pytest.raises(FileNotFoundError, match=r"split file '.*nope.json' does not exist"):
         load_split(tmp_path / "nope.json")
+
+
+# ----------------------------------------------------------------------------- broken files
+def test_broken_unary_files_are_named(tmp_path):
+    from cucrf.datasets import PairDataset
+
+    data, un = _folder_with_unaries(tmp_path, n=1)
+    good = (un / "a_net.npz").read_bytes()
+    for cut in (good[: len(good) // 2], good[: len(good) - 30]):
+        (un / "a_net.npz").write_bytes(cut)
+        with pytest.raises(ValueError, match=r"unary file '.*a_net.npz' .*truncated or corrupt"):
+            load_pairs(data, unary_dir=un, unary_pattern="{name}_net.npz")
+        with pytest.raises(ValueError, match=r"unary file '.*a_net.npz'.*truncated or corrupt"):
+            PairDataset(data, unary_dir=un, unary_pattern="{name}_net.npz").unaries[0]
+    np.save(un / "a_net.npy", np.zeros((3, 6, 5), np.float32))
+    (un / "a_net.npy").write_bytes((un / "a_net.npy").read_bytes()[:-7])
+    with pytest.raises(ValueError, match=r"unary file '.*a_net.npy' .*truncated or corrupt"):
+        load_pairs(data, unary_dir=un, unary_pattern="{name}_net.npy")
+
+
+def test_images_are_checked_to_be_images_and_single_frames(tmp_path):
+    from PIL import Image
+
+    from cucrf.datasets import _read_image, _read_label
+
+    (tmp_path / "t.png").write_text("hello")
+    with pytest.raises(ValueError, match=r"image file '.*t.png' is not an image.*b'hello'"):
+        _read_image(tmp_path / "t.png")
+    with pytest.raises(ValueError, match=r"label file '.*t.png' is not an image"):
+        _read_label(tmp_path / "t.png")
+    label = (np.arange(20).reshape(4, 5) % 3).astype(np.uint8)
+    Image.fromarray(label).save(tmp_path / "one.gif")
+    np.testing.assert_array_equal(_read_label(tmp_path / "one.gif"), label)
+    assert _read_image(tmp_path / "one.gif").shape == (4, 5, 3)
+    frames = [Image.fromarray(label * 50), Image.fromarray(label * 80)]
+    frames[0].save(tmp_path / "two.gif", save_all=True, append_images=frames[1:])
+    with pytest.raises(ValueError, match=r"image file '.*two.gif' holds 2 frames"):
+        _read_image(tmp_path / "two.gif")
+    png = tmp_path / "cut.png"
+    iio.imwrite(png, np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    png.write_bytes(png.read_bytes()[:300])
+    with pytest.raises(ValueError, match=r"cannot decode image file '.*cut.png' as a PNG image.*truncated or corrupt"):
+        _read_image(png)
