@@ -271,12 +271,16 @@ def mean_field(backend, unary, features, params, config: CRFConfig, return_logit
     C = unary.shape[1]
     dt = unary.dtype
     compat = None if params.is_potts else backend.xp.asarray(params.compatibility_matrix(C), dtype=dt)
-    scaled_unary = unary * dt.type(params.unary_weight)
+    # Never written to: with a unary weight of 1 the unary itself serves (a whole array less).
+    scaled_unary = unary if params.unary_weight == 1 else unary * dt.type(params.unary_weight)
     if tape is not None:
         tape.unary, tape.features, tape.params, tape.config = unary, features, params, config
         tape.return_logits, tape.compat = return_logits, compat
     if config.iterations == 0:
-        q = scaled_unary if return_logits else backend.softmax(scaled_unary)
+        if return_logits:
+            q = scaled_unary.copy() if scaled_unary is unary else scaled_unary
+        else:
+            q = backend.softmax(scaled_unary)
         if tape is not None:
             tape.output = q
         return q

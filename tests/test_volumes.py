@@ -305,3 +305,39 @@ def test_fit_on_volumes_learns():
                   progress=False)
     with pytest.raises(ValueError, match="pass spatial_dims=3"):
         cucrf.fit([d[0] for d in data], [d[1] for d in data], [d[2] for d in data], progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# memory
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("training", [False, True], ids=["infer", "infer_vjp"])
+@pytest.mark.parametrize("k,blur,norm", [(5, 4, None), (3, (1, 2, 2), "symmetric"), ((3, 5, 5), 1, None)])
+def test_memory_estimate_bounds_the_peak_in_3d(training, k, blur, norm):
+    from cucrf import _api
+
+    from .test_memory_estimate import peak_bytes
+
+    rng = np.random.default_rng(7)
+    size, C, F = (10, 24, 20), 3, 1
+    unary = rng.normal(size=(C,) + size).astype(np.float32)
+    image = rng.uniform(0, 255, size + (F,)).astype(np.float32)
+    opts = dict(spatial_dims=3, filter_size=k, blur=blur, normalization=norm, iterations=3)
+    cucrf.infer(unary[:, :4, :6, :5], image[:4, :6, :5], spatial_dims=3, filter_size=3, blur=1)  # warm-up
+    if training:
+        peak = peak_bytes(cucrf.infer_vjp, unary, image, grad_output=np.ones_like(unary), **opts)
+    else:
+        peak = peak_bytes(cucrf.infer, unary, image, **opts)
+    config = _api.check_config(k, blur, 3, norm, size)
+    assert peak <= _api.required_bytes(1, C, size, F, config, 4, training=training)
+
+
+def test_inference_on_a_volume_needs_at_most_four_unaries_of_memory():
+    """At the defaults, what infer allocates (its output included) stays within 4x the unary's bytes."""
+    from .test_memory_estimate import peak_bytes
+
+    rng = np.random.default_rng(8)
+    unary = rng.normal(size=(4, 48, 56, 52)).astype(np.float32)
+    image = rng.uniform(0, 255, (48, 56, 52, 1)).astype(np.float32)
+    cucrf.infer(unary[:, :12, :12, :12], image[:12, :12, :12], spatial_dims=3)  # warm-up
+    peak = peak_bytes(cucrf.infer, unary, image, spatial_dims=3)
+    assert peak <= 4 * unary.nbytes, peak / unary.nbytes
