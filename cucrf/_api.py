@@ -9,8 +9,9 @@ from typing import Optional
 import numpy as np
 
 from . import _meanfield, interop
+from ._backends import get_backend
 from ._diagnostics import check_inputs, check_unary_layout
-from ._backends import check_same_device, describe, device_scope, get_backend, to_backend_array
+from .interop import check_same_device, describe, device_scope, is_array, to_backend_array
 from ._geometry import axis_geometry
 from ._params import CRFParams
 from ._spatial import axes_text, check_per_axis, check_spacing, check_spatial_dims, resolve_spatial_dims
@@ -293,6 +294,7 @@ def _magnitudes(prepared, grad_output=None):
 
 
 def _to_like(value, reference):
+    """Hand a result back as ``reference``'s kind (one function, so that tests can watch every hand-back)."""
     return interop.to_like(value, reference)
 
 
@@ -303,12 +305,10 @@ def _like_reference(like, unary, image):
     if isinstance(like, str):
         if like != "input":
             raise ValueError(f"like must be None, 'input' or an array whose kind to return, got {like!r}")
-        is_array = (lambda a: hasattr(a, "__dlpack__") or isinstance(a, np.ndarray)
-                    or type(a).__module__.split(".")[0] == "cupy")
         if not is_array(unary):
             return None  # a nested list: NumPy, as without like=
         return unary, (image if is_array(image) else unary)
-    if not (hasattr(like, "__dlpack__") or isinstance(like, np.ndarray) or type(like).__module__.split(".")[0] == "cupy"):
+    if not is_array(like):
         raise TypeError(f"like must be None, 'input' or an array or tensor whose kind to return, got "
                         f"{type(like).__name__}")
     return like, like

@@ -7,6 +7,8 @@ import os
 
 import numpy as np
 
+from .interop import array_library  # noqa: F401  (re-exported: the array kinds live in cucrf.interop)
+
 __all__ = [
     "ProblemTooLargeError", "array_library", "check_int", "check_float_array", "check_image", "check_finite",
     "available_memory_bytes", "check_compute_dtype",
@@ -15,18 +17,6 @@ __all__ = [
 
 class ProblemTooLargeError(MemoryError, ValueError):
     """The problem would need more memory than the machine has; raised before allocating."""
-
-
-def array_library(name, value):
-    """Return ``'numpy'``, ``'cupy'`` or ``'dlpack'`` for an array argument (without importing CuPy)."""
-    module = type(value).__module__.split(".")[0]
-    if module == "cupy":
-        return "cupy"
-    if isinstance(value, np.ndarray):
-        return "numpy"
-    if hasattr(value, "__dlpack__") and not isinstance(value, np.generic):
-        return "dlpack"
-    return "numpy"
 
 
 def array_namespace(value):

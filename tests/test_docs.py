@@ -4,8 +4,8 @@
 * Every fenced code block of README.md and docs/*.md is tagged with its language and
   - ``python``: runs. The blocks of one page run in order in one namespace, in a fresh temporary
     directory (so a block may use what an earlier block of the same page built);
-  - ``bash``: runs with ``bash -e`` in that same directory; ``cucrf`` is this interpreter's
-    command line;
+  - ``bash``: runs with ``bash -e`` in that same directory (a pipeline's status is its last
+    command's); ``cucrf`` is this interpreter's command line;
   - ``text``: not run (synopses, output, pseudo-code). A synopsis of a ``cucrf`` command is checked
     against that command's ``--help``: every option it names must exist.
   An HTML comment on the line(s) just before a block changes that:
@@ -153,7 +153,8 @@ def _run_python(block, namespace):
 
 
 def _run_bash(block, workdir, env):
-    result = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", block.code], cwd=workdir, env=env,
+    # -e without pipefail: `cucrf ... | head -3` ends the producer with SIGPIPE, which is fine.
+    result = subprocess.run(["bash", "-e", "-c", block.code], cwd=workdir, env=env,
                             capture_output=True, text=True, timeout=SHELL_TIMEOUT_S)
     if result.returncode != 0:
         pytest.fail(f"{block.where}: the shell block exited with status {result.returncode}\n"
@@ -367,6 +368,15 @@ def test_relative_links_point_to_existing_files(page):
         if not path.exists():
             broken.append(target)
     assert not broken, f"{_page_id(page)}: links to missing files: {', '.join(broken)}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_page_id)
+def test_wheel_names_carry_the_current_version(page):
+    import cucrf
+
+    versions = set(re.findall(r"cucrf-([0-9][^-\s]*)-py3-none-any\.whl", page.read_text(encoding="utf-8")))
+    assert versions <= {cucrf.__version__}, (f"{_page_id(page)} names wheels of version(s) {sorted(versions)}; "
+                                             f"the version is {cucrf.__version__}")
 
 
 # -- the reader itself ---------------------------------------------------------------------------------

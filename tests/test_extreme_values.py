@@ -152,3 +152,20 @@ def test_torch_adapter_gets_the_same_protection():
     loss = (out * torch.tensor(GRAD * np.float32(3e36))).sum()
     with pytest.raises(ValueError, match=r"gradient with respect to the unary \(cucrf.infer_vjp\) holds"):
         quiet(loss.backward)
+
+
+def test_jax_adapter_gets_the_same_protection():
+    pytest.importorskip("jax")
+    import jax
+    import jax.numpy as jnp
+
+    import cucrf.jax as cj
+
+    unary = jnp.asarray(UNARY)
+    # cucrf runs as a JAX callback: its ValueError reaches the caller inside JAX's runtime error
+    with pytest.raises(Exception, match=r"ValueError: image holds values up to 3e\+38"):
+        quiet(cj.infer, unary, jnp.full(IMAGE.shape, 3e38, jnp.float32))
+    g = jnp.asarray(GRAD * np.float32(3e36))
+    loss = (lambda u: (cj.infer(u, jnp.asarray(IMAGE), {"unary_weight": 1e3}, output="logits") * g).sum())
+    with pytest.raises(Exception, match=r"ValueError: the gradient with respect to the unary \(cucrf.infer_vjp\)"):
+        quiet(jax.grad(loss), unary)
