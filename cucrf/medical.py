@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Volume", "is_nifti", "read_image", "read_unary", "write_labels", "standardize"]
+__all__ = ["Volume", "is_nifti", "read_image", "read_unary", "read_labels", "write_labels", "standardize"]
 
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -180,6 +180,50 @@ def read_unary(path, like: Volume = None) -> np.ndarray:
         raise ValueError(f"unary {path!r} covers a {'x'.join(map(str, data.shape[1:]))} volume but the image "
                          f"{like.path!r} is {'x'.join(map(str, like.shape))}")
     return np.asarray(data, dtype=np.float64 if data.dtype == np.float64 else np.float32)
+
+
+def read_labels(path, like: Volume = None) -> np.ndarray:
+    """Read a label volume of class ids (D, H, W): a NIfTI file or a ``.npy`` array of integers.
+
+    Returns
+    -------
+    numpy.ndarray of int64, shape (D, H, W)
+    """
+    path = os.fspath(path)
+    if is_nifti(path):
+        _, data = _load(path, "label volume")
+    elif path.lower().endswith(".npy"):
+        data = _load_npy(path, "label volume")
+    else:
+        raise ValueError(f"label volume {path!r}: expected a NIfTI file (.nii, .nii.gz) or a .npy array")
+    if data.dtype.kind == "f" and data.size and np.array_equal(data, np.round(data)):
+        data = data.astype(np.int64)  # NIfTI label maps are often stored as whole floats
+    if data.ndim != 3 or data.dtype.kind not in "iu":
+        raise ValueError(f"label volume {path!r} has shape {data.shape} and dtype {data.dtype}; expected integer "
+                         "class ids of shape (D, H, W)")
+    if like is not None and tuple(data.shape) != like.shape:
+        raise ValueError(f"label volume {path!r} is {'x'.join(map(str, data.shape))} but the image {like.path!r} is "
+                         f"{'x'.join(map(str, like.shape))}")
+    return np.asarray(data, dtype=np.int64)
+
+
+def is_label_volume(path) -> bool:
+    """Whether a unary file holds a label volume (integer class ids, 3 axes) rather than class scores."""
+    path = os.fspath(path)
+    if is_nifti(path):
+        nib = _nibabel()
+        try:
+            image = nib.load(path)
+        except Exception:
+            return False  # read_unary names the problem
+        return len(image.shape) == 3
+    if path.lower().endswith(".npy") and os.path.isfile(path):
+        try:
+            data = np.load(path, mmap_mode="r", allow_pickle=False)
+        except Exception:
+            return False
+        return data.ndim == 3 and data.dtype.kind in "iu"
+    return False
 
 
 def write_labels(path, labels, like: Volume = None) -> Path:
