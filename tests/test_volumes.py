@@ -341,3 +341,13 @@ def test_inference_on_a_volume_needs_at_most_four_unaries_of_memory():
     cucrf.infer(unary[:, :12, :12, :12], image[:12, :12, :12], spatial_dims=3)  # warm-up
     peak = peak_bytes(cucrf.infer, unary, image, spatial_dims=3)
     assert peak <= 4 * unary.nbytes, peak / unary.nbytes
+
+
+def test_a_volume_too_large_for_memory_is_refused_before_allocating(monkeypatch):
+    monkeypatch.setattr("cucrf._api.available_memory_bytes", lambda: 10**6)
+    with pytest.raises(cucrf.ProblemTooLargeError, match=r"needs about .* GiB \(1x2x20x30x40, filter_size=5"):
+        cucrf.infer(np.zeros((2, 20, 30, 40), np.float32), np.zeros((20, 30, 40, 1), np.float32), spatial_dims=3)
+    # A label volume is refused from its shape, before the (C, D, H, W) unary is made.
+    with pytest.raises(cucrf.ProblemTooLargeError):
+        cucrf.infer(np.zeros((20, 30, 40), np.uint8), np.zeros((20, 30, 40, 1), np.float32), spatial_dims=3,
+                    unary_kind="labels", num_classes=150)
