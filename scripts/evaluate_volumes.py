@@ -27,14 +27,16 @@ Protocol (docs/volumes.md):
   spacing (mm);
 * **methods**: the unary's argmax; ``cucrf.infer`` with its defaults (``CRFParams()``, filter 5,
   blur 4); with the parameters of a staged grid search on the tuning half (:func:`tune`), once
-  over all windows and once over the fast windows ``FAST_WINDOWS`` (the volume defaults that
-  docs/volumes.md recommends); with ``cucrf.fit`` from ``CRFParams()`` and from the volume
-  defaults (:func:`fit_params`); SimpleCRF's ``densecrf3d`` (its demo's parameters, cucrf's
+  over all windows (the volume defaults that docs/volumes.md recommends) and once over the fast
+  windows ``FAST_WINDOWS`` only; with ``cucrf.fit`` from ``CRFParams()`` at the default window
+  (:func:`fit_params`); SimpleCRF's ``densecrf3d`` (its demo's parameters, cucrf's
   volume defaults, and the best of a small grid on the tuning half) and MONAI's ``CRF`` (its
   defaults on the image / 255, and the best of a small grid on the tuning half), run through
   ``--peers-python`` (a separate environment with ``SimpleCRF``, ``torch`` and ``monai`` built
   with its C++ extension ``monai._C``), 5 mean-field iterations each, on the same unaries and
   features;
+* **the window**: every fast window and the volume defaults' window with the volume defaults'
+  kernel parameters, scored on both halves (a diagnostic; nothing is chosen from it);
 * **scores**: Dice per class and the mean Dice over the three classes, labelled voxels only
   (label 255 ignored), per seed and averaged;
 * **speed**: a 120x150x100 crop (x, y, z) with two classes (tissue or not), every method with 5
@@ -74,7 +76,7 @@ FIT_SLABS = 4
 MIN_GAIN = 0.001
 #: windows (filter_size, blur) that take at most about 1 s on the 120x150x100 two-class volume here
 FAST_WINDOWS = ((5, 4), (3, 4), (7, 4), (9, 4), (5, 3))
-BEST, FAST = "cucrf tuned, best window", "cucrf tuned, fast window (volume defaults)"
+BEST, FAST = "cucrf tuned, best window (volume defaults)", "cucrf tuned, fast windows only"
 
 
 # -- the synthetic task in 3-D -------------------------------------------------------------------
@@ -570,8 +572,10 @@ def main(argv=None):
             parser.error("--no-tune needs --params")
         earlier = json.loads(Path(args.params).read_text())
         grid = earlier.get("grid", {})  # an earlier run's volumes.json: its choices and its grid
+        # the first choice is the best window's, the second the fast windows' (as this script writes them)
         chosen = {name: (CRFParams.from_dict(c["params"]), (c["filter_size"], c["blur"]))
-                  for name, c in earlier["tuned"].items()}
+                  for name, c in zip((BEST, FAST), earlier["tuned"].values())}
+        grid = dict(zip((BEST, FAST), grid.values()))
         log(f"parameters from {args.params} (not tuned in this run)")
         report["tuned_from"] = os.path.basename(args.params)
     else:
@@ -588,19 +592,22 @@ def main(argv=None):
     report["tuned"] = {name: {"params": params_dict(p), "filter_size": w[0], "blur": w[1]}
                        for name, (p, w) in chosen.items()}
     report["grid"] = grid
-    # the volume defaults docs/volumes.md recommends: the fast window's choice (fast enough for whole scans)
-    recommended, recommended_window = chosen[FAST]
+    # the volume defaults docs/volumes.md recommends: the best window's choice
+    recommended, recommended_window = chosen[BEST]
     runs = [("cucrf default", default_params, default_window)] + [(n, p, w) for n, (p, w) in chosen.items()]
     if not args.no_fit:
         report["fit"] = {}
-        for name, start in (("cucrf fitted from CRFParams()", CRFParams()),
-                            ("cucrf fitted from the volume defaults", recommended)):
-            log(f"{name}: cucrf.fit on the upper half at the window {recommended_window}")
+        # from CRFParams() at the default window (a fit at the volume defaults' blur-2 window costs
+        # about ten times as much per step)
+        for name, start, window in (("cucrf fitted from CRFParams(), default window", CRFParams(), default_window),):
+            log(f"{name}: cucrf.fit on the upper half at the window {window}")
             try:
-                fitted, report["fit"][name] = fit_params(start, recommended_window, unary["tune"], features["tune"],
+                fitted, report["fit"][name] = fit_params(start, window, unary["tune"], features["tune"],
                                                          [labels["tune"]] * len(tune_seeds), spacing, log)
                 report["fit"][name]["params"] = params_dict(fitted)
-                runs.append((name, fitted, recommended_window))
+                if not report["fit"][name]["improved"]:
+                    name += " (fit kept the start)"
+                runs.append((name, fitted, window))
             except Exception as exc:  # report what failed instead of losing the other results
                 log(f"  fit failed: {type(exc).__name__}: {exc}")
                 report["fit"][name] = {"error": f"{type(exc).__name__}: {exc}"}
@@ -623,6 +630,23 @@ def main(argv=None):
                 predictions[name] = pred
         log(f"seed {s}: " + "; ".join(f"{k} {100 * np.nanmean(v[-1]):.2f}" for k, v in methods.items()))
 
+    # 2b. the window, with the volume defaults' kernel parameters, on both halves (a diagnostic: no choice
+    # is made from it)
+    windows_table = {}
+    for window in FAST_WINDOWS + (recommended_window,):
+        row = {}
+        for half, half_seeds in (("tune", tune_seeds), ("test", seeds)):
+            dice, secs = [], []
+            for u in unary[half]:
+                pred, sec = run_cucrf(u, features[half], recommended, window, spacing)
+                dice.append(dice_per_class(pred, labels[half], 3).tolist())
+                secs.append(sec)
+            row[half] = {"dice": dice, "seconds": float(np.mean(secs))}
+        windows_table[f"{window[0]}x{window[1]}"] = row
+        log(f"window {window}: tuning half {100 * np.mean(np.nanmean(row['tune']['dice'], axis=1)):.2f}, "
+            f"held-out half {100 * np.mean(np.nanmean(row['test']['dice'], axis=1)):.2f}")
+    report["windows"] = windows_table
+
     # 3. intensity scaling: the test half as another scan would store it
     rng = np.random.default_rng(12345)
     zz, yy, xx = np.meshgrid(*[np.linspace(-1, 1, n) for n in labels["test"].shape], indexing="ij")
@@ -639,6 +663,8 @@ def main(argv=None):
     p1, p99 = np.percentile(t_img[t_body], [1, 99])
     tb_z = tb_255 * (p99 - p1) / 255.0 / t_img[t_body].std()
     scaling = {}
+    from cucrf import medical
+
     unit_range = raw / 255.0  # a volume stored as floats in [0, 1]
     variants = [
         ("the volume, percentiles 1-99 -> 0-255 (as tuned)", features["test"], tuned),
@@ -648,6 +674,10 @@ def main(argv=None):
         ("other scan (x12.5 + 40, bias field, noise), no normalisation", other_scan.astype(np.float32), tuned),
         ("other scan, percentiles 1-99 -> 0-255", normalise_intensities(other_scan), tuned),
         ("other scan, z-score in the body", standardise_intensities(other_scan), tuned.replace(theta_beta=tb_z)),
+        ("the volume, cucrf.medical.standardize in the body (mean 128, sd 64)",
+         medical.standardize(raw, raw[..., 0] > raw.min()), tuned),
+        ("other scan, cucrf.medical.standardize in the body (mean 128, sd 64)",
+         medical.standardize(other_scan, other_scan[..., 0] > 0), tuned),
     ]
     for name, feats, p in variants:
         with warnings.catch_warnings(record=True) as caught:  # cucrf warns about a 0-1 image with a large theta_beta
@@ -793,7 +823,7 @@ def main(argv=None):
 
     # 6. the picture: the held-out half, first seed
     d_, h_, w_ = labels["test"].shape
-    make_figure(figure, image[halves["test"]], predictions["unary"], predictions[FAST], labels["test"],
+    make_figure(figure, image[halves["test"]], predictions["unary"], predictions[BEST], labels["test"],
                 planes=(min(8, d_ - 1), min(h_ // 2 + 10, h_ - 1), max(w_ // 2 - 25, 0)))
     report["figure"] = str(figure)
     report["minutes"] = (time.perf_counter() - t0) / 60.0
@@ -841,6 +871,21 @@ def render(report):
         elif v.get("error"):
             lines.append(f"| {name} | failed: {v['error']} | | |")
     lines.append(f"| unary | – | – | {100 * sp['unary']['dice'][1]:.2f} |")
+    wt = report.get("windows")
+    if wt:
+        lines.append("")
+        lines.append("The window (filter_size x blur) with the volume defaults' kernel parameters, mean Dice % "
+                     "(grey matter / white matter) over the seeds of each half, seconds per half volume:")
+        lines.append("")
+        lines.append("| window | span (voxels) | tuning half | held-out half | s |")
+        lines.append("|---|---:|---:|---:|---:|")
+        for name, row in wt.items():
+            k, b = (int(v) for v in name.split("x"))
+            cells = []
+            for h in ("tune", "test"):
+                d = np.mean(row[h]["dice"], axis=0)
+                cells.append(f"{100 * np.nanmean(d):.2f} ({100 * d[1]:.1f} / {100 * d[2]:.1f})")
+            lines.append(f"| {name} | {k * b} | {cells[0]} | {cells[1]} | {row['test']['seconds']:.1f} |")
     th = report.get("thick_slices")
     if th:
         lines.append("")
