@@ -14,6 +14,7 @@ from ._diagnostics import check_inputs, check_unary_layout
 from .interop import check_same_device, describe, device_scope, is_array, to_backend_array
 from ._geometry import axis_geometry
 from ._params import CRFParams
+from ._spatial import axes_text, check_per_axis, check_spacing, check_spatial_dims, resolve_spatial_dims
 from ._validation import (
     ProblemTooLargeError, available_memory_bytes, check_compute_dtype, check_feature_magnitude, check_finite, check_float_array,
     check_image, check_image_magnitude, check_int, check_result_finite, check_unary_magnitude,
@@ -50,34 +51,66 @@ def check_include_self(include_self):
     return bool(include_self)
 
 
-def check_config(filter_size, blur, iterations, normalization, height, width, keep_centre=False):
-    """Validate the structural settings against an image of ``height`` x ``width``.
+def check_config(filter_size, blur, iterations, normalization, size, keep_centre=False, spacing=None):
+    """Validate the structural settings against an image or volume of spatial shape ``size``.
 
-    ``keep_centre`` is the public ``include_self`` (and is checked, and named, as such).
+    ``size`` is (H, W) or (D, H, W); ``filter_size`` and ``blur`` are ints or one value per axis;
+    ``spacing`` (None, a number or one per axis) scales the pixel positions. ``keep_centre`` is the
+    public ``include_self`` (and is checked, and named, as such).
     """
+    size = tuple(int(n) for n in size)
+    nd = len(size)
     keep_centre = check_include_self(keep_centre)
     if (not keep_centre and isinstance(filter_size, numbers.Integral)
             and not isinstance(filter_size, (bool, np.bool_)) and filter_size == 1):
         raise ValueError("filter_size must be >= 3 with include_self=False (the window leaves out its centre, so "
                          "a 1-cell window would be empty), got 1; pass include_self=True for a window of the "
                          "centre alone")
-    filter_size = check_int("filter_size", filter_size, minimum=3 if not keep_centre else 1, odd=True)
-    blur = check_int("blur", blur, minimum=1)
+    per_axis = isinstance(filter_size, (tuple, list, np.ndarray))
+    filter_size = check_per_axis("filter_size", filter_size, nd, minimum=1 if (keep_centre or per_axis) else 3,
+                                 odd=True)
+    blur_per_axis = isinstance(blur, (tuple, list, np.ndarray))
+    blur = check_per_axis("blur", blur, nd, minimum=1)
     iterations = check_int("iterations", iterations, minimum=0)
     _choice("normalization", normalization, _NORMALIZATIONS)
-    h = axis_geometry(height, blur).coarse
-    w = axis_geometry(width, blur).coarse
-    largest = 2 * max(h, w) - 1
-    if filter_size > max(largest, 3):
-        raise ValueError(
-            f"filter_size={filter_size} is larger than the image allows: with blur={blur} the "
-            f"{height}x{width} image is a {h}x{w} grid, so the window can be at most {max(largest, 3)} "
-            "cells wide; use a smaller filter_size or blur"
-        )
-    return _meanfield.CRFConfig(filter_size, blur, iterations, normalization, keep_centre)
+    spacing = check_spacing(spacing, nd)
+    sizes = filter_size if isinstance(filter_size, tuple) else (filter_size,) * nd
+    blurs = blur if isinstance(blur, tuple) else (blur,) * nd
+    if not keep_centre and all(k == 1 for k in sizes):
+        raise ValueError(f"filter_size={filter_size} with include_self=False is an empty window (it leaves out "
+                         "its centre); make at least one axis 3 or more, or pass include_self=True")
+    coarse = tuple(axis_geometry(n, b).coarse for n, b in zip(size, blurs))
+    grid = "x".join(map(str, coarse))
+    shape = "x".join(map(str, size))
+    if blur_per_axis:
+        for a, (n, b) in enumerate(zip(size, blurs)):
+            if b > n:
+                raise ValueError(f"blur[{a}]={b} is larger than axis {a} of the {shape} input ({n} pixels); "
+                                 f"use at most {n}")
+    # A window wider than twice the longest axis of the grid only adds empty cells.
+    largest = max(2 * max(coarse) - 1, 3)
+    what = "image" if nd == 2 else "volume"
+    for a, k in enumerate(sizes):
+        if k > largest:
+            name = f"filter_size[{a}]" if per_axis else "filter_size"
+            raise ValueError(
+                f"{name}={k} is larger than the {what} allows: with blur={blur} the {shape} {what} is a {grid} "
+                f"grid, so the window can be at most {largest} cells wide; use a smaller filter_size or blur")
+    return _meanfield.CRFConfig(filter_size, blur, iterations, normalization, keep_centre, spacing)
 
 
-def training_bytes(batch, classes, height, width, channels, config, itemsize):
+def check_backend_geometry(backend, nd, config):
+    """Refuse settings a backend cannot compute (volumes, per-axis windows or a spacing) clearly."""
+    supports = getattr(backend, "supports", None)
+    if backend.name == "numpy" or (supports is not None and supports(nd, config)):
+        return
+    raise ValueError(
+        f"the {backend.name} backend computes 2-D images with one filter_size and blur for both axes and no "
+        f"spacing; this call has {nd} spatial axes, filter_size={config.filter_size}, blur={config.blur}, "
+        f"spacing={config.spacing}: pass device='cpu'")
+
+
+def training_bytes(batch, classes, size, channels, config, itemsize):
     """Memory :func:`infer_vjp` needs beyond :func:`cucrf._meanfield.estimate_bytes`, in bytes.
 
     Measured (tracemalloc, NumPy backend) to bound the peak over classes 2..21, filter sizes 3..11,
@@ -89,23 +122,24 @@ def training_bytes(batch, classes, height, width, channels, config, itemsize):
     """
     T = max(config.iterations, 1)
     S = 2 if config.normalization == "symmetric" else 1
-    h, w = axis_geometry(height, config.blur).coarse, axis_geometry(width, config.blur).coarse
-    full = batch * classes * height * width
-    coarse = batch * classes * h * w
+    pixels = int(np.prod(size))
+    cells = int(np.prod(_meanfield.coarse_shape(size, config)))
+    full = batch * classes * pixels
+    coarse = batch * classes * cells
     elements = (2 * T + 5 + 2 * (S - 1)) * full + 4 * S * T * coarse
-    elements += 4 * batch * channels * h * w + 8 * S * batch * height * width
+    elements += 4 * batch * channels * cells + 8 * S * batch * pixels
     return int(elements * itemsize)
 
 
-def required_bytes(batch, classes, height, width, channels, config, itemsize, *, training, stored_kernels=True):
+def required_bytes(batch, classes, size, channels, config, itemsize, *, training, stored_kernels=True):
     """The memory :func:`infer` (or, with ``training``, :func:`infer_vjp`) is estimated to need, in bytes.
 
     What the check before allocating compares with the available memory.
     """
-    need = _meanfield.estimate_bytes(batch, classes, height, width, channels, config, itemsize,
+    need = _meanfield.estimate_bytes(batch, classes, size, channels, config, itemsize,
                                      stored_kernels=stored_kernels)
     if training:
-        need += training_bytes(batch, classes, height, width, channels, config, itemsize)
+        need += training_bytes(batch, classes, size, channels, config, itemsize)
     return need
 
 
@@ -124,26 +158,29 @@ def _check_params(params, num_classes, num_channels):
 def infer(unary, image, params=None, *, filter_size=DEFAULT_FILTER_SIZE, blur=DEFAULT_BLUR,
           iterations=DEFAULT_ITERATIONS, unary_kind="logits", num_classes=None, confidence=None,
           unknown_label=None, clip=1e-5, normalization=None, include_self=False, output="probabilities",
-          dtype=None, device=None, feature_transform=None, like=None):
+          dtype=None, device=None, feature_transform=None, like=None, spatial_dims=None, spacing=None):
     """Refine a segmentation with a convolutional CRF (mean-field inference).
 
     Parameters
     ----------
-    unary : array, shape (C, H, W) or (B, C, H, W)
+    unary : array, shape (C, H, W) or (B, C, H, W); volumes (C, D, H, W) or (B, C, D, H, W)
         Per-pixel class scores, larger = more likely: a network's logits or log-probabilities
         (``unary_kind='logits'``, the default); probabilities in [0, 1]
         (``unary_kind='probabilities'``); or, with ``unary_kind='labels'``, an integer label map of
-        shape (H, W) or (B, H, W). NumPy, CuPy, or any array exposing ``__dlpack__``.
-    image : array, shape (H, W, F) or (B, H, W, F)
+        shape (H, W) or (B, H, W) ((D, H, W) or (B, D, H, W) for volumes). NumPy, CuPy, or any
+        array exposing ``__dlpack__``.
+    image : array, shape (H, W, F) or (B, H, W, F); volumes (D, H, W, F) or (B, D, H, W, F)
         Channels-last image or per-pixel features, uint8 or float, any ``F >= 1``. Colour
         bandwidths ``theta_beta`` are in its units (0..255 for uint8).
     params : CRFParams, optional
         Kernel bandwidths, weights, compatibility and unary weight; defaults to ``CRFParams()``.
-    filter_size : int
-        Odd width ``k`` of the window of (coarse) cells each pixel exchanges messages with.
-    blur : int
+    filter_size : int or tuple of int
+        Odd width ``k`` of the window of (coarse) cells each pixel exchanges messages with, or one
+        odd width per spatial axis.
+    blur : int or tuple of int
         Messages are computed on a grid ``blur`` times coarser, so the window spans
-        ``filter_size * blur`` pixels; 1 computes them at full resolution.
+        ``filter_size * blur`` pixels; 1 computes them at full resolution. One value per axis
+        for anisotropic data (thick slices: ``blur=(1, 4, 4)``).
     iterations : int
         Number of mean-field updates (0 returns ``softmax(unary_weight * unary)``).
     unary_kind : {'logits', 'probabilities', 'labels'}
@@ -180,10 +217,17 @@ def infer(unary, image, params=None, *, filter_size=DEFAULT_FILTER_SIZE, blur=DE
         array, ...). An array or tensor: its kind and device. The result is handed over through
         DLPack without a copy when it already lives on that device (see
         :func:`cucrf.interop.to_like`).
+    spatial_dims : {None, 2, 3}
+        Number of spatial axes: 2 for images, 3 for volumes. None means images, and refuses
+        shapes that could equally be a volume (pass ``spatial_dims`` to settle it).
+    spacing : float or tuple of float, optional
+        Distance between neighbouring pixels (voxels) along each spatial axis, e.g. the voxel
+        size in mm ``(dz, dy, dx)``; positions are indices times ``spacing``, so ``theta_alpha``
+        and ``theta_gamma`` are in its units. None means 1 (positions in pixels).
 
     Returns
     -------
-    array, shape (C, H, W) or (B, C, H, W) like ``unary`` (with a class axis for label maps)
+    array, shape (C, *spatial) or (B, C, *spatial) like ``unary`` (with a class axis for label maps)
         In the unary's array library (NumPy or CuPy) unless ``like`` says otherwise, of the
         compute dtype.
 
@@ -228,6 +272,7 @@ def infer(unary, image, params=None, *, filter_size=DEFAULT_FILTER_SIZE, blur=DE
             unary_kind=unary_kind, num_classes=num_classes, confidence=confidence, unknown_label=unknown_label,
             clip=clip, normalization=normalization, include_self=include_self, output=output, dtype=dtype,
             device=device, feature_transform=feature_transform, training=False, image_kind=image_kind,
+            spatial_dims=spatial_dims, spacing=spacing,
         )
         result = _meanfield.mean_field(prepared.backend, prepared.unary, prepared.features, prepared.params,
                                        prepared.config, return_logits=output == "logits")
@@ -348,21 +393,22 @@ def _real_float64(part, value):
 
 
 def apply_feature_transform(xp, features, transform):
-    """``A f + c`` on (B, F, H, W) features; ``transform`` as :func:`check_feature_transform` returns."""
+    """``A f + c`` on (B, F, *spatial) features; ``transform`` as :func:`check_feature_transform` returns."""
     if transform is None:
         return features
     matrix, offset = transform
     dt = features.dtype
-    B, F, H, W = features.shape
+    B, F = features.shape[:2]
+    spatial = tuple(features.shape[2:])
     a = xp.asarray(matrix, dtype=dt)
-    out = xp.matmul(a, features.reshape(B, F, H * W)).reshape(B, a.shape[0], H, W)
-    out += xp.asarray(offset, dtype=dt)[None, :, None, None]
+    out = xp.matmul(a, features.reshape(B, F, -1)).reshape((B, a.shape[0]) + spatial)
+    out += xp.asarray(offset, dtype=dt).reshape((1, -1) + (1,) * len(spatial))
     return out
 
 
 def _prepare_inputs(unary, image, params, *, filter_size, blur, iterations, unary_kind, num_classes,
                     confidence, unknown_label, clip, normalization, output, dtype, device, feature_transform,
-                    training, include_self=False, image_kind=None):
+                    training, include_self=False, image_kind=None, spatial_dims=None, spacing=None):
     """Every check of :func:`infer`; returns a :class:`_Prepared` ready for the mean-field loop.
 
     ``image_kind`` is the array library the caller passed the image as (see
@@ -374,6 +420,7 @@ def _prepare_inputs(unary, image, params, *, filter_size, blur, iterations, unar
     _choice("unary_kind", unary_kind, _UNARY_KINDS)
     _choice("output", output, _OUTPUTS)
     _choice("device", device, _DEVICES)
+    spatial_dims = check_spatial_dims(spatial_dims)
     dtype = check_compute_dtype(dtype)
 
     unary, library = to_backend_array("unary", unary, device)
@@ -385,22 +432,24 @@ def _prepare_inputs(unary, image, params, *, filter_size, blur, iterations, unar
         )
     backend = get_backend(library)
     xp = backend.xp
+    nd = resolve_spatial_dims(spatial_dims, unary.shape, image.shape, unary_kind)
     if unary_kind != "labels":
-        check_unary_layout(unary, image)  # shapes only: before the image is blamed for the unary's layout
+        check_unary_layout(unary, image, nd)  # shapes only: before the image is blamed for the unary's layout
     given_unary = unary
 
     compute_dtype = dtype if dtype is not None else (
         np.dtype(np.float64) if unary.dtype == np.float64 else np.dtype(np.float32)
     )
 
-    def check_memory(B, C, H, W, F, config):
-        need = required_bytes(B, C, H, W, F, config, compute_dtype.itemsize, training=training,
+    def check_memory(B, C, size, F, config):
+        need = required_bytes(B, C, size, F, config, compute_dtype.itemsize, training=training,
                               stored_kernels=getattr(backend, "stores_kernels", True))
         available = backend.available_memory_bytes() if hasattr(backend, "available_memory_bytes") else available_memory_bytes()
         if available is not None and need > available:
             raise ProblemTooLargeError(
                 f"this {'gradient' if training else 'inference'} needs about {need / 2**30:.1f} GiB "
-                f"({B}x{C}x{H}x{W}, filter_size={config.filter_size}, blur={config.blur}) but only "
+                f"({'x'.join(map(str, (B, C) + tuple(size)))}, filter_size={config.filter_size}, "
+                f"blur={config.blur}) but only "
                 f"{available / 2**30:.1f} GiB is available; split the batch, use a larger blur or a smaller filter_size"
             )
 
@@ -410,42 +459,51 @@ def _prepare_inputs(unary, image, params, *, filter_size, blur, iterations, unar
     if unary_kind == "labels":
         if num_classes is None:
             raise ValueError("unary_kind='labels' needs num_classes")
-        if unary.ndim in (2, 3) and unary.size:
-            lead = unary.shape[:-2] or (1,)
-            planned = (lead[0], check_int("num_classes", num_classes, minimum=2)) + tuple(unary.shape[-2:])
-    elif unary_kind == "probabilities" and unary.ndim in (3, 4) and unary.size:
-        planned = tuple(unary.shape) if unary.ndim == 4 else (1,) + tuple(unary.shape)
+        if unary.ndim in (nd, nd + 1) and unary.size:
+            lead = unary.shape[:-nd] or (1,)
+            planned = (lead[0], check_int("num_classes", num_classes, minimum=2)) + tuple(unary.shape[-nd:])
+    elif unary_kind == "probabilities" and unary.ndim in (nd + 1, nd + 2) and unary.size:
+        planned = tuple(unary.shape) if unary.ndim == nd + 2 else (1,) + tuple(unary.shape)
     if planned is not None:
-        channels = image.shape[-1] if image.ndim >= 3 and image.shape[-1] else 1
-        check_memory(*planned, channels, check_config(filter_size, blur, iterations, normalization,
-                                                      planned[2], planned[3], keep_centre=include_self))
+        channels = image.shape[-1] if image.ndim >= nd + 1 and image.shape[-1] else 1
+        check_memory(planned[0], planned[1], planned[2:], channels,
+                     check_config(filter_size, blur, iterations, normalization, planned[2:],
+                                  keep_centre=include_self, spacing=spacing))
 
     if unary_kind == "labels":
-        unary = unary_from_labels(unary, num_classes, confidence, unknown_label)
+        if nd == 3 and unary.ndim not in (3, 4):
+            raise ValueError(f"unary must be a label volume (D, H, W) or a batch of them (B, D, H, W) with "
+                             f"spatial_dims=3, got shape {tuple(unary.shape)}")
+        unary = unary_from_labels(unary, num_classes, confidence, unknown_label, spatial_dims=nd)
     elif unary_kind == "probabilities":
         unary = unary_from_probabilities(unary, clip)
-    check_float_array("unary", unary, xp, ndims=(3, 4), finite=False)
+    if nd == 3 and unary.ndim not in (4, 5):
+        raise ValueError(f"unary must have shape (C, D, H, W) or (B, C, D, H, W) with spatial_dims=3, got shape "
+                         f"{tuple(unary.shape)}")
+    check_float_array("unary", unary, xp, ndims=(nd + 1, nd + 2), finite=False)
 
-    batched = unary.ndim == 4
+    batched = unary.ndim == nd + 2
     u4 = unary if batched else unary[None]
-    B, C, H, W = u4.shape
+    B, C = u4.shape[:2]
+    size = tuple(u4.shape[2:])
     if C < 2:
         raise ValueError(f"unary must have at least 2 classes on axis {1 if batched else 0}, got shape {tuple(unary.shape)}")
-    image4 = check_image(image, xp, B, H, W, batched, finite=False, kind=image_kind)
+    image4 = check_image(image, xp, B, size, batched, finite=False, kind=image_kind)
     F = image4.shape[-1]
     transform = check_feature_transform(feature_transform, F)
     F_out = F if transform is None else transform[0].shape[0]
-    config = check_config(filter_size, blur, iterations, normalization, H, W, keep_centre=include_self)
+    config = check_config(filter_size, blur, iterations, normalization, size, keep_centre=include_self,
+                          spacing=spacing)
     params = _check_params(params, C, F_out)
 
-    check_memory(B, C, H, W, max(F, F_out), config)
+    check_memory(B, C, size, max(F, F_out), config)
 
     # Scanned for NaN only now: a problem refused for its size is never read.
     check_finite("unary", unary, xp)
     check_finite("image", image4, xp)
     # With a feature transform theta_beta is in the transformed units: the image scale says nothing.
     check_inputs(given_unary, image4 if transform is None else None, unary_kind=unary_kind, params=params,
-                 stacklevel=3)
+                 stacklevel=3, spatial_dims=nd)
     # Values the compute dtype cannot carry through the kernels and the softmax are refused here,
     # naming the input, instead of coming back as NaN.
     check_unary_magnitude(u4, xp, params.unary_weight, compute_dtype)
@@ -454,6 +512,8 @@ def _prepare_inputs(unary, image, params, *, filter_size, blur, iterations, unar
     # a copy would cost a whole unary's worth of memory.
     u = u4.astype(compute_dtype, copy=False)
     image_features = xp.ascontiguousarray(xp.moveaxis(image4, -1, 1).astype(compute_dtype))
+    if not config.plain or nd != 2:
+        check_backend_geometry(backend, nd, config)
     features = apply_feature_transform(xp, image_features, transform)
     if config.iterations > 0:  # without an iteration the features are never used
         check_feature_magnitude(features, xp, params.theta_beta_vector(F_out), config.blur, training,
@@ -493,14 +553,14 @@ class InferVJP:
 def _feature_transform_backward(xp, image_features, grad_features, transform):
     """Gradients of ``A f + c``: (grad wrt f, {'matrix', 'offset'})."""
     matrix, _ = transform
-    B, F, H, W = image_features.shape
+    B, F = image_features.shape[:2]
     Fo = matrix.shape[0]
-    g = grad_features.reshape(B, Fo, H * W)
-    f = image_features.reshape(B, F, H * W)
+    g = grad_features.reshape(B, Fo, -1)
+    f = image_features.reshape(B, F, -1)
     g_matrix = xp.matmul(g, f.transpose(0, 2, 1)).sum(axis=0)
     g_offset = g.sum(axis=(0, 2))
     to_np = (lambda a: np.asarray(a.get() if hasattr(a, "get") else a, dtype=np.float64))
-    grad_f = xp.matmul(xp.asarray(matrix.T, dtype=grad_features.dtype), g).reshape(B, F, H, W)
+    grad_f = xp.matmul(xp.asarray(matrix.T, dtype=grad_features.dtype), g).reshape(image_features.shape)
     return grad_f, {"matrix": to_np(g_matrix), "offset": to_np(g_offset)}
 
 
@@ -521,7 +581,8 @@ def params_gradient_dict(params, grads):
 
 def infer_vjp(unary, image, params=None, *, grad_output, filter_size=DEFAULT_FILTER_SIZE, blur=DEFAULT_BLUR,
               iterations=DEFAULT_ITERATIONS, unary_kind="logits", normalization=None, include_self=False,
-              output="probabilities", dtype=None, device=None, feature_transform=None, like=None):
+              output="probabilities", dtype=None, device=None, feature_transform=None, like=None,
+              spatial_dims=None, spacing=None):
     """Run :func:`infer` and back-propagate ``grad_output`` through it (a vector-Jacobian product).
 
     For a loss ``L`` of the output, pass ``grad_output = dL/doutput`` and get ``dL/d`` every input:
@@ -531,7 +592,7 @@ def infer_vjp(unary, image, params=None, *, grad_output, filter_size=DEFAULT_FIL
 
     Parameters
     ----------
-    unary, image, params, filter_size, blur, iterations, normalization, include_self
+    unary, image, params, filter_size, blur, iterations, normalization, include_self, spatial_dims, spacing
         As for :func:`infer`; checked the same way.
     output, dtype, device, like
         As for :func:`infer`. With ``like='input'`` the output and the unary gradient are of the
@@ -578,7 +639,8 @@ def infer_vjp(unary, image, params=None, *, grad_output, filter_size=DEFAULT_FIL
             unary, image, params, filter_size=filter_size, blur=blur, iterations=iterations, unary_kind="logits",
             num_classes=None, confidence=None, unknown_label=None, clip=1e-5, normalization=normalization,
             include_self=include_self, output=output, dtype=dtype, device=device,
-            feature_transform=feature_transform, training=True, image_kind=image_kind,
+            feature_transform=feature_transform, training=True, image_kind=image_kind, spatial_dims=spatial_dims,
+            spacing=spacing,
         )
         backend, xp = prepared.backend, prepared.backend.xp
         _meanfield.check_backward_support(backend)
@@ -588,7 +650,8 @@ def infer_vjp(unary, image, params=None, *, grad_output, filter_size=DEFAULT_FIL
             raise TypeError(f"unary is a {prepared.library} array but grad_output is {describe(grad_output_in)}; "
                             "pass both from the same array library and device")
         check_same_device("unary", prepared.unary, "grad_output", grad_output)
-        check_float_array("grad_output", grad_output, xp, ndims=(4 if prepared.batched else 3,), finite=True)
+        check_float_array("grad_output", grad_output, xp, ndims=(prepared.unary.ndim - (0 if prepared.batched else 1),),
+                          finite=True)
         g4 = grad_output if prepared.batched else grad_output[None]
         if tuple(g4.shape) != tuple(prepared.unary.shape):
             want = prepared.unary.shape if prepared.batched else prepared.unary.shape[1:]

@@ -36,32 +36,36 @@ def _shape_text(shape):
     return "(" + ", ".join(str(int(s)) for s in shape) + ")"
 
 
-def check_unary_layout(unary, image):
+def check_unary_layout(unary, image, spatial_dims=2):
     """Raise a ValueError when ``unary`` is channels-last (H, W, C) for an (H, W, F) ``image``.
 
     Reads only the shapes. Inputs of other shapes pass (other checks report them).
 
     Parameters
     ----------
-    unary : array, shape (C, H, W) or (B, C, H, W)
-    image : array, shape (H, W, F) or (B, H, W, F), or None
+    unary : array, shape (C, H, W) or (B, C, H, W); volumes (C, D, H, W) or (B, C, D, H, W)
+    image : array, shape (H, W, F) or (B, H, W, F); volumes (D, H, W, F) or (B, D, H, W, F); or None
+    spatial_dims : {2, 3}
     """
+    nd = spatial_dims
     ushape = tuple(getattr(unary, "shape", ()))
     ishape = tuple(getattr(image, "shape", ())) if image is not None else ()
-    if len(ushape) not in (3, 4) or len(ishape) != len(ushape):
+    if len(ushape) not in (nd + 1, nd + 2) or len(ishape) != len(ushape):
         return
-    batched = len(ushape) == 4
-    size = ishape[-3:-1]
-    if ushape[-2:] == size or ushape[-3:-1] != size or ishape[-2:] == ushape[-2:]:
+    batched = len(ushape) == nd + 2
+    size = ishape[-nd - 1:-1]
+    if ushape[-nd:] == size or ushape[-nd - 1:-1] != size or ishape[-nd:] == ushape[-nd:]:
         return  # the unary fits, or does not fit either way, or the image is the channels-first one
     if batched and ushape[0] != ishape[0]:
         return
+    names = "H, W" if nd == 2 else "D, H, W"
+    spatial_axes = ", ".join(str(a) for a in range(1 if batched else 0, (1 if batched else 0) + nd))
     layout, fix, torch_fix = (
-        ("(B, C, H, W)", "np.moveaxis(unary, -1, 1)", "unary.permute(0, 3, 1, 2)") if batched
-        else ("(C, H, W)", "np.moveaxis(unary, -1, 0)", "unary.permute(2, 0, 1)")
+        (f"(B, C, {names})", "np.moveaxis(unary, -1, 1)", f"unary.permute(0, {nd + 1}, {spatial_axes})") if batched
+        else (f"(C, {names})", "np.moveaxis(unary, -1, 0)", f"unary.permute({nd}, {spatial_axes})")
     )
     raise ValueError(
-        f"unary has shape {_shape_text(ushape)}, which looks channels-last (the image is {size[0]}x{size[1]} "
+        f"unary has shape {_shape_text(ushape)}, which looks channels-last (the image is {'x'.join(map(str, size))} "
         f"and the unary's last axis holds {ushape[-1]} classes); cucrf expects class scores as {layout}: pass "
         f"{fix} (for a torch.Tensor, {torch_fix})"
     )
@@ -71,11 +75,11 @@ def _to_host(a):
     return a.get() if type(a).__module__.split(".")[0] == "cupy" else np.asarray(a)
 
 
-def _pixel_sample(unary):
-    """Up to :data:`SAMPLE_PIXELS` pixels of a (C, H, W) or (B, C, H, W) unary, as a float64 (C, N) array."""
-    u = unary if unary.ndim == 4 else unary[None]
-    B, C, H, W = u.shape
-    flat = u.transpose(1, 0, 2, 3).reshape(C, B * H * W) if B > 1 else u[0].reshape(C, H * W)
+def _pixel_sample(unary, spatial_dims=2):
+    """Up to :data:`SAMPLE_PIXELS` pixels of a (C, *spatial) or (B, C, *spatial) unary, as a float64 (C, N) array."""
+    u = unary if unary.ndim == spatial_dims + 2 else unary[None]
+    B, C = u.shape[:2]
+    flat = u.swapaxes(0, 1).reshape(C, -1) if B > 1 else u[0].reshape(C, -1)
     step = max(1, flat.shape[1] // SAMPLE_PIXELS)
     return _to_host(flat[:, ::step][:, :SAMPLE_PIXELS]).astype(np.float64)
 
@@ -84,14 +88,14 @@ def _warn(message, stacklevel):
     warnings.warn(message, InputWarning, stacklevel=stacklevel + 2)
 
 
-def _check_logits(unary, stacklevel):
+def _check_logits(unary, stacklevel, spatial_dims=2):
     xp = array_namespace(unary)
     lo, hi = float(xp.min(unary)), float(xp.max(unary))
     if not (np.isfinite(lo) and np.isfinite(hi)):
         return  # NaN and infinity are refused elsewhere
-    class_axis = "0" if unary.ndim == 3 else "1"
+    class_axis = "0" if unary.ndim == spatial_dims + 1 else "1"
     if 0.0 <= lo and hi <= 1.0:
-        sums = _pixel_sample(unary).sum(axis=0)
+        sums = _pixel_sample(unary, spatial_dims).sum(axis=0)
         if np.all(np.abs(sums - 1.0) <= SUM_TOLERANCE):
             _warn(
                 f"unary looks like probabilities (values in [{lo:.3g}, {hi:.3g}] summing to 1 over the classes on "
@@ -101,7 +105,7 @@ def _check_logits(unary, stacklevel):
             )
             return
     if lo >= 0.0:
-        sums = np.exp(-_pixel_sample(unary)).sum(axis=0)
+        sums = np.exp(-_pixel_sample(unary, spatial_dims)).sum(axis=0)
         if np.all(np.abs(sums - 1.0) <= ENERGY_TOLERANCE):
             _warn(
                 f"unary looks like energies -log(p) (all values >= 0, in [{lo:.3g}, {hi:.3g}], and exp(-unary) sums "
@@ -142,7 +146,7 @@ def _as_params(params):
     return params
 
 
-def check_inputs(unary, image, *, unary_kind, params, stacklevel=1):
+def check_inputs(unary, image, *, unary_kind, params, stacklevel=1, spatial_dims=2):
     """Warn about inputs that look like common mistakes; raise for a channels-last unary.
 
     Reads the unary's and the image's minimum and maximum once, and sums over the classes at up
@@ -162,6 +166,8 @@ def check_inputs(unary, image, *, unary_kind, params, stacklevel=1):
         The CRF parameters (None: the defaults).
     stacklevel : int
         Which caller the warnings point to: 1 is the caller of this function, 2 its caller, ...
+    spatial_dims : {2, 3}
+        2 for images, 3 for volumes ((C, D, H, W) unaries with (D, H, W, F) images).
 
     Returns
     -------
@@ -193,12 +199,13 @@ def check_inputs(unary, image, *, unary_kind, params, stacklevel=1):
     (True, True)
     """
     level = stacklevel + 1
+    nd = spatial_dims
     if image is not None:
-        check_unary_layout(unary, image)
+        check_unary_layout(unary, image, nd)
     params = _as_params(params)
     dtype = getattr(unary, "dtype", None)
-    if unary_kind == "logits" and dtype is not None and dtype.kind == "f" and unary.ndim in (3, 4) \
-            and unary.size and unary.shape[-3] >= 2:
-        _check_logits(unary, level)
+    if unary_kind == "logits" and dtype is not None and dtype.kind == "f" and unary.ndim in (nd + 1, nd + 2) \
+            and unary.size and unary.shape[-nd - 1] >= 2:
+        _check_logits(unary, level, nd)
     if image is not None:
         _check_image_scale(image, params, level)

@@ -317,7 +317,8 @@ def fit(unaries, images, labels, params=None, *, validation=None, val_fraction="
         batch_size=1, class_weights=None, ignore_index=255, temperature=True, prior=DEFAULT_PRIOR,
         lovasz=0.0, filter_size=_api.DEFAULT_FILTER_SIZE, blur=_api.DEFAULT_BLUR, iterations=_api.DEFAULT_ITERATIONS,
         normalization=None, include_self=False, feature_transform=None, num_classes=None, dtype=np.float32,
-        device=None, weight_decay=0.0, seed=0, progress=True, checkpoint=None, resume=False, callback=None):
+        device=None, weight_decay=0.0, seed=0, progress=True, checkpoint=None, resume=False, callback=None,
+        spatial_dims=None, spacing=None):
     """Learn CRF parameters from labelled images by back-propagation through mean-field inference.
 
     Minimises the cross-entropy of the CRF output at a learned output temperature (plus a weak
@@ -328,13 +329,13 @@ def fit(unaries, images, labels, params=None, *, validation=None, val_fraction="
 
     Parameters
     ----------
-    unaries : sequence or iterable of arrays (C, H, W)
+    unaries : sequence or iterable of arrays (C, H, W), or (C, D, H, W) volumes
         Per-image class scores (logits or log-probabilities). A Sequence (a list, a (N, C, H, W)
         array, or a lazy reader with ``len`` and indexing) is indexed again every epoch, so a lazy
         one keeps memory bounded; a one-shot iterable is read into memory once.
-    images : sequence or iterable of arrays (H, W, F)
+    images : sequence or iterable of arrays (H, W, F), or (D, H, W, F) volumes
         The matching images (uint8 or float); sizes may differ between images.
-    labels : sequence or iterable of integer arrays (H, W)
+    labels : sequence or iterable of integer arrays (H, W), or (D, H, W) volumes
         Ground-truth class ids in ``[0, C)``; ``ignore_index`` pixels do not count.
     params : CRFParams or dict, optional
         Starting parameters (default ``CRFParams()``).
@@ -388,8 +389,9 @@ def fit(unaries, images, labels, params=None, *, validation=None, val_fraction="
     lovasz : float
         Weight of the Lovász-softmax loss (Berman et al., 2018; the convex surrogate of 1 - IoU per
         class, absent classes included) added to the training loss; 0 turns it off.
-    filter_size, blur, iterations, normalization, include_self
-        As for :func:`cucrf.infer`; the learned parameters belong to these settings.
+    filter_size, blur, iterations, normalization, include_self, spatial_dims, spacing
+        As for :func:`cucrf.infer`; the learned parameters belong to these settings. Volumes
+        need ``spatial_dims=3``.
     feature_transform : FeatureTransform, dict or (matrix, offset), optional
         Starting (or, without ``'feature_transform'`` in ``learn``, fixed) feature transform.
     num_classes : int, optional
@@ -497,7 +499,8 @@ def fit(unaries, images, labels, params=None, *, validation=None, val_fraction="
 
     # -- data: every sample read and checked once, before any training ----------------------------
     prepare_kwargs = dict(filter_size=filter_size, blur=blur, iterations=iterations, normalization=normalization,
-                          include_self=bool(include_self), dtype=dtype, device=device)
+                          include_self=bool(include_self), dtype=dtype, device=device, spatial_dims=spatial_dims,
+                          spacing=spacing)
     in_memory = all(isinstance(x, (list, tuple, np.ndarray)) for x in (unaries, images, labels))
     everything = _data.Dataset("", unaries, images, labels, prepare_kwargs, ignore_index, num_classes,
                                cache=in_memory).scan(progress, "checking the training images")
@@ -537,7 +540,8 @@ def fit(unaries, images, labels, params=None, *, validation=None, val_fraction="
     _meanfield.check_backward_support(backend)
 
     def configs(shape):
-        return _api.check_config(filter_size, blur, iterations, normalization, *shape, keep_centre=include_self)
+        return _api.check_config(filter_size, blur, iterations, normalization, tuple(shape), keep_centre=include_self,
+                                 spacing=spacing)
 
     trainer = _trainer.Trainer(backend, configs, params, keys, learn_temperature=temperature, prior_strength=prior,
                                class_weights=class_weights, ignore_index=ignore_index, num_classes=C,
@@ -574,8 +578,9 @@ def fit(unaries, images, labels, params=None, *, validation=None, val_fraction="
                    "training images": "one image: candidates are scored on the training image itself",
                    "none": "no validation: the last epoch is returned"}[mode]
     say(f"fitting {', '.join(learn)} on {len(train)} images ({description}); selecting by {metric}")
-    signature = {"learn": sorted(learn), "classes": C, "channels": F, "filter_size": filter_size,
-                 "blur": blur, "iterations": iterations, "normalization": normalization, "include_self": include_self,
+    as_json = (lambda v: list(v) if isinstance(v, (tuple, list)) else v)
+    signature = {"learn": sorted(learn), "classes": C, "channels": F, "filter_size": as_json(filter_size),
+                 "blur": as_json(blur), "iterations": iterations, "normalization": normalization, "include_self": include_self,
                  "train_images": len(train), "validation": mode, "metric": metric, "epochs": epochs, "lr": lr,
                  "lr_schedule": lr_schedule if isinstance(lr_schedule, str) or lr_schedule is None else "custom",
                  "batch_size": batch_size, "seed": seed, "temperature": bool(temperature), "prior": prior,
@@ -586,6 +591,9 @@ def fit(unaries, images, labels, params=None, *, validation=None, val_fraction="
                                    else None if class_weights is None else class_weights.tolist()),
                  "ignore_index": int(ignore_index), "dtype": None if dtype is None else np.dtype(dtype).name,
                  "weight_decay": weight_decay, "class_pixels": everything.class_pixels.tolist()}
+    if spatial_dims == 3 or spacing is not None:  # 2-D checkpoints keep their signature
+        signature["spatial_dims"] = spatial_dims
+        signature["spacing"] = as_json(spacing)
 
     # -- a checkpoint to resume from is read and checked before any training ----------------------
     resume_state = None

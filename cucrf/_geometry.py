@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 
 import numpy as np
 
-__all__ = ["AxisGeometry", "axis_geometry", "window_offsets"]
+__all__ = ["AxisGeometry", "axis_geometry", "per_axis", "window_offsets"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,16 +90,21 @@ def axis_geometry(size: int, blur: int) -> AxisGeometry:
     return AxisGeometry(size, blur, pad, coarse, counts, centres, lo, hi, frac)
 
 
-@functools.lru_cache(maxsize=64)
-def window_offsets(filter_size: int, keep_centre: bool = False):
-    """Offsets ``(dy, dx)`` of a ``filter_size`` square window in row-major order.
+def per_axis(value, ndim: int) -> tuple:
+    """``value`` as a tuple with one entry per spatial axis (an int is repeated ``ndim`` times)."""
+    if isinstance(value, tuple):
+        return value
+    return (value,) * ndim
 
-    The centre ``(0, 0)`` is left out unless ``keep_centre``.
+
+@functools.lru_cache(maxsize=64)
+def window_offsets(filter_size, keep_centre: bool = False):
+    """Offsets of a window in row-major order (the last axis fastest).
+
+    ``filter_size`` is an int (a square 2-D window: offsets ``(dy, dx)``) or a tuple with one odd
+    width per spatial axis (offsets with one entry per axis). The centre (all zeros) is left out
+    unless ``keep_centre``.
     """
-    r = filter_size // 2
-    return tuple(
-        (dy, dx)
-        for dy in range(-r, r + 1)
-        for dx in range(-r, r + 1)
-        if keep_centre or (dy, dx) != (0, 0)
-    )
+    sizes = per_axis(filter_size, 2)
+    ranges = [range(-(k // 2), k // 2 + 1) for k in sizes]
+    return tuple(o for o in itertools.product(*ranges) if keep_centre or any(o))

@@ -44,7 +44,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from ._geometry import axis_geometry
+from ._geometry import axis_geometry, per_axis
 
 #: Added to ``K(1)`` before the inverse square root of symmetric normalisation, so that a pixel
 #: with no neighbour (a 1-pixel image) gets a zero message instead of NaN.
@@ -55,11 +55,42 @@ NORM_EPS = 1e-20
 class CRFConfig:
     """Structural settings of one inference (everything that is not a learnable parameter)."""
 
-    filter_size: int
-    blur: int
+    filter_size: object  # odd int (every spatial axis) or a tuple with one per axis
+    blur: object  # int or a tuple with one per axis
     iterations: int
     normalization: Optional[str] = None  # None or "symmetric"
     keep_centre: bool = False
+    spacing: Optional[tuple] = None  # distance between neighbouring pixels per axis; None: 1
+
+    def filter_sizes(self, ndim: int) -> tuple:
+        """One window width per spatial axis."""
+        return per_axis(self.filter_size, ndim)
+
+    def blurs(self, ndim: int) -> tuple:
+        """One blur factor per spatial axis."""
+        return per_axis(self.blur, ndim)
+
+    def spacings(self, ndim: int) -> tuple:
+        """One pixel spacing per spatial axis (1.0 when none is set)."""
+        return per_axis(1.0 if self.spacing is None else self.spacing, ndim)
+
+    @property
+    def plain(self) -> bool:
+        """Isotropic 2-D settings (int window and blur, unit spacing): what every backend runs."""
+        return (isinstance(self.filter_size, int) and isinstance(self.blur, int)
+                and (self.spacing is None or all(float(v) == 1.0 for v in self.spacing)))
+
+
+def cell_positions(size, config: CRFConfig):
+    """Per-axis coordinates of the coarse cells (mean pixel index times the spacing), float64."""
+    nd = len(size)
+    return [axis_geometry(n, b).centres * float(sp)
+            for n, b, sp in zip(size, config.blurs(nd), config.spacings(nd))]
+
+
+def coarse_shape(size, config: CRFConfig) -> tuple:
+    """Shape of the coarse grid of a full-resolution ``size`` (one entry per spatial axis)."""
+    return tuple(axis_geometry(n, b).coarse for n, b in zip(size, config.blurs(len(size))))
 
 
 @dataclasses.dataclass
@@ -68,15 +99,15 @@ class PairwiseSetup:
 
     Attributes
     ----------
-    kernels : array, shape (S, B, K, h, w)
+    kernels : array, shape (S, B, K, *coarse)
         Pairwise kernels on the coarse grid (merged and weighted when ``S == 1``; unweighted
         appearance and smoothness when ``S == 2``).
     weights : tuple of float
         Weight applied to each of the ``S`` kernels' messages (1.0 when merged).
-    normalisers : tuple of arrays of shape (B, 1, H, W), or None
+    normalisers : tuple of arrays of shape (B, 1, *spatial), or None
         ``n_s = 1 / sqrt(K_s(1))`` per kernel for symmetric normalisation.
     size : tuple of int
-        Full-resolution (H, W).
+        Full-resolution spatial shape: (H, W), or (D, H, W) for volumes.
     """
 
     kernels: object
@@ -91,32 +122,34 @@ def prepare(backend, features, params, config: CRFConfig) -> PairwiseSetup:
     Parameters
     ----------
     backend : module
-    features : array, shape (B, F, H, W), float32 or float64
+    features : array, shape (B, F, *spatial), float32 or float64
         Per-pixel image features in image units.
     params : CRFParams
     config : CRFConfig
     """
     xp = backend.xp
-    B, F, H, W = features.shape
+    F = features.shape[1]
+    size = tuple(features.shape[2:])
+    nd = len(size)
     dt = features.dtype
-    gy, gx = axis_geometry(H, config.blur), axis_geometry(W, config.blur)
-    pooled = backend.pool(features, config.blur)
+    blurs = config.blurs(nd)
+    pooled = backend.pool(features, blurs)
     wa, ws = params.appearance_weight, params.smoothness_weight
     normalized = config.normalization == "symmetric"
     kernel_weights = ((1.0, 0.0), (0.0, 1.0)) if normalized else ((wa, ws),)
     kernels = backend.pairwise_kernels(
-        xp.asarray(gy.centres), xp.asarray(gx.centres), pooled,
+        [xp.asarray(p) for p in cell_positions(size, config)], pooled,
         xp.asarray(1.0 / params.theta_beta_vector(F)),
         1.0 / params.theta_alpha ** 2, 1.0 / params.theta_gamma ** 2,
-        config.filter_size, kernel_weights, config.keep_centre,
+        config.filter_sizes(nd), kernel_weights, config.keep_centre,
     )
     if not normalized:
-        return PairwiseSetup(kernels, (1.0,), None, (H, W))
+        return PairwiseSetup(kernels, (1.0,), None, size)
     normalisers = []
     for s in range(2):
-        k_of_ones = backend.upsample(kernels[s].sum(axis=1, keepdims=True), config.blur, (H, W))
+        k_of_ones = backend.upsample(kernels[s].sum(axis=1, keepdims=True), blurs, size)
         normalisers.append((k_of_ones + dt.type(NORM_EPS)) ** dt.type(-0.5))
-    return PairwiseSetup(kernels, (wa, ws), tuple(normalisers), (H, W))
+    return PairwiseSetup(kernels, (wa, ws), tuple(normalisers), size)
 
 
 def message(backend, setup: PairwiseSetup, q, config: CRFConfig):
@@ -124,13 +157,14 @@ def message(backend, setup: PairwiseSetup, q, config: CRFConfig):
 
     Parameters
     ----------
-    q : array, shape (B, C, H, W)
+    q : array, shape (B, C, *spatial)
 
     Returns
     -------
-    array, shape (B, C, H, W)
+    array, shape (B, C, *spatial)
     """
-    blur, k = config.blur, config.filter_size
+    nd = q.ndim - 2
+    blur, k = config.blurs(nd), config.filter_sizes(nd)
     out = None
     for s, weight in enumerate(setup.weights):
         if weight == 0:
@@ -237,12 +271,16 @@ def mean_field(backend, unary, features, params, config: CRFConfig, return_logit
     C = unary.shape[1]
     dt = unary.dtype
     compat = None if params.is_potts else backend.xp.asarray(params.compatibility_matrix(C), dtype=dt)
-    scaled_unary = unary * dt.type(params.unary_weight)
+    # Never written to: with a unary weight of 1 the unary itself serves (a whole array less).
+    scaled_unary = unary if params.unary_weight == 1 else unary * dt.type(params.unary_weight)
     if tape is not None:
         tape.unary, tape.features, tape.params, tape.config = unary, features, params, config
         tape.return_logits, tape.compat = return_logits, compat
     if config.iterations == 0:
-        q = scaled_unary if return_logits else backend.softmax(scaled_unary)
+        if return_logits:
+            q = scaled_unary.copy() if scaled_unary is unary else scaled_unary
+        else:
+            q = backend.softmax(scaled_unary)
         if tape is not None:
             tape.output = q
         return q
@@ -334,9 +372,10 @@ def message_backward(backend, setup: PairwiseSetup, q, grad_msg, config: CRFConf
     ``P_s`` are recorded for the kernel gradient, and for symmetric normalisation the gradient
     with respect to ``n_s``: ``w_s sum_c grad_msg Up(K_s P_s) + sum_c q Pool^T(K_s w_s G_s)``.
     """
-    blur, k, keep = config.blur, config.filter_size, config.keep_centre
+    nd = q.ndim - 2
+    blur, k, keep = config.blurs(nd), config.filter_sizes(nd), config.keep_centre
     dt = q.dtype
-    coarse = tuple(setup.kernels.shape[-2:])
+    coarse = tuple(setup.kernels.shape[-nd:])
     grad_q = None
     for s, weight in enumerate(setup.weights):
         n = setup.normalisers[s] if setup.normalisers is not None else None
@@ -368,11 +407,12 @@ def prepare_backward(backend, setup: PairwiseSetup, features, params, config: CR
     the pooling of the features. Returns ``(grad_features, dict)``.
     """
     xp = backend.xp
-    B, F, H, W = features.shape
+    F = features.shape[1]
+    size = tuple(features.shape[2:])
+    nd = len(size)
     dt = features.dtype
-    blur = config.blur
-    gy, gx = axis_geometry(H, blur), axis_geometry(W, blur)
-    coarse = (gy.coarse, gx.coarse)
+    blur = config.blurs(nd)
+    coarse = coarse_shape(size, config)
     pooled = backend.pool(features, blur)
     normalized = config.normalization == "symmetric"
     wa, ws = params.appearance_weight, params.smoothness_weight
@@ -392,11 +432,11 @@ def prepare_backward(backend, setup: PairwiseSetup, features, params, config: CR
             rows.append(backend.upsample_backward(gn * (n * n * n) * dt.type(-0.5), blur, coarse))
     theta_beta = params.theta_beta_vector(F)
     out = backend.pairwise_kernels_backward(
-        xp.asarray(gy.centres), xp.asarray(gx.centres), pooled, xp.asarray(1.0 / theta_beta),
+        [xp.asarray(p) for p in cell_positions(size, config)], pooled, xp.asarray(1.0 / theta_beta),
         1.0 / params.theta_alpha ** 2, 1.0 / params.theta_gamma ** 2,
-        config.filter_size, kernel_weights, config.keep_centre, left, right, setup.weights, rows,
+        config.filter_sizes(nd), kernel_weights, config.keep_centre, left, right, setup.weights, rows,
     )
-    grad_features = backend.pool_backward(out["features"], blur, (H, W))
+    grad_features = backend.pool_backward(out["features"], blur, size)
     g_ib = np.asarray(out["inv_theta_beta"].get() if hasattr(out["inv_theta_beta"], "get") else out["inv_theta_beta"],
                       dtype=np.float64)
     result = {
@@ -411,23 +451,28 @@ def prepare_backward(backend, setup: PairwiseSetup, features, params, config: CR
     return grad_features, result
 
 
-def estimate_bytes(batch, classes, height, width, channels, config: CRFConfig, itemsize,
-                   stored_kernels=True) -> int:
+def estimate_bytes(batch, classes, size, channels, config: CRFConfig, itemsize, stored_kernels=True) -> int:
     """Upper estimate of the working memory of :func:`mean_field`, in bytes.
 
-    ``stored_kernels`` is False for a backend that computes kernel values on the fly (CUDA)
-    instead of keeping the (S, B, k*k, h, w) kernel stack.
+    ``size`` is the full-resolution spatial shape ((H, W) or (D, H, W)). ``stored_kernels`` is
+    False for a backend that computes kernel values on the fly (CUDA) instead of keeping the
+    (S, B, K, *coarse) kernel stack.
     """
-    h = -(-height // config.blur)
-    w = -(-width // config.blur)
-    full = batch * classes * height * width
+    size = tuple(int(n) for n in size)
+    nd = len(size)
+    coarse = coarse_shape(size, config)
+    sizes = config.filter_sizes(nd)
+    pixels = int(np.prod(size))
+    full = batch * classes * pixels
     n_kernels = 2 if config.normalization == "symmetric" else 1
-    # k*k kernel entries per cell with the centre (include_self), k*k - 1 without: k*k covers both.
-    window = config.filter_size ** 2
-    kernels = n_kernels * batch * window * h * w if stored_kernels else 0
+    # K entries per cell with the centre (include_self), K - 1 without: the full window covers both.
+    window = int(np.prod(sizes))
+    cells = int(np.prod(coarse))
+    kernels = n_kernels * batch * window * cells if stored_kernels else 0
+    padded = int(np.prod([n + k for n, k in zip(coarse, sizes)]))
     # unary copy, scaled unary, q, message, upsampling temporaries; padded coarse q; features.
-    elements = 6 * full + 3 * batch * classes * (h + config.filter_size) * (w + config.filter_size)
-    elements += kernels + 3 * batch * channels * height * width + 2 * n_kernels * batch * height * width
+    elements = 6 * full + 3 * batch * classes * padded
+    elements += kernels + 3 * batch * channels * pixels + 2 * n_kernels * batch * pixels
     return int(elements * itemsize)
 
 

@@ -2,12 +2,13 @@
 
 This module is the specification the CUDA kernels are tested against. Every function works on
 whole batches and is vectorised over pixels and classes; the only Python loops run over the
-``k*k - 1`` window offsets and the two image axes.
+window offsets and the spatial axes.
 
-Array layout: class maps are ``(B, C, H, W)``, feature maps ``(B, F, H, W)``; a stack of pairwise
-kernels on the (coarse) grid is ``(S, B, K, h, w)`` with ``S`` kernels (1 merged, or 2 when
-each kernel is normalised on its own), ``K`` window offsets and ``[.., o, y, x]`` the kernel value
-between cell ``(y, x)`` and cell ``(y + dy_o, x + dx_o)`` (0 where that cell is outside the grid).
+Array layout: class maps are ``(B, C, *spatial)``, feature maps ``(B, F, *spatial)``, with two
+spatial axes (H, W) for images and three (D, H, W) for volumes; a stack of pairwise kernels on
+the (coarse) grid is ``(S, B, K, *coarse)`` with ``S`` kernels (1 merged, or 2 when each kernel
+is normalised on its own), ``K`` window offsets and ``[.., o, i]`` the kernel value between cell
+``i`` and cell ``i + offset_o`` (0 where that cell is outside the grid).
 """
 
 from __future__ import annotations
@@ -78,34 +79,57 @@ def _pool_axis(x, g, axis):
     return out
 
 
+def _axes(blur, size=None):
+    """Per-axis blur factors of the spatial (last) axes: a tuple as given; an int for the axes
+    of ``size`` (or for 2 axes)."""
+    if isinstance(blur, tuple):
+        return blur
+    return (int(blur),) * (2 if size is None else len(size))
+
+
+def _inverse_counts(geometries, dtype):
+    """``1 / (number of real pixels)`` of every cell, shape (coarse sizes...)."""
+    counts = np.ones(())
+    for g in geometries:
+        counts = np.multiply.outer(counts, g.counts)
+    return (1.0 / counts).astype(dtype)
+
+
 def pool(x, blur):
-    """Average-pool the last two axes in ``blur`` x ``blur`` cells (real pixels only).
+    """Average-pool the spatial (last) axes in cells of ``blur`` pixels per axis (real pixels only).
 
     Parameters
     ----------
-    x : ndarray, shape (..., H, W)
-    blur : int
+    x : ndarray, shape (..., *spatial)
+    blur : int or tuple of int
+        An int pools the last two axes ``blur`` x ``blur``; a tuple pools the last ``len(blur)``
+        axes, one factor per axis.
 
     Returns
     -------
-    ndarray, shape (..., ceil(H / blur), ceil(W / blur)), dtype of ``x``
+    ndarray, shape (..., ceil(n_a / blur_a) for each spatial axis a), dtype of ``x``
     """
-    if blur == 1:
+    blurs = _axes(blur)
+    nd = len(blurs)
+    if all(b == 1 for b in blurs):
         return x
-    gy = axis_geometry(x.shape[-2], blur)
-    gx = axis_geometry(x.shape[-1], blur)
-    inv_counts = (1.0 / np.outer(gy.counts, gx.counts)).astype(x.dtype)
-    lead = x.shape[:-2]
-    flat = x.reshape((-1,) + x.shape[-2:])
-    out = np.empty((flat.shape[0], gy.coarse, gx.coarse), dtype=x.dtype)
+    spatial = x.shape[-nd:]
+    geometries = [axis_geometry(n, b) for n, b in zip(spatial, blurs)]
+    inv_counts = _inverse_counts(geometries, x.dtype)
+    lead = x.shape[:-nd]
+    flat = x.reshape((-1,) + spatial)
+    out = np.empty((flat.shape[0],) + inv_counts.shape, dtype=x.dtype)
 
     def work(start, stop):
-        # Rows first: whole contiguous rows are added; the column pass sees 1/blur of the data.
-        sums = _pool_axis(_pool_axis(flat[start:stop], gy, -2), gx, -1)
+        # Outer axes first: whole contiguous rows are added; the last pass sees 1/blur of the data.
+        sums = flat[start:stop]
+        for a, g in enumerate(geometries):
+            if g.blur > 1:
+                sums = _pool_axis(sums, g, a - nd)
         np.multiply(sums, inv_counts, out=out[start:stop])
 
     _parallel.for_chunks(flat.shape[0], work, x.size)
-    return out.reshape(lead + out.shape[-2:])
+    return out.reshape(lead + out.shape[1:])
 
 
 def _pool_axis_backward(grad, g, axis):
@@ -119,13 +143,17 @@ def _pool_axis_backward(grad, g, axis):
 
 
 def pool_backward(grad, blur, size):
-    """Vector-Jacobian product of :func:`pool`: ``grad`` (..., h, w) to (..., H, W)."""
-    if blur == 1:
+    """Vector-Jacobian product of :func:`pool`: ``grad`` (..., *coarse) to (..., *size)."""
+    blurs = _axes(blur, size)
+    if all(b == 1 for b in blurs):
         return grad
-    gy = axis_geometry(size[0], blur)
-    gx = axis_geometry(size[1], blur)
-    scaled = grad * (1.0 / np.outer(gy.counts, gx.counts)).astype(grad.dtype)
-    return _pool_axis_backward(_pool_axis_backward(scaled, gy, -2), gx, -1)
+    nd = len(blurs)
+    geometries = [axis_geometry(n, b) for n, b in zip(size, blurs)]
+    out = grad * _inverse_counts(geometries, grad.dtype)
+    for a, g in enumerate(geometries):
+        if g.blur > 1:
+            out = _pool_axis_backward(out, g, a - nd)
+    return out
 
 
 def _upsample_axis(x, g, axis, out=None):
@@ -150,29 +178,39 @@ def _upsample_axis(x, g, axis, out=None):
 
 
 def upsample(x, blur, size):
-    """Bilinearly upsample the last two axes by ``blur`` and crop to ``size`` = (H, W).
+    """Bilinearly upsample the spatial (last ``len(size)``) axes by ``blur`` and crop to ``size``.
 
     Parameters
     ----------
-    x : ndarray, shape (..., h, w)
-    blur : int
+    x : ndarray, shape (..., *coarse)
+    blur : int or tuple of int
+        One factor for every axis, or one per axis.
     size : tuple of int
+        Full-resolution spatial shape, e.g. (H, W) or (D, H, W).
 
     Returns
     -------
-    ndarray, shape (..., H, W), dtype of ``x``
+    ndarray, shape (..., *size), dtype of ``x``
     """
-    if blur == 1:
+    blurs = _axes(blur, size)
+    if all(b == 1 for b in blurs):
         return x
-    gy = axis_geometry(size[0], blur)
-    gx = axis_geometry(size[1], blur)
-    lead = x.shape[:-2]
-    flat = x.reshape((-1,) + x.shape[-2:])
+    nd = len(size)
+    geometries = [axis_geometry(n, b) for n, b in zip(size, blurs)]
+    lead = x.shape[:-nd]
+    flat = x.reshape((-1,) + x.shape[-nd:])
     out = np.empty((flat.shape[0],) + tuple(size), dtype=x.dtype)
+    # Last axis first, on the coarse grid; the pass over the first axis writes whole contiguous
+    # blocks straight into the output.
+    passes = [(a - nd, g) for a, g in enumerate(geometries) if g.blur > 1][::-1]
 
     def work(start, stop):
-        # Columns first, on the coarse rows; the row pass then writes whole contiguous rows.
-        _upsample_axis(_upsample_axis(flat[start:stop], gx, -1), gy, -2, out=out[start:stop])
+        y = flat[start:stop]
+        for i, (axis, g) in enumerate(passes):
+            last = i == len(passes) - 1
+            y = _upsample_axis(y, g, axis, out=out[start:stop] if last else None)
+        if not passes:
+            out[start:stop] = y
 
     _parallel.for_chunks(flat.shape[0], work, out.size)
     return out.reshape(lead + tuple(size))
@@ -196,66 +234,80 @@ def _upsample_axis_backward(grad, g, axis):
 
 
 def upsample_backward(grad, blur, coarse_size):
-    """Vector-Jacobian product of :func:`upsample`: ``grad`` (..., H, W) to (..., h, w).
+    """Vector-Jacobian product of :func:`upsample`: ``grad`` (..., *size) to (..., *coarse_size).
 
     The exact transpose of the separable, phase-sliced forward (no dense matrices).
     """
-    if blur == 1:
+    nd = len(coarse_size)
+    blurs = _axes(blur, coarse_size)
+    if all(b == 1 for b in blurs):
         return grad
-    H, W = grad.shape[-2:]
-    gy, gx = axis_geometry(H, blur), axis_geometry(W, blur)
-    if (gy.coarse, gx.coarse) != tuple(coarse_size):
-        raise ValueError(f"upsample_backward: a {H}x{W} gradient at blur {blur} comes from a "
-                         f"{gy.coarse}x{gx.coarse} grid, not {tuple(coarse_size)}")
-    return _upsample_axis_backward(_upsample_axis_backward(grad, gx, -1), gy, -2)
+    size = grad.shape[-nd:]
+    geometries = [axis_geometry(n, b) for n, b in zip(size, blurs)]
+    if tuple(g.coarse for g in geometries) != tuple(coarse_size):
+        raise ValueError(f"upsample_backward: a {'x'.join(map(str, size))} gradient at blur {blur} comes from a "
+                         f"{'x'.join(str(g.coarse) for g in geometries)} grid, not {tuple(coarse_size)}")
+    out = grad
+    for a, g in reversed(list(enumerate(geometries))):  # the forward's passes in reverse
+        if g.blur > 1:
+            out = _upsample_axis_backward(out, g, a - nd)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
 # pairwise kernels and message passing on the (coarse) grid
 # ---------------------------------------------------------------------------------------------
-def _offset_kernels(pos_y, pos_x, scaled, inv_theta_alpha2, inv_theta_gamma2, offsets):
+def _offset_kernels(positions, scaled, inv_theta_alpha2, inv_theta_gamma2, offsets):
     """Kernel values of each window offset on the cells where the neighbour is inside the grid.
 
-    Yields ``(o, (ys, xs), (yn, xn), d2, appearance, spatial_s)``: the centre and neighbour
-    slices, squared distances (h', w') in pixels, the unweighted appearance kernel (B, h', w')
-    and smoothness kernel (h', w'). ``scaled`` is the features times ``1 / theta_beta``.
+    Yields ``(o, centre, neighbour, d2, appearance, spatial_s)``: the centre and neighbour index
+    tuples (one slice per spatial axis), squared distances (n'...) in position units, the
+    unweighted appearance kernel (B, n'...) and smoothness kernel (n'...). ``scaled`` is the
+    features (B, F, n...) times ``1 / theta_beta``; ``positions`` one coordinate array per axis.
     """
-    h, w = scaled.shape[-2:]
+    nd = len(positions)
+    spatial = scaled.shape[-nd:]
     dt = scaled.dtype
-    py = pos_y.astype(np.float64)
-    px = pos_x.astype(np.float64)
-    for o, (dy, dx) in enumerate(offsets):
-        ys, yn = _valid(h, dy)
-        xs, xn = _valid(w, dx)
-        if ys.start >= ys.stop or xs.start >= xs.stop:
+    pos = [np.asarray(p, dtype=np.float64) for p in positions]
+    whole = (slice(None), slice(None))
+    for o, offset in enumerate(offsets):
+        centre, neighbour = zip(*(_valid(n, d) for n, d in zip(spatial, offset)))
+        if any(c.start >= c.stop for c in centre):
             continue
-        d2 = ((py[yn] - py[ys]) ** 2)[:, None] + ((px[xn] - px[xs]) ** 2)[None, :]
+        d2 = 0.0
+        for a in range(nd):
+            shape = [1] * nd
+            shape[a] = -1
+            d2 = d2 + ((pos[a][neighbour[a]] - pos[a][centre[a]]) ** 2).reshape(shape)
         spatial_a = (d2 * inv_theta_alpha2).astype(dt)
         spatial_s = np.exp(-0.5 * d2 * inv_theta_gamma2).astype(dt)
-        diff = scaled[:, :, yn, xn] - scaled[:, :, ys, xs]
-        colour = np.einsum("bfyx,bfyx->byx", diff, diff)
+        diff = scaled[whole + neighbour] - scaled[whole + centre]
+        colour = np.einsum("bf...,bf...->b...", diff, diff)
         appearance = np.exp(-0.5 * (colour + spatial_a))
-        yield o, (ys, xs), (yn, xn), d2, appearance, spatial_s
+        yield o, centre, neighbour, d2, appearance, spatial_s
 
 
-def pairwise_kernels(pos_y, pos_x, features, inv_theta_beta, inv_theta_alpha2, inv_theta_gamma2,
+def _window(filter_size, nd):
+    """Per-axis window widths: an int is the same width on every one of the ``nd`` axes."""
+    return filter_size if isinstance(filter_size, tuple) else (int(filter_size),) * nd
+
+
+def pairwise_kernels(positions, features, inv_theta_beta, inv_theta_alpha2, inv_theta_gamma2,
                      filter_size, weights, keep_centre=False):
     """Kernel values between every cell and every other cell of its window.
 
     Parameters
     ----------
-    pos_y : ndarray of float, shape (h,)
-        Row coordinate of each cell, in full-resolution pixels.
-    pos_x : ndarray of float, shape (w,)
-        Column coordinate of each cell.
-    features : ndarray, shape (B, F, h, w)
+    positions : sequence of ndarray of float, one per spatial axis, shape (n_a,)
+        Coordinate of each cell along each axis (full-resolution pixels times the spacing).
+    features : ndarray, shape (B, F, *spatial)
         Image features of each cell, in image units.
     inv_theta_beta : ndarray, shape (F,)
         ``1 / theta_beta`` per channel.
     inv_theta_alpha2, inv_theta_gamma2 : float
         ``1 / theta_alpha**2`` and ``1 / theta_gamma**2``.
-    filter_size : int
-        Odd window width ``k``.
+    filter_size : int or tuple of int
+        Odd window width ``k`` (every axis) or one odd width per axis.
     weights : sequence of (float, float)
         One ``(appearance, smoothness)`` weight pair per output kernel: ``((wa, ws),)`` merges the
         two kernels into one; ``((1, 0), (0, 1))`` keeps them apart.
@@ -264,17 +316,19 @@ def pairwise_kernels(pos_y, pos_x, features, inv_theta_beta, inv_theta_alpha2, i
 
     Returns
     -------
-    ndarray, shape (S, B, K, h, w), dtype of ``features``
+    ndarray, shape (S, B, K, *spatial), dtype of ``features``
+        ``K`` window offsets in the order of :func:`cucrf._geometry.window_offsets`.
     """
-    B, F, h, w = features.shape
+    B, F = features.shape[:2]
+    spatial = features.shape[2:]
     dt = features.dtype
-    offsets = window_offsets(filter_size, keep_centre)
-    scaled = features * inv_theta_beta.astype(dt)[None, :, None, None]
-    out = np.zeros((len(weights), B, len(offsets), h, w), dtype=dt)
-    for o, (ys, xs), _, _, appearance, spatial_s in _offset_kernels(
-            pos_y, pos_x, scaled, inv_theta_alpha2, inv_theta_gamma2, offsets):
+    offsets = window_offsets(_window(filter_size, len(spatial)), keep_centre)
+    scaled = features * inv_theta_beta.astype(dt).reshape((1, F) + (1,) * len(spatial))
+    out = np.zeros((len(weights), B, len(offsets)) + spatial, dtype=dt)
+    for o, centre, _, _, appearance, spatial_s in _offset_kernels(
+            positions, scaled, inv_theta_alpha2, inv_theta_gamma2, offsets):
         for s, (wa, ws) in enumerate(weights):
-            val = out[s, :, o, ys, xs]
+            val = out[(s, slice(None), o) + centre]
             if wa:
                 val += dt.type(wa) * appearance
             if ws:
@@ -287,40 +341,45 @@ def message(kernels, q, filter_size, keep_centre=False):
 
     Parameters
     ----------
-    kernels : ndarray, shape (B, K, h, w)
-    q : ndarray, shape (B, C, h, w)
-    filter_size : int
+    kernels : ndarray, shape (B, K, *spatial)
+    q : ndarray, shape (B, C, *spatial)
+    filter_size : int or tuple of int
     keep_centre : bool
 
     Returns
     -------
-    ndarray, shape (B, C, h, w)
+    ndarray, shape (B, C, *spatial)
     """
-    B, C, h, w = q.shape
-    r = filter_size // 2
-    padded = np.zeros((B, C, h + 2 * r, w + 2 * r), dtype=q.dtype)
-    padded[:, :, r:r + h, r:r + w] = q
+    B, C = q.shape[:2]
+    spatial = q.shape[2:]
+    sizes = _window(filter_size, len(spatial))
+    radii = [k // 2 for k in sizes]
+    padded = np.zeros((B, C) + tuple(n + 2 * r for n, r in zip(spatial, radii)), dtype=q.dtype)
+    padded[(slice(None), slice(None)) + tuple(slice(r, r + n) for n, r in zip(spatial, radii))] = q
     out = np.zeros_like(q)
     tmp = np.empty_like(q)
-    offsets = window_offsets(filter_size, keep_centre)
+    offsets = window_offsets(sizes, keep_centre)
+    r0 = radii[0]
 
     def work(y0, y1):
-        # Rows y0:y1 of the output read rows y0 - r : y1 + r of q; each thread owns its rows.
+        # Rows (the first spatial axis) y0:y1 of the output read rows y0 - r : y1 + r of q; each
+        # thread owns its rows.
         o_rows, t_rows = out[:, :, y0:y1], tmp[:, :, y0:y1]
-        for o, (dy, dx) in enumerate(offsets):
-            np.multiply(kernels[:, o, None, y0:y1],
-                        padded[:, :, r + dy + y0:r + dy + y1, r + dx:r + dx + w], out=t_rows)
+        for o, offset in enumerate(offsets):
+            key = (slice(None), slice(None), slice(r0 + offset[0] + y0, r0 + offset[0] + y1)) + tuple(
+                slice(r + d, r + d + n) for n, r, d in zip(spatial[1:], radii[1:], offset[1:]))
+            np.multiply(kernels[:, o, None, y0:y1], padded[key], out=t_rows)
             o_rows += t_rows
 
-    _parallel.for_chunks(h, work, q.size * len(offsets))
+    _parallel.for_chunks(spatial[0], work, q.size * len(offsets))
     return out
 
 
-def pairwise_kernels_backward(pos_y, pos_x, features, inv_theta_beta, inv_theta_alpha2, inv_theta_gamma2,
+def pairwise_kernels_backward(positions, features, inv_theta_beta, inv_theta_alpha2, inv_theta_gamma2,
                               filter_size, weights, keep_centre, left, right, scales, row_grads=None):
     """Vector-Jacobian product of :func:`pairwise_kernels`, without materialising the kernel gradient.
 
-    The gradient of the loss with respect to kernel ``s`` is never stored as a ``(B, K, h, w)``
+    The gradient of the loss with respect to kernel ``s`` is never stored as a ``(B, K, *spatial)``
     stack; it is formed one window offset at a time as
 
     ``gK[s, b, o, i] = scales[s] * A[s, b, o, i] + row_grads[s][b, 0, i]`` with
@@ -331,27 +390,28 @@ def pairwise_kernels_backward(pos_y, pos_x, features, inv_theta_beta, inv_theta_
 
     Parameters
     ----------
-    pos_y, pos_x, features, inv_theta_beta, inv_theta_alpha2, inv_theta_gamma2, filter_size, weights, keep_centre
+    positions, features, inv_theta_beta, inv_theta_alpha2, inv_theta_gamma2, filter_size, weights, keep_centre
         As for :func:`pairwise_kernels`.
-    left, right : sequence of ndarray, shape (B, C', h, w), one per kernel
+    left, right : sequence of ndarray, shape (B, C', *spatial), one per kernel
         Upstream gradient of the messages and the message inputs (``None`` skips a kernel).
     scales : sequence of float, one per kernel
-    row_grads : sequence of ndarray of shape (B, 1, h, w) or None, optional
+    row_grads : sequence of ndarray of shape (B, 1, *spatial) or None, optional
         Gradient with respect to each kernel's row sums ``sum_o K[s, b, o, i]`` (symmetric
         normalisation).
 
     Returns
     -------
     dict
-        ``features`` (B, F, h, w); ``inv_theta_beta`` (F,); ``inv_theta_alpha2``,
+        ``features`` (B, F, *spatial); ``inv_theta_beta`` (F,); ``inv_theta_alpha2``,
         ``inv_theta_gamma2`` (floats); ``weights`` (S, 2) float64, the gradient with respect to
         ``weights``; ``pair_dot`` (S,) float64, ``sum_{o, i} K[s, o, i] * A[s, o, i]``.
     """
-    B, F, h, w = features.shape
+    B, F = features.shape[:2]
+    nd = features.ndim - 2
     dt = features.dtype
     S = len(weights)
-    offsets = window_offsets(filter_size, keep_centre)
-    ib = inv_theta_beta.astype(dt)[None, :, None, None]
+    offsets = window_offsets(_window(filter_size, nd), keep_centre)
+    ib = inv_theta_beta.astype(dt).reshape((1, F) + (1,) * nd)
     ib2 = ib * ib
     scaled = features * ib
     g_feat = np.zeros_like(features)
@@ -360,10 +420,12 @@ def pairwise_kernels_backward(pos_y, pos_x, features, inv_theta_beta, inv_theta_
     g_ig2 = 0.0
     g_weights = np.zeros((S, 2))
     pair_dot = np.zeros(S)
+    whole = (slice(None), slice(None))
+    sp = "zyx"[-nd:]  # einsum letters of the spatial axes (sums over "..." are not allowed)
     if row_grads is None:
         row_grads = (None,) * S
-    for o, (ys, xs), (yn, xn), d2, appearance, spatial_s in _offset_kernels(
-            pos_y, pos_x, scaled, inv_theta_alpha2, inv_theta_gamma2, offsets):
+    for o, centre, neighbour, d2, appearance, spatial_s in _offset_kernels(
+            positions, scaled, inv_theta_alpha2, inv_theta_gamma2, offsets):
         g_app = None
         g_smo = None
         for s, (wa, ws) in enumerate(weights):
@@ -371,14 +433,14 @@ def pairwise_kernels_backward(pos_y, pos_x, features, inv_theta_beta, inv_theta_
                 continue
             gk = np.zeros_like(appearance)
             if left[s] is not None:
-                a = np.einsum("bcyx,bcyx->byx", left[s][:, :, ys, xs], right[s][:, :, yn, xn])
+                a = np.einsum("bc...,bc...->b...", left[s][whole + centre], right[s][whole + neighbour])
                 kernel = dt.type(wa) * appearance + dt.type(ws) * spatial_s
-                pair_dot[s] += float(np.einsum("byx,byx->", kernel, a, dtype=np.float64))
+                pair_dot[s] += float(np.einsum(f"b{sp},b{sp}->", kernel, a, dtype=np.float64))
                 gk += dt.type(scales[s]) * a
             if row_grads[s] is not None:
-                gk += row_grads[s][:, 0, ys, xs]
-            g_weights[s, 0] += float(np.einsum("byx,byx->", gk, appearance, dtype=np.float64))
-            g_weights[s, 1] += float(np.einsum("byx,yx->", gk, spatial_s, dtype=np.float64))
+                gk += row_grads[s][(slice(None), 0) + centre]
+            g_weights[s, 0] += float(np.einsum(f"b{sp},b{sp}->", gk, appearance, dtype=np.float64))
+            g_weights[s, 1] += float(np.einsum(f"b{sp},{sp}->", gk, spatial_s, dtype=np.float64))
             if wa:
                 g_app = dt.type(wa) * gk if g_app is None else g_app + dt.type(wa) * gk
             if ws:
@@ -386,15 +448,15 @@ def pairwise_kernels_backward(pos_y, pos_x, features, inv_theta_beta, inv_theta_
         if g_app is not None:
             # appearance = exp(-1/2 (sum_f (raw_f ib_f)^2 + d2 ia2)), raw = f(neighbour) - f(centre)
             e = g_app * appearance
-            g_ia2 += float(-0.5 * np.einsum("byx,yx->", e, d2.astype(dt), dtype=np.float64))
-            raw = features[:, :, yn, xn] - features[:, :, ys, xs]
-            g_ib += -np.einsum("byx,bfyx->f", e, raw * raw, dtype=np.float64) * inv_theta_beta
+            g_ia2 += float(-0.5 * np.einsum(f"b{sp},{sp}->", e, d2.astype(dt), dtype=np.float64))
+            raw = features[whole + neighbour] - features[whole + centre]
+            g_ib += -np.einsum(f"b{sp},bf{sp}->f", e, raw * raw, dtype=np.float64) * inv_theta_beta
             # d appearance / d f_centre = appearance * raw * ib^2; the neighbour gets the opposite.
             t = e[:, None] * raw * ib2
-            g_feat[:, :, ys, xs] += t
-            g_feat[:, :, yn, xn] -= t
+            g_feat[whole + centre] += t
+            g_feat[whole + neighbour] -= t
         if g_smo is not None:
-            g_ig2 += float(-0.5 * np.einsum("byx,yx->", g_smo, (spatial_s * d2).astype(dt), dtype=np.float64))
+            g_ig2 += float(-0.5 * np.einsum(f"b{sp},{sp}->", g_smo, (spatial_s * d2).astype(dt), dtype=np.float64))
     return {"features": g_feat, "inv_theta_beta": g_ib, "inv_theta_alpha2": g_ia2,
             "inv_theta_gamma2": g_ig2, "weights": g_weights, "pair_dot": pair_dot}
 

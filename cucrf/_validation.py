@@ -92,35 +92,41 @@ def check_finite(name, arr, xp):
         raise ValueError(f"{name} contains {bad} NaN or infinite value(s); all values must be finite")
 
 
-def check_image(image, xp, batch, height, width, batched, finite=True, kind=None):
-    """Validate ``image`` against the unary's (B, H, W); return it as (B, H, W, F).
+def check_image(image, xp, batch, size, batched, finite=True, kind=None):
+    """Validate ``image`` against the unary's batch and spatial ``size`` ((H, W) or (D, H, W));
+    return it as (B, *size, F).
 
     ``kind`` is the array library the caller passed the image as (``'torch'`` gets PyTorch's
     ``permute`` in the hint for a channels-first image).
     """
     _check_dtype("image", image, allow_int=True)
-    want = 4 if batched else 3
-    layout = "(B, H, W, F)" if batched else "(H, W, F)"
+    size = tuple(size)
+    nd = len(size)
+    names = "H, W" if nd == 2 else "D, H, W"
+    want = nd + 2 if batched else nd + 1
+    layout = f"(B, {names}, F)" if batched else f"({names}, F)"
     if image.ndim != want:
         hint = ""
-        if image.ndim == want - 1 and image.shape[-2:] == (height, width):
+        if image.ndim == want - 1 and image.shape[-nd:] == size:
             hint = "; for a single-channel image add a channel axis: image[..., None]"
         raise ValueError(
-            f"image must have shape {layout} to match a unary with {'4' if batched else '3'} dimensions, "
+            f"image must have shape {layout} to match a unary with {nd + 2 if batched else nd + 1} dimensions, "
             f"got shape {_shape_text(image.shape)}{hint}"
         )
-    spatial = image.shape[-3:-1]
-    if spatial != (height, width):
-        if image.shape[-2:] == (height, width):
-            axes = "0, 2, 3, 1" if batched else "1, 2, 0"
+    spatial = tuple(image.shape[-nd - 1:-1])
+    if spatial != size:
+        if tuple(image.shape[-nd:]) == size:
+            axes = ", ".join(str(a) for a in ((0,) + tuple(range(2, nd + 2)) + (1,) if batched
+                                              else tuple(range(1, nd + 1)) + (0,)))
             fix = f"image.permute({axes})" if kind == "torch" else f"image.transpose({axes})"
             raise ValueError(
                 f"image has shape {_shape_text(image.shape)}, which looks channels-first; cucrf expects "
                 f"channels-last {layout}, e.g. {fix}"
             )
+        what = "height and width" if nd == 2 else "depth, height and width"
         raise ValueError(
-            f"image height and width {spatial} differ from the unary's ({height}, {width}); "
-            f"expected image shape {layout} with H={height}, W={width}"
+            f"image {what} {spatial} differ from the unary's {size}; "
+            f"expected image shape {layout} with " + ", ".join(f"{n}={v}" for n, v in zip(names.split(", "), size))
         )
     if batched and image.shape[0] != batch:
         raise ValueError(f"image has batch size {image.shape[0]} but the unary has {batch}")
@@ -213,13 +219,13 @@ def check_feature_magnitude(features, xp, theta_beta, blur, training, transforme
 
     Parameters
     ----------
-    features : array, shape (B, F, H, W), the compute dtype
+    features : array, shape (B, F, *spatial), the compute dtype
         What the kernels see (the image, after any feature transform).
     xp : module
     theta_beta : ndarray, shape (F,)
         Colour bandwidths.
-    blur : int
-        Pooling sums ``blur * blur`` values before dividing.
+    blur : int or tuple of int
+        Pooling sums ``blur ** ndim`` values (the product of the per-axis blurs) before dividing.
     training : bool
         The gradient also squares raw (unscaled) feature differences.
     transformed : bool
@@ -235,7 +241,9 @@ def check_feature_magnitude(features, xp, theta_beta, blur, training, transforme
     dt = np.dtype(features.dtype)
     limit = dtype_limit(dt)
     name = "image (after feature_transform)" if transformed else "image"
-    lo, hi = _extremes(features, xp, axis=(0, 2, 3))
+    lo, hi = _extremes(features, xp, axis=(0,) + tuple(range(2, features.ndim)))
+    nd = features.ndim - 2
+    cell = int(np.prod(blur)) if isinstance(blur, tuple) else int(blur) ** nd
     if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
         raise ValueError(
             f"feature_transform maps the image to values beyond what {dt.name} can carry "
@@ -244,7 +252,7 @@ def check_feature_magnitude(features, xp, theta_beta, blur, training, transforme
     with np.errstate(over="ignore"):  # float64 arithmetic on the ranges; infinity compares as too large
         span = hi - lo
         peak = float(np.max(np.maximum(np.abs(lo), np.abs(hi))))
-        pooled = peak * blur * blur
+        pooled = peak * cell
         squared = np.square(span / np.asarray(theta_beta, dtype=np.float64))
         total = float(squared.sum())
         raw = float(np.max(span)) ** 2 if np.max(span) < 1e154 else np.inf
@@ -252,7 +260,7 @@ def check_feature_magnitude(features, xp, theta_beta, blur, training, transforme
     can_carry = f"more than {dt.name} can carry (limit {limit:.3g}, a quarter of its largest value)"
     if pooled > limit:
         raise ValueError(
-            f"{name} holds values up to {peak:.3g} in magnitude; blur={blur} sums {blur * blur} of them per cell, "
+            f"{name} holds values up to {peak:.3g} in magnitude; blur={blur} sums {cell} of them per cell, "
             f"{pooled:.3g}, {can_carry}; use a smaller blur, or {fix}"
         )
     if total > limit:

@@ -118,6 +118,36 @@ TABLE_HEADER = ("| case (5 iterations) | cucrf NumPy [s] | extra peak memory / u
                 "| pydensecrf2 [s] | cucrf / pydensecrf2 |\n|---|---|---|---|---|")
 
 
+#: (depth, height, width, classes) of the volume benchmark, at the defaults.
+VOLUME_CASES = [(100, 150, 120, 2), (256, 256, 256, 4)]
+
+
+def make_volume(depth, height, width, classes, seed=0):
+    """A one-modality volume of blocky regions and a noisy unary: (C, D, H, W) float32, (D, H, W, 1) float32."""
+    rng = np.random.default_rng(seed)
+    zz, yy, xx = np.ogrid[0:depth, 0:height, 0:width]
+    regions = ((zz // 23 + yy // 29 + xx // 31) % classes).astype(np.int64)
+    levels = np.linspace(40, 215, classes)
+    image = (levels[regions] + rng.normal(scale=12, size=regions.shape)).astype(np.float32)[..., None]
+    unary = rng.normal(scale=1.0, size=(classes,) + regions.shape).astype(np.float32)
+    np.put_along_axis(unary, regions[None], np.take_along_axis(unary, regions[None], axis=0) + 1.5, axis=0)
+    return unary, image
+
+
+def run_volumes(repeat=3, iterations=5, cases=VOLUME_CASES, print_fn=print):
+    """Time cucrf on volumes at the defaults (spatial_dims=3); return rows of dicts."""
+    rows = []
+    for D, H, W, C in cases:
+        unary, image = make_volume(D, H, W, C)
+        run = lambda: cucrf.infer(unary, image, spatial_dims=3, iterations=iterations)  # noqa: E731
+        seconds = time_call(run, repeat)
+        extra = peak_extra_bytes(run)
+        row = dict(case=f"{D}x{H}x{W}x{C}", cucrf_s=seconds, extra_memory_x_unary=extra / unary.nbytes)
+        rows.append(row)
+        print_fn(f"| {row['case']} | {seconds:.3f} | {row['extra_memory_x_unary']:.2f}x |")
+    return rows
+
+
 #: (height, width, classes, batch_size) of the training-throughput benchmark.
 FIT_CASES = [(188, 250, 21, 1), (375, 500, 21, 1), (375, 500, 21, 4)]
 
@@ -175,6 +205,8 @@ def main(argv=None):
     parser.add_argument("--gpu", action="store_true",
                         help="also run the GPU benchmark (needs CuPy and a GPU; checked before the CPU benchmark)")
     parser.add_argument("--fit", action="store_true", help="only the training throughput of cucrf.fit")
+    parser.add_argument("--volumes", action="store_true",
+                        help="only volumes (spatial_dims=3, defaults): 100x150x120 with 2 classes, 256^3 with 4")
     args = parser.parse_args(argv)
     if args.gpu:  # before the CPU benchmark's minutes, not after
         from . import _bench_gpu
@@ -187,6 +219,13 @@ def main(argv=None):
         print(f"machine: {machine_description()}")
         print("| cucrf.fit, defaults (filter 5, blur 4, 5 iterations), float32 | training images/s |\n|---|---|")
         run_fit()
+        return 0
+    if args.volumes:
+        print(f"machine: {machine_description()}")
+        print("| volume D x H x W x classes (1 channel, filter 5, blur 4, 5 iterations), float32 | cucrf NumPy [s] "
+              "| extra peak memory / unary bytes |\n|---|---|---|")
+        run_volumes(repeat=3 if args.quick else args.repeat, iterations=args.iterations,
+                    cases=VOLUME_CASES[:1] if args.quick else VOLUME_CASES)
         return 0
     cases = CPU_CASES[:1] if args.quick else CPU_CASES
     repeat = 3 if args.quick else args.repeat

@@ -38,6 +38,7 @@ import numpy as np
 from . import _api
 from ._api import DEFAULT_BLUR, DEFAULT_FILTER_SIZE, DEFAULT_ITERATIONS
 from ._params import CRFParams
+from ._spatial import check_spatial_dims, resolve_spatial_dims
 
 try:  # recent JAX: zero-copy access to JAX's buffers (CPU and GPU)
     from jax.experimental.buffer_callback import buffer_callback as _buffer_callback
@@ -62,18 +63,20 @@ class _Spec:
 
     constants: CRFParams
     names: tuple            # fields given as arrays, sorted (the order of JAX's dict pytree)
-    filter_size: int
-    blur: int
+    filter_size: object     # int or tuple
+    blur: object            # int or tuple
     iterations: int
     normalization: object
     output: str
     device: object
     include_self: bool = False
+    spatial_dims: int = 2
+    spacing: object = None  # None or tuple
 
     def settings(self):
         return dict(filter_size=self.filter_size, blur=self.blur, iterations=self.iterations,
                     normalization=self.normalization, include_self=self.include_self, output=self.output,
-                    device=self.device)
+                    device=self.device, spatial_dims=self.spatial_dims, spacing=self.spacing)
 
     def params(self, dynamic):
         """CRFParams from the constants and the (NumPy or CuPy) values of the array-valued fields."""
@@ -223,23 +226,23 @@ def param_arrays(params=None, num_classes=None, dtype=jnp.float32):
 
 def infer(unary, image, params=None, *, filter_size=DEFAULT_FILTER_SIZE, blur=DEFAULT_BLUR,
           iterations=DEFAULT_ITERATIONS, normalization=None, include_self=False, output="probabilities",
-          device=None):
+          device=None, spatial_dims=None, spacing=None):
     """:func:`cucrf.infer` for JAX arrays, differentiable (``jax.custom_vjp``) and jit-compatible.
 
     Parameters
     ----------
-    unary : jax.Array, shape (C, H, W) or (B, C, H, W)
+    unary : jax.Array, shape (C, H, W) or (B, C, H, W); volumes (C, D, H, W) or (B, C, D, H, W)
         Logits. Computed in float64 when it is float64 (``jax_enable_x64``), else float32.
-    image : jax.Array, shape (H, W, F) or (B, H, W, F)
+    image : jax.Array, shape (H, W, F) or (B, H, W, F); volumes (D, H, W, F) or (B, D, H, W, F)
         Channels-last image or features; cast to the compute dtype (so it receives a gradient).
     params : None, cucrf.CRFParams or dict
         Fields of :class:`cucrf.CRFParams`; dict values that are JAX arrays are differentiable
         (scalars; ``theta_beta`` a scalar or (F,); ``compatibility`` (C, C)), and so are NumPy
         arrays (converted); Python numbers, tuples and ``'potts'`` are constants. :func:`param_arrays` builds a complete dict. Bandwidths must stay positive:
         parametrise them as ``jnp.exp(log_theta)``.
-    filter_size, blur, iterations, normalization, include_self, output
+    filter_size, blur, iterations, normalization, include_self, output, spatial_dims, spacing
         As for :func:`cucrf.infer` (static: changing them retraces). ``include_self=True``: the
-        window keeps its centre cell, as upstream ConvCRF's does.
+        window keeps its centre cell, as upstream ConvCRF's does. Volumes need ``spatial_dims=3``.
     device : {None, 'cpu', 'gpu'}
         Where cucrf computes inside the callback; None: where the callback's data is.
 
@@ -269,14 +272,17 @@ def infer(unary, image, params=None, *, filter_size=DEFAULT_FILTER_SIZE, blur=DE
     image = image.astype(dtype)
     constants, dynamic = _split_params(params)
     # Check shapes and settings now (at trace time), with JAX-level messages.
-    if unary.ndim not in (3, 4):
-        raise ValueError(f"unary must have 3 or 4 dimensions, got shape {unary.shape}")
-    if image.ndim != unary.ndim or image.shape[-3:-1] != unary.shape[-2:] or image.shape[:-3] != unary.shape[:-3]:
-        raise ValueError(f"image must have shape {'(B, H, W, F)' if unary.ndim == 4 else '(H, W, F)'} matching the "
-                         f"unary {unary.shape}, got shape {image.shape}")
+    nd = resolve_spatial_dims(check_spatial_dims(spatial_dims), unary.shape, image.shape, "logits")
+    names = "H, W" if nd == 2 else "D, H, W"
+    if unary.ndim not in (nd + 1, nd + 2):
+        raise ValueError(f"unary must have shape (C, {names}) or (B, C, {names}), got shape {unary.shape}")
+    if (image.ndim != unary.ndim or image.shape[-nd - 1:-1] != unary.shape[-nd:]
+            or image.shape[:-nd - 1] != unary.shape[:-nd - 1]):
+        raise ValueError(f"image must have shape {f'(B, {names}, F)' if unary.ndim == nd + 2 else f'({names}, F)'} "
+                         f"matching the unary {unary.shape}, got shape {image.shape}")
     include_self = _api.check_include_self(include_self)
-    _api.check_config(filter_size, blur, iterations, normalization, unary.shape[-2], unary.shape[-1],
-                      keep_centre=include_self)
-    spec = _Spec(constants, tuple(sorted(dynamic)), filter_size, blur, iterations, normalization, output, device,
-                 include_self)
+    config = _api.check_config(filter_size, blur, iterations, normalization, tuple(unary.shape[-nd:]),
+                               keep_centre=include_self, spacing=spacing)
+    spec = _Spec(constants, tuple(sorted(dynamic)), config.filter_size, config.blur, iterations, normalization, output,
+                 device, include_self, nd, config.spacing)
     return _crf(spec, unary, image, dynamic)

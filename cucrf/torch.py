@@ -36,6 +36,7 @@ import torch
 from . import _api
 from ._api import DEFAULT_BLUR, DEFAULT_FILTER_SIZE, DEFAULT_ITERATIONS
 from ._params import CRFParams
+from ._spatial import check_spatial_dims
 
 __all__ = ["infer", "ConvCRF", "PARAM_NAMES", "LEARNABLE", "DEFAULT_LEARN"]
 
@@ -167,26 +168,27 @@ class _CRFFunction(torch.autograd.Function):
 
 def infer(unary, image, params=None, *, filter_size=DEFAULT_FILTER_SIZE, blur=DEFAULT_BLUR,
           iterations=DEFAULT_ITERATIONS, normalization=None, include_self=False, output="probabilities",
-          dtype=None):
+          dtype=None, spatial_dims=None, spacing=None):
     """:func:`cucrf.infer` on PyTorch tensors, differentiable by autograd.
 
     Parameters
     ----------
-    unary : torch.Tensor, shape (C, H, W) or (B, C, H, W)
+    unary : torch.Tensor, shape (C, H, W) or (B, C, H, W); volumes (C, D, H, W) or (B, C, D, H, W)
         Logits (class scores), on the CPU or a CUDA GPU; gradients flow back to it.
-    image : torch.Tensor, shape (H, W, F) or (B, H, W, F)
+    image : torch.Tensor, shape (H, W, F) or (B, H, W, F); volumes (D, H, W, F) or (B, D, H, W, F)
         Channels-last image or features on the unary's device, integer or floating point. For a
-        channels-first batch pass ``images.permute(0, 2, 3, 1)`` (a view: no copy). A
-        floating-point image receives a gradient (so learned features can sit below the CRF).
+        channels-first batch pass ``images.permute(0, 2, 3, 1)`` (``permute(0, 2, 3, 4, 1)`` for
+        volumes; a view: no copy). A floating-point image receives a gradient (so learned
+        features can sit below the CRF).
     params : None, cucrf.CRFParams or dict
         The CRF parameters; a dict maps field names of :class:`cucrf.CRFParams` to numbers or
         tensors (missing fields take their defaults). Tensor fields receive gradients: scalar
         tensors for ``theta_alpha``, ``theta_gamma``, the weights and ``unary_weight``; a scalar
         or an (F,) tensor for ``theta_beta``; a (C, C) tensor for ``compatibility`` (or the string
         ``'potts'``). Bandwidths must be positive: parametrise them as ``log_theta.exp()``.
-    filter_size, blur, iterations, normalization, include_self, output, dtype
+    filter_size, blur, iterations, normalization, include_self, output, dtype, spatial_dims, spacing
         As for :func:`cucrf.infer` (``include_self=True``: the window keeps its centre cell, as
-        upstream ConvCRF's does).
+        upstream ConvCRF's does; volumes need ``spatial_dims=3``).
 
     Returns
     -------
@@ -217,7 +219,7 @@ def infer(unary, image, params=None, *, filter_size=DEFAULT_FILTER_SIZE, blur=DE
     include_self = _api.check_include_self(include_self)
     constants, names, tensors = _split_params(params)
     settings = dict(filter_size=filter_size, blur=blur, iterations=iterations, normalization=normalization,
-                    include_self=include_self, output=output, dtype=dtype)
+                    include_self=include_self, output=output, dtype=dtype, spatial_dims=spatial_dims, spacing=spacing)
     return _CRFFunction.apply(_Spec(constants, names, settings), unary, image, *tensors)
 
 
@@ -269,6 +271,10 @@ class ConvCRF(torch.nn.Module):
     filter_size, blur, iterations, normalization, include_self
         As for :func:`cucrf.infer`; fixed for the module's life (``include_self=True``: the window
         keeps its centre cell, as upstream ConvCRF's does).
+    spatial_dims : {2, 3}
+        2 for images (B, C, H, W), 3 for volumes (B, C, D, H, W) with images (B, D, H, W, F).
+    spacing : float or tuple of float, optional
+        Voxel spacing per axis (``theta_alpha`` and ``theta_gamma`` are in its units).
     learn : 'all' or sequence of str
         What to learn, from ``'weights'``, ``'bandwidths'``, ``'compatibility'``,
         ``'unary_weight'`` (default: all four); ``()`` makes a fixed CRF that still passes
@@ -292,7 +298,7 @@ class ConvCRF(torch.nn.Module):
 
     def __init__(self, num_classes=None, params=None, *, filter_size=DEFAULT_FILTER_SIZE, blur=DEFAULT_BLUR,
                  iterations=DEFAULT_ITERATIONS, normalization=None, include_self=False, learn=DEFAULT_LEARN,
-                 output="logits", dtype=None):
+                 output="logits", dtype=None, spatial_dims=2, spacing=None):
         super().__init__()
         if params is None:
             params = CRFParams()
@@ -312,7 +318,12 @@ class ConvCRF(torch.nn.Module):
         learn = _check_learn(learn)
         # Checked now rather than at the first forward pass.
         include_self = _api.check_include_self(include_self)
-        _api.check_config(filter_size, blur, iterations, normalization, 10**6, 10**6, keep_centre=include_self)
+        spatial_dims = check_spatial_dims(spatial_dims)
+        if spatial_dims is None:
+            raise ValueError("spatial_dims must be 2 (images) or 3 (volumes), got None")
+        _api.check_config(filter_size, blur, iterations, normalization, (10**6,) * spatial_dims,
+                          keep_centre=include_self, spacing=spacing)
+        self.spatial_dims, self.spacing = spatial_dims, spacing
         self.num_classes = num_classes if num_classes is not None else params.num_classes
         self.filter_size, self.blur, self.iterations = filter_size, blur, iterations
         self.normalization, self.output, self.dtype = normalization, output, dtype
@@ -370,12 +381,14 @@ class ConvCRF(torch.nn.Module):
         )
 
     def forward(self, unary, image):
-        """Refine ``unary`` (B, C, H, W) or (C, H, W) logits with ``image`` (B, H, W, F) or (H, W, F)."""
+        """Refine ``unary`` (B, C, *spatial) or (C, *spatial) logits with ``image`` (B, *spatial, F) or (*spatial, F)."""
         return infer(unary, image, self.param_tensors(), filter_size=self.filter_size, blur=self.blur,
                      iterations=self.iterations, normalization=self.normalization,
-                     include_self=self.include_self, output=self.output, dtype=self.dtype)
+                     include_self=self.include_self, output=self.output, dtype=self.dtype,
+                     spatial_dims=self.spatial_dims, spacing=self.spacing)
 
     def extra_repr(self):
-        return (f"num_classes={self.num_classes}, filter_size={self.filter_size}, blur={self.blur}, "
+        return (f"num_classes={self.num_classes}, spatial_dims={self.spatial_dims}, filter_size={self.filter_size}, "
+                f"blur={self.blur}, spacing={self.spacing}, "
                 f"iterations={self.iterations}, normalization={self.normalization!r}, "
                 f"include_self={self.include_self}, output={self.output!r}, learn={self.learn}")

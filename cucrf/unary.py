@@ -84,7 +84,7 @@ def default_confidence(num_classes):
     return DEFAULT_CONFIDENCE_TWO_CLASSES if num_classes == 2 else DEFAULT_CONFIDENCE
 
 
-def unary_from_labels(labels, num_classes, confidence=None, unknown_label=None):
+def unary_from_labels(labels, num_classes, confidence=None, unknown_label=None, *, spatial_dims=2):
     """Log-probability unary from a label map, trusting each label with ``confidence``.
 
     A pixel with label ``l`` gets probability ``confidence`` for ``l`` and
@@ -93,7 +93,7 @@ def unary_from_labels(labels, num_classes, confidence=None, unknown_label=None):
 
     Parameters
     ----------
-    labels : array_like of int, shape (H, W) or (B, H, W)
+    labels : array_like of int, shape (H, W) or (B, H, W); volumes (D, H, W) or (B, D, H, W)
         Class ids in ``[0, num_classes)``, or ``unknown_label``.
     num_classes : int
         Number of classes ``C`` (>= 2).
@@ -102,10 +102,12 @@ def unary_from_labels(labels, num_classes, confidence=None, unknown_label=None):
         0.5 for ``C >= 3`` and 0.7 for ``C = 2`` (where 0.5 would be uniform).
     unknown_label : int or None
         Label value meaning "unknown" (e.g. 0 in pydensecrf's convention, 255 in VOC's).
+    spatial_dims : {2, 3}
+        Number of spatial axes of ``labels``: 2 for images, 3 for volumes.
 
     Returns
     -------
-    ndarray, shape (C, H, W) or (B, C, H, W), float32
+    ndarray, shape (C, *spatial) or (B, C, *spatial), float32
 
     Examples
     --------
@@ -119,8 +121,12 @@ def unary_from_labels(labels, num_classes, confidence=None, unknown_label=None):
     num_classes = check_int("num_classes", num_classes, minimum=2)
     if lab.dtype.kind not in "iu":
         raise TypeError(f"labels must be an integer array of class ids, got dtype {lab.dtype}")
-    if lab.ndim not in (2, 3):
-        raise ValueError(f"labels must have shape (H, W) or (B, H, W), got shape {tuple(lab.shape)}")
+    if spatial_dims not in (2, 3) or isinstance(spatial_dims, bool):
+        raise ValueError(f"spatial_dims must be 2 (images) or 3 (volumes), got {spatial_dims!r}")
+    if lab.ndim not in (spatial_dims, spatial_dims + 1):
+        names = "H, W" if spatial_dims == 2 else "D, H, W"
+        raise ValueError(f"labels must have shape ({names}) or (B, {names}) with spatial_dims={spatial_dims}, "
+                         f"got shape {tuple(lab.shape)}")
     if lab.size == 0:
         raise ValueError(f"labels must not be empty, got shape {tuple(lab.shape)}")
     if confidence is None:
@@ -144,8 +150,8 @@ def unary_from_labels(labels, num_classes, confidence=None, unknown_label=None):
     lab = xp.where(unknown, 0, lab).astype(np.int64)  # every value now fits
     confidence = float(confidence)
     other = np.log((1.0 - confidence) / (num_classes - 1))
-    class_axis = 0 if lab.ndim == 2 else 1
-    classes = xp.arange(num_classes).reshape((num_classes, 1, 1) if class_axis == 0 else (1, num_classes, 1, 1))
+    class_axis = 0 if lab.ndim == spatial_dims else 1
+    classes = xp.arange(num_classes).reshape((1,) * class_axis + (num_classes,) + (1,) * spatial_dims)
     lab_b = xp.expand_dims(lab, class_axis)
     out = xp.where(lab_b == classes, np.float32(np.log(confidence)), np.float32(other)).astype(np.float32)
     uniform = np.float32(-np.log(num_classes))

@@ -15,6 +15,15 @@ def test_run_cpu_small_case_reports_rows():
     assert row["cucrf_s"] > 0 and row["extra_memory_x_unary"] > 0
 
 
+def test_run_volumes_small_case_reports_rows():
+    lines = []
+    rows = bench.run_volumes(repeat=1, iterations=1, cases=[(12, 14, 10, 3)], print_fn=lines.append)
+    assert len(rows) == 1 and lines[0].startswith("| 12x14x10x3 |")
+    assert rows[0]["cucrf_s"] > 0 and rows[0]["extra_memory_x_unary"] > 0
+    unary, image = bench.make_volume(12, 14, 10, 3)
+    assert unary.shape == (3, 12, 14, 10) and image.shape == (12, 14, 10, 1)
+
+
 def test_make_problem_shapes():
     unary, image = bench.make_problem(10, 12, 4)
     assert unary.shape == (4, 10, 12) and unary.dtype == np.float32

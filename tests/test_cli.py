@@ -318,7 +318,7 @@ ERROR_CASES = {
     "demo num classes": (["demo", "--image", "{image}", "--label", "{big_label}", "--num-classes", "3",
                           "--out", "{out}"], "--num-classes"),
     "demo replace prob": (["demo", "--replace-prob", "2"], "[0, 1]"),
-    "bad int": (["demo", "--blur", "x"], "invalid int"),
+    "bad int": (["demo", "--blur", "x"], "expected an integer or comma-separated integers"),
     "unknown command": (["bogus"], "invalid choice"),
     "no command": ([], "COMMAND"),
 }

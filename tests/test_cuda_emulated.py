@@ -225,7 +225,7 @@ def test_message_on_the_coarse_grid(dtype, k, blur, F, order):
     np.testing.assert_allclose(be.coarse_message(setup, q), want, **TOL[dtype])
     # separate kernels: unweighted appearance and smoothness
     kern = nb.pairwise_kernels(
-        axis_geometry(H, blur).centres, axis_geometry(W, blur).centres, nb.pool(features, blur),
+        (axis_geometry(H, blur).centres, axis_geometry(W, blur).centres), nb.pool(features, blur),
         1.0 / params.theta_beta_vector(F), 1.0 / params.theta_alpha ** 2, 1.0 / params.theta_gamma ** 2,
         k, ((1.0, 0.0), (0.0, 1.0)))
     q1 = rng.uniform(size=q.shape).astype(dtype)

@@ -260,8 +260,8 @@ def test_memory_estimate_counts_stored_kernels_only_where_stored():
     from cucrf import _meanfield
 
     config = _meanfield.CRFConfig(11, 1, 5)
-    stored = _meanfield.estimate_bytes(1, 19, 256, 512, 3, config, 4)
-    on_the_fly = _meanfield.estimate_bytes(1, 19, 256, 512, 3, config, 4, stored_kernels=False)
+    stored = _meanfield.estimate_bytes(1, 19, (256, 512), 3, config, 4)
+    on_the_fly = _meanfield.estimate_bytes(1, 19, (256, 512), 3, config, 4, stored_kernels=False)
     # the (1, 1, 121, 256, 512) float32 kernel stack is the difference
     assert stored - on_the_fly == 121 * 256 * 512 * 4
 

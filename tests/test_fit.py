@@ -236,7 +236,7 @@ def test_training_gradient_matches_finite_differences(data):
     vec["compatibility"] = vec["compatibility"] + 0.1 * rng.normal(size=(C, C))  # away from Potts
     keys = parameters.learned_keys(learn, vec)
     backend = _api.get_backend("numpy")
-    t = trainer.Trainer(backend, lambda shape: _api.check_config(5, 2, 2, None, *shape), params, keys,
+    t = trainer.Trainer(backend, lambda shape: _api.check_config(5, 2, 2, None, tuple(shape)), params, keys,
                         learn_temperature=True, prior_strength=0.0, class_weights=np.array([1.0, 2.0, 0.5]),
                         ignore_index=255, num_classes=C)
     batch = [samples.load(0), samples.load(1)]

@@ -199,7 +199,7 @@ def make_trainer(backend, learn=parameters.LEARNABLE, class_weights=(1.0, 2.0, 0
     vec["log_temperature"] = np.array(0.7)
     vec["compatibility"] = vec["compatibility"] + 0.1 * np.random.default_rng(5).normal(size=(C, C))
     keys = parameters.learned_keys(learn, vec)
-    t = trainer.Trainer(backend, lambda shape: _api.check_config(5, 2, 2, None, *shape), params, keys,
+    t = trainer.Trainer(backend, lambda shape: _api.check_config(5, 2, 2, None, tuple(shape)), params, keys,
                         learn_temperature=True, prior_strength=prior,
                         class_weights=None if class_weights is None else np.array(class_weights),
                         ignore_index=255, num_classes=C)

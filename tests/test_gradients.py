@@ -117,10 +117,10 @@ def test_pairwise_kernels_backward(merged, keep_centre):
     gks = [gk_of(s) for s in range(S)]
 
     def loss(f=feats, ib_=ib, ia2_=ia2, ig2_=ig2, wts=weights):
-        K = nb.pairwise_kernels(pos_y, pos_x, f, ib_, ia2_, ig2_, k, wts, keep_centre)
+        K = nb.pairwise_kernels((pos_y, pos_x), f, ib_, ia2_, ig2_, k, wts, keep_centre)
         return sum(np.sum(K[s] * gks[s]) for s in range(S))
 
-    out = nb.pairwise_kernels_backward(pos_y, pos_x, feats, ib, ia2, ig2, k, weights, keep_centre,
+    out = nb.pairwise_kernels_backward((pos_y, pos_x), feats, ib, ia2, ig2, k, weights, keep_centre,
                                        left, right, scales, rows)
     assert_directional(lambda v: loss(f=v), feats, out["features"], rng)
     assert_directional(lambda v: loss(ib_=v), ib, out["inv_theta_beta"], rng, scale=0.01)
@@ -128,7 +128,7 @@ def test_pairwise_kernels_backward(merged, keep_centre):
     assert_directional(lambda v: loss(ig2_=float(v)), ig2, out["inv_theta_gamma2"], rng, scale=0.1)
     assert_directional(lambda v: loss(wts=tuple(map(tuple, v))), np.array(weights), out["weights"], rng)
     # pair_dot: the part of <K, gK> that comes from left/right, unscaled.
-    K = nb.pairwise_kernels(pos_y, pos_x, feats, ib, ia2, ig2, k, weights, keep_centre)
+    K = nb.pairwise_kernels((pos_y, pos_x), feats, ib, ia2, ig2, k, weights, keep_centre)
     for s in range(S):
         want = np.sum(K[s] * (gks[s] - rows[s])) / scales[s]
         np.testing.assert_allclose(out["pair_dot"][s], want, rtol=1e-12)

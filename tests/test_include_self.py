@@ -201,12 +201,12 @@ def test_infer_vjp_with_centre_against_finite_differences(case):
 def test_memory_estimate_covers_the_kernel_stack_with_centre(norm):
     rng = np.random.default_rng(11)
     B, C, H, W, F, k, blur = 2, 3, 17, 21, 3, 5, 2
-    config = _api.check_config(k, blur, 2, norm, H, W, keep_centre=True)
+    config = _api.check_config(k, blur, 2, norm, (H, W), keep_centre=True)
     features = rng.uniform(0, 40, size=(B, F, H, W))
     setup = _meanfield.prepare(nb, features, to_crfparams(random_params(rng, C, F)), config)
     assert setup.kernels.shape[2] == k * k  # the centre is stored
-    stored = _meanfield.estimate_bytes(B, C, H, W, F, config, 8)
-    on_the_fly = _meanfield.estimate_bytes(B, C, H, W, F, config, 8, stored_kernels=False)
+    stored = _meanfield.estimate_bytes(B, C, (H, W), F, config, 8)
+    on_the_fly = _meanfield.estimate_bytes(B, C, (H, W), F, config, 8, stored_kernels=False)
     assert stored - on_the_fly >= setup.kernels.nbytes
 
 

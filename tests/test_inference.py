@@ -63,7 +63,7 @@ def test_matches_bruteforce_oracle(case, output):
     unary, image = random_problem(rng, B, C, H, W, F)
     p = random_params(rng, C, F, potts)
     got = cucrf.infer(unary, image, to_crfparams(p), filter_size=k, blur=blur, iterations=T,
-                      normalization=norm, output=output)
+                      normalization=norm, output=output, spatial_dims=2)
     assert got.dtype == np.float64 and got.shape == unary.shape
     for b in range(B):
         want = oracle.infer(unary[b], image[b], p, k, blur, T, norm, output)

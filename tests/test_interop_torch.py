@@ -47,7 +47,8 @@ def test_gradcheck_batch_per_channel_theta_beta_and_potts():
     theta_beta = tensor([0.4, 0.6], requires_grad=True)
 
     def f(u, im, tb, w):
-        return ct.infer(u, im, {"theta_beta": tb, "appearance_weight": w, "compatibility": "potts"}, blur=2, **SMALL)
+        return ct.infer(u, im, {"theta_beta": tb, "appearance_weight": w, "compatibility": "potts"}, blur=2,
+                        spatial_dims=2, **SMALL)
 
     assert torch.autograd.gradcheck(f, (unary, image, theta_beta, params["appearance_weight"]))
 

@@ -50,7 +50,7 @@ def test_estimate_bounds_the_measured_peak(training, dtype):
             peak = peak_bytes(cucrf.infer_vjp, unary, image, grad_output=np.ones_like(unary), **kw)
         else:
             peak = peak_bytes(cucrf.infer, unary, image, **kw)
-        need = _api.required_bytes(B, C, H, W, F, config, np.dtype(dtype).itemsize, training=training)
+        need = _api.required_bytes(B, C, (H, W), F, config, np.dtype(dtype).itemsize, training=training)
         worst.append((peak / need, (C, k, blur, normalization)))
     ratio, case = max(worst)
     assert ratio <= 1.0, f"peak {ratio:.2f} x the estimate at (C, filter_size, blur, normalization) = {case}"
@@ -59,7 +59,7 @@ def test_estimate_bounds_the_measured_peak(training, dtype):
 def test_infer_vjp_estimate_is_what_the_check_uses(monkeypatch):
     # C=2, filter_size=11, blur=1: the case where the estimate used to be 1.15x too low.
     config = _meanfield.CRFConfig(11, 1, 5, None)
-    need = _api.required_bytes(B, 2, H, W, F, config, 4, training=True)
+    need = _api.required_bytes(B, 2, (H, W), F, config, 4, training=True)
     unary = rng.normal(size=(B, 2, H, W)).astype(np.float32)
     image = rng.uniform(0, 255, (B, H, W, F)).astype(np.float32)
     kw = dict(grad_output=np.ones_like(unary), filter_size=11, blur=1, iterations=5)

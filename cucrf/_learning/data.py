@@ -21,9 +21,9 @@ from .. import _api
 class Sample:
     """One prepared training image."""
 
-    unary: object      # (1, C, H, W), compute dtype, NumPy or CuPy
-    features: object   # (1, F, H, W), compute dtype: image channels before any feature transform
-    label: np.ndarray  # (H, W) int64
+    unary: object      # (1, C, *spatial), compute dtype, NumPy or CuPy
+    features: object   # (1, F, *spatial), compute dtype: image channels before any feature transform
+    label: np.ndarray  # (*spatial) int64: (H, W), or (D, H, W) for volumes
     library: str       # 'numpy' or 'cupy'
 
 
@@ -64,7 +64,7 @@ def failure(where, exc):
     return new
 
 
-def as_sequence(name, value, limit=None):
+def as_sequence(name, value, limit=None, volumes=False):
     """``value`` as something with ``len`` and integer indexing, or a clear TypeError.
 
     Parameters
@@ -75,6 +75,8 @@ def as_sequence(name, value, limit=None):
     limit : (int, str), optional
         ``(n, other)``: the length of another argument ``other``. A one-shot iterable is read
         for at most ``n + 1`` items, so an endless generator is a length error, not a hang.
+    volumes : bool
+        Items are volumes (one more spatial axis), for the shapes a bare batch array must have.
     """
     expected = f"{name} must be a sequence or iterable of arrays (one per image)"
     if value is None:
@@ -85,6 +87,8 @@ def as_sequence(name, value, limit=None):
         raise TypeError(f"{expected}, got a {type(value).__name__} (an unordered or keyed collection); pass a list")
     if hasattr(value, "ndim") and hasattr(value, "shape"):
         item_ndim, one, many = _ITEM_NDIM.get(name.split("_")[-1], (None, "", ""))
+        if item_ndim is not None and volumes:
+            item_ndim, one, many = item_ndim + 1, one.replace("(H", "(D, H"), many.replace(" H", " D, H")
         if item_ndim is not None and value.ndim != item_ndim + 1:
             raise TypeError(f"{name} must be a sequence of arrays (one per image) or one {many} array, got a bare "
                             f"array of shape {tuple(value.shape)}"
@@ -138,7 +142,8 @@ class Dataset:
         given = (unaries, images, labels)
         known = [(len(v), name) for v, name in zip(given, names) if v is not None and _indexable(v)]
         limit = max(known) if known else None
-        self.unaries, self.images, self.labels = (as_sequence(name, v, limit) for v, name in zip(given, names))
+        volumes = prepare_kwargs.get("spatial_dims") == 3
+        self.unaries, self.images, self.labels = (as_sequence(name, v, limit, volumes) for v, name in zip(given, names))
         n = (len(self.unaries), len(self.images), len(self.labels))
         if n[0] == 0:
             raise ValueError(f"{what}unaries is empty; expected at least one image")
@@ -184,8 +189,10 @@ class Dataset:
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"{where}: {exc}") from exc
         if prep.batched:
-            raise ValueError(f"{where}: unary must be one image (C, H, W), got shape {tuple(np.shape(u))}")
-        C, H, W = prep.unary.shape[1:]
+            one = "(C, H, W)" if prep.unary.ndim == 4 else "(C, D, H, W)"
+            raise ValueError(f"{where}: unary must be one image {one}, got shape {tuple(np.shape(u))}")
+        C = prep.unary.shape[1]
+        size = tuple(prep.unary.shape[2:])
         F = prep.image_features.shape[1]
         if self.num_classes is None:
             self.num_classes = C
@@ -197,7 +204,7 @@ class Dataset:
             raise ValueError(f"{where}: image has {F} channels but sample 0 has {self.num_channels}")
         elif prep.library != self.library:
             raise TypeError(f"{where}: arrays are {prep.library} arrays but sample 0's are {self.library} arrays")
-        lab = check_label(where, lab, (H, W), C, self.ignore_index)
+        lab = check_label(where, lab, size, C, self.ignore_index)
         sample = Sample(prep.unary, prep.image_features, lab, prep.library)
         if self._cache is not None:
             self._cache[i] = sample
@@ -228,7 +235,7 @@ class Dataset:
 
 
 def check_label(where, label, shape, num_classes, ignore_index):
-    """The label as int64 (H, W), or a clear error naming the sample."""
+    """The label as int64 of the unary's spatial ``shape``, or a clear error naming the sample."""
     lab = label.get() if type(label).__module__.split(".")[0] == "cupy" else label
     if isinstance(lab, np.ma.MaskedArray):
         raise TypeError(f"{where}: label is a masked array; mark unlabelled pixels with ignore_index instead")
@@ -236,8 +243,8 @@ def check_label(where, label, shape, num_classes, ignore_index):
     if lab.dtype.kind not in "iu":
         raise TypeError(f"{where}: label must hold integer class ids, got dtype {lab.dtype}")
     if lab.shape != shape:
-        raise ValueError(f"{where}: label has shape {lab.shape} but the unary is {shape[0]}x{shape[1]}; "
-                         f"expected {shape}")
+        raise ValueError(f"{where}: label has shape {lab.shape} but the unary is {'x'.join(map(str, shape))}; "
+                         f"expected {tuple(shape)}")
     lab = lab.astype(np.int64)
     bad = (lab != ignore_index) & ((lab < 0) | (lab >= num_classes))
     if bad.any():

@@ -79,6 +79,28 @@ def patience(text):
     return value
 
 
+def int_per_axis(text):
+    """An int, or comma-separated ints, one per spatial axis (``1,4,4`` for thick slices)."""
+    parts = [t.strip() for t in text.split(",")]
+    try:
+        values = [int(t) for t in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or comma-separated integers (one per axis, e.g. "
+                                         f"1,4,4), got {text!r}") from None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def spacing(text):
+    """Comma-separated positive numbers, one per spatial axis."""
+    try:
+        values = tuple(float(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas (e.g. 3,1,1), got {text!r}") from None
+    if not all(v > 0 and v < float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return values
+
+
 def label_or_none(text):
     if text.lower() == "none":
         return None
@@ -100,11 +122,12 @@ def crf_options() -> argparse.ArgumentParser:
 
     p = ArgumentParser(add_help=False)
     g = p.add_argument_group("CRF options")
-    g.add_argument("--filter-size", type=int, default=DEFAULT_FILTER_SIZE, metavar="K",
-                   help="odd width of the message-passing window, in coarse cells (default: %(default)s)")
-    g.add_argument("--blur", type=int, default=DEFAULT_BLUR, metavar="B",
-                   help="messages are computed on a B times coarser grid; the window spans K*B pixels "
-                        "(default: %(default)s)")
+    g.add_argument("--filter-size", type=int_per_axis, default=DEFAULT_FILTER_SIZE, metavar="K",
+                   help="odd width of the message-passing window, in coarse cells, or one per axis "
+                        "(e.g. 3,5,5) (default: %(default)s)")
+    g.add_argument("--blur", type=int_per_axis, default=DEFAULT_BLUR, metavar="B",
+                   help="messages are computed on a B times coarser grid; the window spans K*B pixels; one "
+                        "value per axis for thick slices (e.g. 1,4,4) (default: %(default)s)")
     g.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS, metavar="N",
                    help="mean-field iterations (default: %(default)s)")
     g.add_argument("--params", metavar="JSON",

@@ -18,7 +18,7 @@ from ._files import (check_output_paths, check_transform_channels, check_unary_s
                      write_rgb)
 from ._pictures import (COLOUR_MAX_CLASSES, PNG_MAX_CLASSES, comparison_strip, image_rgb, legend_entries,
                         write_label_png)
-from ._parser import label_or_none, positive_int
+from ._parser import label_or_none, positive_int, spacing
 
 EPILOG = """\
 UNARY files:
@@ -48,6 +48,8 @@ examples:
   cucrf refine photo.jpg --unary coarse_label.png --confidence 0.7 -o refined.png
   cucrf refine img/*.jpg --unary logits/*.npz --out-dir refined --save-probabilities --comparison
   cucrf params > params.json   # edit, then: cucrf refine ... --params params.json
+  cucrf refine t1.nii.gz --unary probabilities.nii.gz --unary-kind probabilities --standardize \
+      --blur 1,4,4 -o labels.nii.gz   # a volume: spacing from the header, labels with its geometry
 """
 
 
@@ -97,6 +99,14 @@ def add_parser(sub, parents) -> argparse.ArgumentParser:
                         help="class names for the --comparison legend: voc, msrc, camvid, a comma-separated "
                              "list, or a text file with one name a line (default: class ids)")
     refine.add_argument("--no-progress", action="store_true", help="no progress bar (for several images)")
+    volumes = refine.add_argument_group("volumes (NIfTI scans: IMAGE .nii/.nii.gz, UNARY .nii/.nii.gz/.npy/.npz, "
+                                        "-o .nii.gz/.nii/.npy)")
+    volumes.add_argument("--spacing", type=spacing, metavar="DZ,DY,DX",
+                         help="voxel size along the volume's axes (default: from the NIfTI header); theta_alpha "
+                              "and theta_gamma are in its units")
+    volumes.add_argument("--standardize", action="store_true",
+                         help="map the scan's intensities to mean 128, standard deviation 64 before the CRF, so "
+                              "that theta_beta has the meaning it has for 0..255 images")
     refine.set_defaults(func=run)
     return refine
 
@@ -268,6 +278,16 @@ def run(args) -> int:
     from .. import palette
     from .._diagnostics import InputWarning
 
+    from ._volumes import is_volume_input, run_volumes
+
+    volumes = [is_volume_input(i) for i in args.images]
+    if any(volumes):
+        if not all(volumes):
+            raise UsageError("IMAGE files mix volumes (NIfTI) and pictures; refine one kind at a time")
+        return run_volumes(args)
+    for option, value in (("--spacing", args.spacing), ("--standardize", args.standardize or None)):
+        if value is not None:
+            raise UsageError(f"{option} is for volumes (NIfTI images); leave it out for pictures")
     n = len(args.images)
     if len(args.unary) != n:
         raise UsageError(f"got {n} image(s) but {len(args.unary)} --unary file(s); give one unary "
