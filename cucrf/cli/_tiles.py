@@ -125,9 +125,40 @@ def _dask_modules():
     return dask, da
 
 
-def open_lazy(path: str, what: str, tile: int):
-    """``path`` (Zarr, TIFF, .npy or any image) as a Dask array chunked about ``tile`` pixels a side."""
-    _, da = _dask_modules()
+class LazyFile:
+    """A file's array, read region by region; pickles as its path, so dask workers open it themselves.
+
+    Parameters
+    ----------
+    path : str
+    what : str
+        What the file is (``'image'``, ``'unary'``), for messages.
+    """
+
+    _opened = {}  # (path, pid) -> the open array, one per process
+
+    def __init__(self, path: str, what: str):
+        self.path = str(Path(path).resolve())
+        self.what = what
+        array = self._array()
+        self.shape = tuple(int(n) for n in array.shape)
+        self.dtype = np.dtype(array.dtype)
+        self.ndim = len(self.shape)
+        self.native_chunks = tuple(getattr(array, "chunks", None) or self.shape)
+
+    def __getitem__(self, key):
+        return np.asarray(self._array()[key])
+
+    def _array(self):
+        key = (self.path, os.getpid())
+        array = self._opened.get(key)
+        if array is None:
+            array = self._opened[key] = _open_file(self.path, self.what)
+        return array
+
+
+def _open_file(path: str, what: str):
+    """The array in ``path``: Zarr, TIFF (memory-mapped when uncompressed), .npy (memory-mapped) or an image."""
     import zarr
 
     p = Path(path)
@@ -141,26 +172,31 @@ def open_lazy(path: str, what: str, tile: int):
                 names = sorted(getattr(array, "array_keys", lambda: [])())
                 raise CLIError(f"{what} {path!r} is a Zarr group ({', '.join(names) or 'no arrays'}); expected a "
                                "Zarr array: give the array's folder, e.g. " + (f"{path}/{names[0]}" if names else path))
-        elif suffix in (".tif", ".tiff"):
+            return array
+        if suffix in (".tif", ".tiff"):
             import tifffile
 
             try:
-                array = tifffile.memmap(str(p), mode="r")  # uncompressed and contiguous: read pages as needed
+                return tifffile.memmap(str(p), mode="r")  # uncompressed and contiguous: pages read as needed
             except (ValueError, OSError):
-                array = zarr.open(tifffile.imread(str(p), aszarr=True), mode="r")
-        elif suffix == ".npy":
-            array = np.load(str(p), mmap_mode="r")
-        else:
-            from ._files import read_image
+                return zarr.open(tifffile.imread(str(p), aszarr=True), mode="r")
+        if suffix == ".npy":
+            return np.load(str(p), mmap_mode="r")
+        from ._files import read_image
 
-            array = read_image(path)
+        return read_image(path)
     except CLIError:
         raise
     except Exception as exc:  # noqa: BLE001 - any reader's failure, named
         raise CLIError(f"cannot read {what} {path!r}: {error_text(exc)}") from exc
-    chunks = tuple(min(n, tile) for n in array.shape[-2:])
-    lead = tuple(array.shape[:-2]) if array.ndim > 2 else ()
-    return array, chunks, lead
+
+
+def open_lazy(path: str, what: str, tile: int):
+    """``path`` as a :class:`LazyFile` (shape, dtype), opened on whichever process reads it."""
+    _dask_modules()
+    if not Path(path).exists():
+        raise CLIError(f"{what} {path!r} does not exist")
+    return LazyFile(path, what)
 
 
 def _progress(total, disable):
@@ -243,16 +279,16 @@ def _refine_large(ipath, upath, out, args, params, transform, tile, client, toke
     from ..dask import label_dtype
 
     start = time.perf_counter()
-    image, chunks, lead = open_lazy(ipath, "image", tile)
+    image = open_lazy(ipath, "image", tile)
+    chunks = tuple(min(n, tile) for n in image.shape[:2])
     if image.ndim == 2:
-        image_d = da.from_array(image, chunks=chunks)[..., None]
+        image_d = da.from_array(image, chunks=chunks, name=f"image-{uuid.uuid4().hex}")[..., None]
     elif image.ndim == 3:
-        image_d = da.from_array(image, chunks=chunks[:1] + (min(image.shape[1], tile), image.shape[2]))
-        chunks = image_d.chunks[0][0], image_d.chunks[1][0]
+        image_d = da.from_array(image, chunks=chunks + (image.shape[2],), name=f"image-{uuid.uuid4().hex}")
     else:
         raise CLIError(f"image {ipath!r} has shape {image.shape}; expected (H, W) or (H, W, F)")
     H, W = image_d.shape[:2]
-    unary, _, _ = open_lazy(upath, "unary", tile)
+    unary = open_lazy(upath, "unary", tile)
     kind = args.unary_kind
     if kind is None:
         kind = "labels" if (unary.ndim == 2 and np.issubdtype(unary.dtype, np.integer)) else "logits"
@@ -260,12 +296,12 @@ def _refine_large(ipath, upath, out, args, params, transform, tile, client, toke
         if unary.shape != (H, W):
             raise CLIError(f"label map {upath!r} has shape {unary.shape} but image {ipath!r} is {H}x{W}; "
                            f"expected ({H}, {W})")
-        unary_d = da.from_array(unary, chunks=chunks)
+        unary_d = da.from_array(unary, chunks=chunks, name=f"unary-{uuid.uuid4().hex}")
     else:
         if unary.ndim != 3 or unary.shape[1:] != (H, W):
             raise CLIError(f"unary {upath!r} has shape {unary.shape} but image {ipath!r} is {H}x{W}; expected "
                            f"(C, {H}, {W})")
-        unary_d = da.from_array(unary, chunks=(unary.shape[0],) + chunks)
+        unary_d = da.from_array(unary, chunks=(unary.shape[0],) + chunks, name=f"unary-{uuid.uuid4().hex}")
         if unary_d.dtype == np.float16:
             unary_d = unary_d.astype(np.float32)
     extra = {}
@@ -273,7 +309,8 @@ def _refine_large(ipath, upath, out, args, params, transform, tile, client, toke
         unknown = None if args.unknown_label is None or args.unknown_label < 0 else args.unknown_label
         num_classes = args.num_classes
         if num_classes is None:
-            known = unary_d if unknown is None else da.where(unary_d == unknown, -1, unary_d)
+            as_int = unary_d.astype(np.int64)
+            known = as_int if unknown is None else da.where(as_int == unknown, -1, as_int)
             num_classes = max(int(known.max().compute()) + 1, 2)
         extra.update(num_classes=num_classes, confidence=args.confidence, unknown_label=unknown)
     else:
