@@ -53,10 +53,14 @@ def scene_block(y0, x0, h, w, what="both"):
     about a fifth of the pixels, repeating every PERIOD pixels: a function of the global
     coordinates only (any chunking gives the same image), cheap to make (two gathers).
     """
-    iy, ix = np.arange(y0, y0 + h) % PERIOD, np.arange(x0, x0 + w) % PERIOD
+    oy, ox = y0 % PERIOD, x0 % PERIOD
+    reps = (-(-(oy + h) // PERIOD), -(-(ox + w) // PERIOD))
     tables = _tables()
-    image = tables["image"].take(iy, axis=0).take(ix, axis=1) if what in ("both", "image") else None
-    unary = tables["unary"].take(iy, axis=1).take(ix, axis=2) if what in ("both", "unary") else None
+    image = unary = None
+    if what in ("both", "image"):
+        image = np.tile(tables["image"], reps + (1,))[oy:oy + h, ox:ox + w]
+    if what in ("both", "unary"):
+        unary = np.tile(tables["unary"], (1,) + reps)[:, oy:oy + h, ox:ox + w]
     return image, unary
 
 

@@ -88,6 +88,15 @@ def test_outputs_logits_and_labels(p, output):
     _check_equal(p, output=output)
 
 
+def test_labels_are_the_first_largest_logit_in_the_smallest_dtype():
+    scores = np.array([[[1.0, 2.0, 3.0, 3.0]], [[1.0, 5.0, 3.0, -1.0]], [[0.5, 5.0, 7.0, 3.0]]])
+    labels = cucrf.dask.argmax_classes(scores, 0)
+    assert labels.dtype == np.uint8
+    np.testing.assert_array_equal(labels, scores.argmax(axis=0))
+    assert cucrf.dask.label_dtype(256) == np.uint8 and cucrf.dask.label_dtype(257) == np.uint16
+    assert cucrf.dask.label_dtype(70000) == np.uint32
+
+
 def test_every_chunking_of_one_image_bit_identical():
     # Float64 with unit spacing: the tiles compute exactly the whole image's arithmetic.
     rng = np.random.default_rng(0)
