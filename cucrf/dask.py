@@ -11,6 +11,7 @@ Needs the ``dask`` extra (``pip install "cucrf[dask]"``); ``import cucrf`` does 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import numpy as np
@@ -31,7 +32,7 @@ from ._radius import axis_radius, tile_span
 from ._spatial import check_spatial_dims, resolve_spatial_dims
 from ._validation import check_compute_dtype, check_float_array, check_image, check_int
 
-__all__ = ["infer", "tile_context", "label_dtype"]
+__all__ = ["infer", "infer_stored", "tile_context", "label_dtype", "argmax_classes"]
 
 _OUTPUTS = ("probabilities", "logits", "labels")
 
@@ -121,6 +122,18 @@ normalization, include_self, dtype, device, feature_transform, spatial_dims, spa
     >>> bool(np.abs(tiled.compute() - cucrf.infer(unary, image)).max() < 1e-12)
     True
     """
+    checked = _check(unary, image, params, filter_size=filter_size, blur=blur, iterations=iterations,
+                     unary_kind=unary_kind, num_classes=num_classes, confidence=confidence,
+                     unknown_label=unknown_label, clip=clip, normalization=normalization, include_self=include_self,
+                     output=output, dtype=dtype, device=device, feature_transform=feature_transform,
+                     spatial_dims=spatial_dims, spacing=spacing)
+    return _overlapped(unary, image, checked)
+
+
+def _check(unary, image, params, *, filter_size, blur, iterations, unary_kind, num_classes, confidence,
+           unknown_label, clip, normalization, include_self, output, dtype, device, feature_transform,
+           spatial_dims, spacing):
+    """Every check of :func:`infer` that needs no values; returns a :class:`_Checked`."""
     for name, value in (("unary", unary), ("image", image)):
         if not isinstance(value, da.Array):
             raise TypeError(f"cucrf.dask.infer takes Dask arrays, but {name} is a {_describe(value)}; use "
@@ -177,6 +190,42 @@ normalization, include_self, dtype, device, feature_transform, spatial_dims, spa
             f"{tuple(len(c) for c in i_spatial)} of sizes {_chunk_text(i_spatial)}); chunk them alike, e.g. "
             f"image = image.rechunk({_chunks_literal(wanted)})")
 
+    checked = _Checked(nd, size, config, labels_in, batched, classes, output, dtype, dict(
+        params=params, filter_size=config.filter_size, blur=config.blur, iterations=config.iterations,
+        unary_kind=unary_kind, num_classes=num_classes, confidence=confidence, unknown_label=unknown_label,
+        clip=clip, normalization=normalization, include_self=config.keep_centre, device=device,
+        feature_transform=feature_transform, spatial_dims=nd, spacing=spacing))
+    return checked
+
+
+@dataclasses.dataclass
+class _Checked:
+    """What :func:`_check` found: the geometry, the settings and the options of each tile's infer."""
+
+    nd: int
+    size: tuple
+    config: object
+    labels_in: bool
+    batched: bool
+    classes: int
+    output: str
+    dtype: object
+    options: dict
+
+    def compute_dtype(self, unary_dtype):
+        return self.dtype if self.dtype is not None else (
+            np.dtype(np.float64) if unary_dtype == np.float64 else np.dtype(np.float32))
+
+    def out_dtype(self, unary_dtype):
+        return label_dtype(self.classes) if self.output == "labels" else self.compute_dtype(unary_dtype)
+
+    def tile_options(self, unary_dtype):
+        return dict(self.options, dtype=self.compute_dtype(unary_dtype))
+
+
+def _overlapped(unary, image, checked):
+    """The Dask graph of :func:`infer`: map_overlap with the exact depth, one tile per chunk."""
+    nd, size, config = checked.nd, checked.size, checked.config
     blurs = config.blurs(nd)
     context = tile_context(config, nd)
     # Each block reads its neighbours' pixels up to the context plus blur - 1, the room to move a
@@ -192,7 +241,7 @@ normalization, include_self, dtype, device, feature_transform, spatial_dims, spa
             chunks = ensure_minimum_chunksize(depth, chunks)
         depths.append(depth)
         spatial_chunks.append(tuple(chunks))
-    if labels_in:
+    if checked.labels_in:
         unary = unary[..., None, :, :] if nd == 2 else unary[..., None, :, :, :]  # a class axis of length 1
     u_axes = tuple(range(unary.ndim - nd, unary.ndim))
     unary = unary.rechunk(dict(zip(u_axes, spatial_chunks)))
@@ -200,31 +249,18 @@ normalization, include_self, dtype, device, feature_transform, spatial_dims, spa
     # spatial axes, where the unary has its classes ((B, F, H, W) against (B, C, H, W)); the
     # tile puts them back.
     image = da.moveaxis(image, -1, -nd - 1).rechunk(dict(zip(u_axes, spatial_chunks)))
-
-    compute_dtype = dtype if dtype is not None else (
-        np.dtype(np.float64) if unary.dtype == np.float64 else np.dtype(np.float32))
-    out_dtype = label_dtype(classes) if output == "labels" else compute_dtype
-    lead = ((unary.chunks[0],) if batched else ())
-    if output == "labels":
-        out_chunks = lead + tuple(spatial_chunks)
-    else:
-        out_chunks = lead + ((classes,),) + tuple(spatial_chunks)
-    out_ndim = len(out_chunks)
-    kwargs = {"drop_axis": [unary.ndim - nd - 1]} if output == "labels" else {}
-    meta = _meta(unary, out_ndim, out_dtype)
+    out_dtype = checked.out_dtype(unary.dtype)
+    lead = ((unary.chunks[0],) if checked.batched else ())
+    classes = () if checked.output == "labels" else ((checked.classes,),)
+    out_chunks = lead + classes + tuple(spatial_chunks)
+    kwargs = {"drop_axis": [unary.ndim - nd - 1]} if checked.output == "labels" else {}
     bounds = tuple(tuple(int(v) for v in np.cumsum((0,) + c)) for c in spatial_chunks)
-    tile = functools.partial(
-        _tile, nd=nd, size=size, blurs=blurs, context=context, depths=tuple(depths), bounds=bounds,
-        output=output, options=dict(
-            params=params, filter_size=config.filter_size, blur=config.blur, iterations=config.iterations,
-            unary_kind=unary_kind, num_classes=num_classes, confidence=confidence, unknown_label=unknown_label,
-            clip=clip, normalization=normalization, include_self=config.keep_centre, dtype=compute_dtype,
-            device=device, feature_transform=feature_transform, spatial_dims=nd, spacing=spacing))
+    tile = functools.partial(_tile, nd=nd, size=size, blurs=blurs, context=context, depths=tuple(depths),
+                             bounds=bounds, output=checked.output, options=checked.tile_options(unary.dtype))
     return da.map_overlap(
-        tile, unary, image,
-        depth=dict(zip(u_axes, depths)),
-        boundary="none", trim=False, align_arrays=False, allow_rechunk=False,
-        dtype=out_dtype, chunks=out_chunks, meta=meta, name="cucrf-infer", **kwargs)
+        tile, unary, image, depth=dict(zip(u_axes, depths)), boundary="none", trim=False, align_arrays=False,
+        allow_rechunk=False, dtype=out_dtype, chunks=out_chunks, meta=_meta(unary, len(out_chunks), out_dtype),
+        name="cucrf-infer", **kwargs)
 
 
 def _chunk_text(chunks) -> str:
@@ -254,12 +290,11 @@ def _tile(u, im, *, nd, size, blurs, context, depths, bounds, output, options, b
     """Compute one chunk: cut the tile out of the overlapped block, run :func:`cucrf.infer`, crop.
 
     ``u`` and ``im`` are the chunk's blocks with up to ``depths`` pixels of each neighbour on
-    each side; ``bounds`` the chunk boundaries along each spatial axis of the whole array.
+    each side (classes and channels in front of the spatial axes); ``bounds`` the chunk
+    boundaries along each spatial axis of the whole array.
     """
-    from ._api import infer as infer_whole
-
     location = block_info[0]["chunk-location"][-nd:]
-    tile_u, tile_im, crop = [], [], []
+    tile, crop = [], []
     for a in range(nd):
         i = location[a]
         start, stop = bounds[a][i], bounds[a][i + 1]
@@ -269,16 +304,23 @@ def _tile(u, im, *, nd, size, blurs, context, depths, bounds, output, options, b
         if extent != expected:  # pragma: no cover - would be a change in dask's overlap
             raise RuntimeError(f"block {tuple(location)} of axis {a} has {extent} pixels, expected {expected}")
         lo, hi = tile_span(start, stop, size[a], blurs[a], context[a])
-        tile_u.append(slice(lo - origin, hi - origin))
+        tile.append(slice(lo - origin, hi - origin))
         crop.append(slice(start - lo, stop - lo))
     xp = _namespace(u)
-    # Views of the overlapped block: cucrf.infer copies what it needs (CuPy kernels want
-    # contiguous arrays, so there the tile is copied once).
-    prepare = xp.ascontiguousarray if xp is not np else (lambda a: a)
-    u_t = prepare(u[(Ellipsis,) + tuple(tile_u)])
+    u_t = u[(Ellipsis,) + tuple(tile)]
     if options["unary_kind"] == "labels":
-        u_t = u_t[..., 0, :, :] if nd == 2 else u_t[..., 0, :, :, :]
-    im_t = prepare(xp.moveaxis(im[(Ellipsis,) + tuple(tile_u)], -nd - 1, -1))
+        u_t = u_t[(Ellipsis, 0) + (slice(None),) * nd]
+    im_t = xp.moveaxis(im[(Ellipsis,) + tuple(tile)], -nd - 1, -1)
+    return _run_tile(u_t, im_t, crop, nd, output, options)
+
+
+def _run_tile(u_t, im_t, crop, nd, output, options):
+    """:func:`cucrf.infer` on one tile, cropped to its core; labels as their smallest dtype."""
+    from ._api import infer as infer_whole
+
+    xp = _namespace(u_t)
+    if xp is not np:  # the CUDA kernels want contiguous arrays (NumPy takes the views as they are)
+        u_t, im_t = xp.ascontiguousarray(u_t), xp.ascontiguousarray(im_t)
     opts = dict(options)
     opts["output"] = "logits" if output == "logits" else "probabilities"
     if opts["device"] is not None:
@@ -288,6 +330,100 @@ def _tile(u, im, *, nd, size, blurs, context, depths, bounds, output, options, b
     if output == "labels":
         return argmax_classes(q, q.ndim - nd - 1)
     return q
+
+
+def infer_stored(unary, image, params=None, *, chunks=1024, filter_size=DEFAULT_FILTER_SIZE,
+                 blur=DEFAULT_BLUR, iterations=DEFAULT_ITERATIONS, unary_kind="logits", num_classes=None,
+                 confidence=None, unknown_label=None, clip=1e-5, normalization=None, include_self=False,
+                 output="probabilities", dtype=None, device=None, feature_transform=None, spatial_dims=None,
+                 spacing=None):
+    """:func:`infer` on arrays that stay where they are stored, each tile reading its own window.
+
+    :func:`infer` shares the overlap between Dask chunks, so Dask keeps a chunk until every
+    neighbour has used it: memory grows with a band of chunks across the image. Here every
+    output chunk is one task that reads the tile it needs (its core and the context) straight
+    from ``unary`` and ``image``, so memory is bounded by the tiles being computed, whatever the
+    image's size, at the price of reading the overlaps twice.
+
+    Parameters
+    ----------
+    unary, image : array-like
+        Shapes as for :func:`infer`, in any object with ``shape``, ``dtype``, ``ndim`` and NumPy
+        slicing that reads only what is asked: a Zarr array, a memory-mapped ``.npy`` or TIFF, an
+        HDF5 dataset, a generator of regions. On a ``dask.distributed`` cluster they are sent to
+        the workers: give objects that pickle by reference (a Zarr array pickles as its store),
+        not memory maps.
+    chunks : int or tuple of int
+        The output chunks' size along each spatial axis (one tile per chunk).
+    params, filter_size, blur, iterations, unary_kind, num_classes, confidence, unknown_label, clip, normalization, include_self, output, dtype, device, feature_transform, spatial_dims, spacing
+        As for :func:`infer`.
+
+    Returns
+    -------
+    dask.array.Array
+        As :func:`infer` returns it (NumPy chunks), chunked ``chunks`` along the spatial axes.
+
+    Examples
+    --------
+    >>> import numpy as np, cucrf, cucrf.dask
+    >>> rng = np.random.default_rng(0)
+    >>> unary = rng.normal(size=(2, 300, 200)); image = rng.integers(0, 256, (300, 200, 3), dtype=np.uint8)
+    >>> labels = cucrf.dask.infer_stored(unary, image, chunks=128, output="labels")
+    >>> bool((labels.compute() == cucrf.infer(unary, image).argmax(axis=0)).all())
+    True
+    """
+    import uuid
+
+    for name, value in (("unary", unary), ("image", image)):
+        if isinstance(value, da.Array):
+            raise TypeError(f"cucrf.dask.infer_stored reads stored arrays itself, but {name} is a Dask array; use "
+                            "cucrf.dask.infer for Dask arrays")
+        if not all(hasattr(value, a) for a in ("shape", "dtype", "__getitem__")):
+            raise TypeError(f"{name} must be an array-like with shape, dtype and slicing (a Zarr array, a memory "
+                            f"map, ...), got {_describe(value)}")
+    nd = resolve_spatial_dims(check_spatial_dims(spatial_dims), unary.shape, image.shape, unary_kind)
+    sides = chunks if isinstance(chunks, (tuple, list)) else (chunks,) * nd
+    if len(sides) != nd:
+        raise ValueError(f"chunks must be an int or {nd} ints (one per spatial axis), got {chunks!r}")
+    sides = tuple(check_int(f"chunks[{a}]", c, minimum=1) for a, c in enumerate(sides))
+    # Stand-ins for the checks: Dask arrays over the sources that are never computed.
+    token = uuid.uuid4().hex
+    spatial = tuple(min(c, n) for c, n in zip(sides, unary.shape[-nd:]))
+    lead = unary.shape[:-nd]
+    u_view = da.from_array(unary, chunks=tuple(lead) + spatial, name=f"stored-unary-{token}")
+    im_view = da.from_array(image, chunks=tuple(image.shape[:-nd - 1]) + spatial + (image.shape[-1],),
+                            name=f"stored-image-{token}")
+    checked = _check(u_view, im_view, params, filter_size=filter_size, blur=blur, iterations=iterations,
+                     unary_kind=unary_kind, num_classes=num_classes, confidence=confidence,
+                     unknown_label=unknown_label, clip=clip, normalization=normalization, include_self=include_self,
+                     output=output, dtype=dtype, device=device, feature_transform=feature_transform,
+                     spatial_dims=nd, spacing=spacing)
+    config = checked.config
+    blurs = config.blurs(nd)
+    batch = ((1,) * unary.shape[0],) if checked.batched else ()
+    classes = () if output == "labels" else ((checked.classes,),)
+    out_chunks = batch + classes + tuple(da.core.normalize_chunks(c, (n,))[0] for c, n in zip(sides, checked.size))
+    out_dtype = checked.out_dtype(np.dtype(unary.dtype))
+    task = functools.partial(_stored_tile, unary, image, nd=nd, size=checked.size, blurs=blurs,
+                             context=tile_context(config, nd), batched=checked.batched, output=output,
+                             options=checked.tile_options(np.dtype(unary.dtype)))
+    return da.map_blocks(task, chunks=out_chunks, dtype=out_dtype, meta=np.empty((0,) * len(out_chunks), out_dtype),
+                         name=f"cucrf-infer-stored-{token}")
+
+
+def _stored_tile(unary, image, *, nd, size, blurs, context, batched, output, options, block_info=None):
+    """One output chunk of :func:`infer_stored`: read its tile from the sources, run it, crop."""
+    where = block_info[None]["array-location"]
+    tile, crop = [], []
+    for a, (start, stop) in enumerate(where[-nd:]):
+        lo, hi = tile_span(start, stop, size[a], blurs[a], context[a])
+        tile.append(slice(lo, hi))
+        crop.append(slice(start - lo, stop - lo))
+    lead = (slice(*where[0]),) if batched else ()
+    labels_in = options["unary_kind"] == "labels"
+    u_t = np.asarray(unary[lead + (() if labels_in else (slice(None),)) + tuple(tile)])
+    im_t = np.asarray(image[lead + tuple(tile) + (slice(None),)])
+    return _run_tile(u_t, im_t, crop, nd, output, options)
 
 
 def argmax_classes(scores, axis):

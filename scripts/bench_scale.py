@@ -85,6 +85,26 @@ def lazy_scene(size, chunk):
     return unary, image
 
 
+class SceneArray:
+    """The generated scene as an array that makes only the region it is asked for (no data stored).
+
+    ``what`` is ``'unary'`` (2, size, size) float32 or ``'image'`` (size, size, 3) uint8.
+    """
+
+    def __init__(self, what, size):
+        self.what = what
+        self.shape = (2, size, size) if what == "unary" else (size, size, 3)
+        self.dtype = np.dtype(np.float32 if what == "unary" else np.uint8)
+        self.ndim = 3
+
+    def __getitem__(self, key):
+        spatial = key[1:3] if self.what == "unary" else key[0:2]
+        (y0, y1, _), (x0, x1, _) = (k.indices(n) for k, n in zip(spatial, self.shape[-2:] if self.what == "unary"
+                                                                 else self.shape[:2]))
+        image, unary = scene_block(y0, x0, y1 - y0, x1 - x0, self.what)
+        return unary if self.what == "unary" else image
+
+
 def peak_rss_gb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
 
@@ -110,15 +130,19 @@ def case_large(args):
 
     import cucrf.dask
 
-    unary, image = lazy_scene(args.size, args.tile)
-    labels = cucrf.dask.infer(unary, image, output="labels")
+    if args.source == "stored":  # each tile makes its own window of the scene
+        labels = cucrf.dask.infer_stored(SceneArray("unary", args.size), SceneArray("image", args.size),
+                                         chunks=args.tile, output="labels")
+    else:  # Dask arrays made chunk by chunk, shared between neighbours by map_overlap
+        unary, image = lazy_scene(args.size, args.tile)
+        labels = cucrf.dask.infer(unary, image, output="labels")
     out = Path(args.out) / f"labels-{args.size}.zarr"
     store = zarr.open_array(str(out), mode="w", shape=labels.shape, chunks=(args.tile, args.tile), dtype=labels.dtype)
     start = time.perf_counter()
     with dask.config.set(scheduler="threads", num_workers=args.threads):
         labels.store(store, lock=False)
     seconds = time.perf_counter() - start
-    return {"case": "large", "size": args.size, "tile": args.tile, "threads": args.threads,
+    return {"case": "large", "source": args.source, "size": args.size, "tile": args.tile, "threads": args.threads,
             "cucrf_threads": os.environ.get("CUCRF_NUM_THREADS", "default"), "seconds": seconds,
             "mpx_s": args.size ** 2 / seconds / 1e6, "peak_rss_gb": peak_rss_gb()}
 
@@ -173,14 +197,14 @@ CASES = {"tile": case_tile, "large": case_large, "many": case_many}
 def run_all(args):
     """Every case in its own process; prints one JSON line per case and a summary."""
     runs = [["tile", "--tile", "2048"]]
-    runs += [["large", "--size", str(s), "--tile", "2048", "--threads", "2"] for s in args.sizes]
-    runs += [["large", "--size", str(args.halo_size), "--tile", str(t), "--threads", "2"] for t in (512, 1024)]
+    runs += [["large", "--size", str(n), "--tile", "1024"] for n in args.sizes]
+    runs += [["tile", "--tile", "2048"]]
+    runs += [["large", "--size", str(args.halo_size), "--tile", str(t)] for t in (512, 1024, 2048)]
+    runs += [["large", "--size", str(args.halo_size), "--tile", "1024", "--source", "overlap"]]
     runs += [["many", "--workers", str(w), "--images", str(args.images)] for w in (0, 1, 2)]
     rows = []
     for run in runs:
-        env = dict(os.environ, CUCRF_NUM_THREADS=os.environ.get("CUCRF_NUM_THREADS", "1"))
-        if run[0] in ("tile",) or run[:2] == ["many", "--workers"] and run[2] == "0":
-            env.pop("CUCRF_NUM_THREADS")  # one process: cucrf's own threads use both cores
+        env = dict(os.environ)
         out = subprocess.run([sys.executable, __file__, *run, "--out", args.out, "--json"], env=env,
                              capture_output=True, text=True, check=True)
         row = json.loads(out.stdout.strip().splitlines()[-1])
@@ -198,7 +222,10 @@ def main(argv=None):
     parser.add_argument("--sizes", type=int, nargs="+", default=[16384, 32768])
     parser.add_argument("--halo-size", type=int, default=8192)
     parser.add_argument("--tile", type=int, default=2048)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="Dask threads (each tile also uses cucrf's threads)")
+    parser.add_argument("--source", choices=["stored", "overlap"], default="stored",
+                        help="large: cucrf.dask.infer_stored on the scene (each tile makes its window) or "
+                             "cucrf.dask.infer on Dask arrays of it (map_overlap)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--workers", type=int, default=0, help="many: 0 runs in this process, one image at a time")
     parser.add_argument("--images", type=int, default=48)

@@ -172,6 +172,14 @@ def test_bad_input_is_named():
         cucrf.dask.infer(da.from_array(bad, chunks=(3, 20, 25)), im).compute()
 
 
+def test_docstring_examples():
+    import doctest
+
+    import cucrf.dask as module
+
+    assert doctest.testmod(module, optionflags=doctest.ELLIPSIS).failed == 0
+
+
 def test_import_cucrf_loads_no_dask():
     code = ("import sys, cucrf; cucrf.infer; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in "

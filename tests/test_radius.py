@@ -82,6 +82,14 @@ def test_radius_is_exact_in_3d():
     assert _reach(shape, 2, "unary", kwargs) == axis_radius(5, 3, 1)
 
 
+def test_docstring_examples():
+    import doctest
+
+    import cucrf._radius as module
+
+    assert doctest.testmod(module).failed == 0
+
+
 def test_radius_formula_and_defaults():
     # docs/scale.md: T (k//2 + 1) b + b//2 - 1 for blur >= 2, T k//2 for blur 1, and one more
     # window (plus tap) of the image with symmetric normalisation.

@@ -25,7 +25,7 @@ from ._errors import CLIError, UsageError, error_text
 TILED_OUTPUTS = (".zarr", ".tif", ".tiff")
 #: Inputs that are opened lazily.
 LAZY_INPUTS = (".zarr", ".tif", ".tiff", ".npy")
-DEFAULT_TILE = 2048
+DEFAULT_TILE = 1024
 
 
 def _suffix(path) -> str:
@@ -144,10 +144,29 @@ class LazyFile:
         self.shape = tuple(int(n) for n in array.shape)
         self.dtype = np.dtype(array.dtype)
         self.ndim = len(self.shape)
-        self.native_chunks = tuple(getattr(array, "chunks", None) or self.shape)
+        self.channel_axis = False  # add a trailing channel axis of length 1 (a grey image)
+        self.cast = None  # read as this dtype (float16 scores as float32)
+
+    def with_channel_axis(self):
+        """This file's (H, W) array read as (H, W, 1)."""
+        self.channel_axis = True
+        self.shape = self.shape + (1,)
+        self.ndim += 1
+        return self
+
+    def as_dtype(self, dtype):
+        self.cast = self.dtype = np.dtype(dtype)
+        return self
 
     def __getitem__(self, key):
-        return np.asarray(self._array()[key])
+        if self.channel_axis:
+            key = key if isinstance(key, tuple) else (key,)
+            if Ellipsis in key or len(key) < self.ndim:
+                raise IndexError("a grey image is read with one index per axis")
+            values = np.asarray(self._array()[key[:-1]])[..., None][..., key[-1]]
+        else:
+            values = np.asarray(self._array()[key])
+        return values if self.cast is None else values.astype(self.cast)
 
     def _array(self):
         key = (self.path, os.getpid())
@@ -280,14 +299,12 @@ def _refine_large(ipath, upath, out, args, params, transform, tile, client, toke
 
     start = time.perf_counter()
     image = open_lazy(ipath, "image", tile)
-    chunks = tuple(min(n, tile) for n in image.shape[:2])
     if image.ndim == 2:
-        image_d = da.from_array(image, chunks=chunks, name=f"image-{uuid.uuid4().hex}")[..., None]
-    elif image.ndim == 3:
-        image_d = da.from_array(image, chunks=chunks + (image.shape[2],), name=f"image-{uuid.uuid4().hex}")
-    else:
+        image.with_channel_axis()
+    elif image.ndim != 3:
         raise CLIError(f"image {ipath!r} has shape {image.shape}; expected (H, W) or (H, W, F)")
-    H, W = image_d.shape[:2]
+    H, W = image.shape[:2]
+    chunks = (min(H, tile), min(W, tile))
     unary = open_lazy(upath, "unary", tile)
     kind = args.unary_kind
     if kind is None:
@@ -296,30 +313,29 @@ def _refine_large(ipath, upath, out, args, params, transform, tile, client, toke
         if unary.shape != (H, W):
             raise CLIError(f"label map {upath!r} has shape {unary.shape} but image {ipath!r} is {H}x{W}; "
                            f"expected ({H}, {W})")
-        unary_d = da.from_array(unary, chunks=chunks, name=f"unary-{uuid.uuid4().hex}")
     else:
         if unary.ndim != 3 or unary.shape[1:] != (H, W):
             raise CLIError(f"unary {upath!r} has shape {unary.shape} but image {ipath!r} is {H}x{W}; expected "
                            f"(C, {H}, {W})")
-        unary_d = da.from_array(unary, chunks=(unary.shape[0],) + chunks, name=f"unary-{uuid.uuid4().hex}")
-        if unary_d.dtype == np.float16:
-            unary_d = unary_d.astype(np.float32)
+        if unary.dtype == np.float16:
+            unary.as_dtype(np.float32)  # networks often store float16 scores; computed in float32
     extra = {}
     if kind == "labels":
         unknown = None if args.unknown_label is None or args.unknown_label < 0 else args.unknown_label
         num_classes = args.num_classes
-        if num_classes is None:
-            as_int = unary_d.astype(np.int64)
+        if num_classes is None:  # one pass over the label map, chunk by chunk
+            as_int = da.from_array(unary, chunks=chunks, name=f"labels-{uuid.uuid4().hex}").astype(np.int64)
             known = as_int if unknown is None else da.where(as_int == unknown, -1, as_int)
             num_classes = max(int(known.max().compute()) + 1, 2)
         extra.update(num_classes=num_classes, confidence=args.confidence, unknown_label=unknown)
     else:
-        num_classes = unary_d.shape[0]
+        num_classes = unary.shape[0]
     if transform is not None:
         extra["feature_transform"] = transform
     try:
-        labels = cucrf_dask.infer(
-            unary_d, image_d, params, filter_size=args.filter_size, blur=args.blur, iterations=args.iterations,
+        # Each tile reads its own window from the files: memory is bounded by the tiles in flight.
+        labels = cucrf_dask.infer_stored(
+            unary, image, params, chunks=tile, filter_size=args.filter_size, blur=args.blur, iterations=args.iterations,
             normalization=normalization(args.normalization), include_self=bool(getattr(args, "include_self", False)),
             unary_kind=kind, output="labels", device=args.device, **extra)
     except (ValueError, TypeError) as exc:
