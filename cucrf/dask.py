@@ -5,6 +5,8 @@ the chunk's pixels depend on (:func:`cucrf.receptive_radius`), cut on the whole 
 grid, so that the result equals :func:`cucrf.infer` on the whole array (docs/scale.md derives
 why). It is built on :func:`dask.array.map_overlap`: any Dask scheduler runs it (threads,
 processes, a ``dask.distributed`` cluster), and the chunks may be NumPy or CuPy arrays.
+:func:`infer_stored` does the same on arrays that stay on disk (Zarr, memory maps), each tile
+reading its own window, so that memory is bounded by the tiles being computed.
 
 Needs the ``dask`` extra (``pip install "cucrf[dask]"``); ``import cucrf`` does not load this module.
 """

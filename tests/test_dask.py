@@ -143,6 +143,44 @@ def test_small_chunks_are_merged_to_the_context():
     assert np.abs(tiled.compute() - cucrf.infer(unary, image, iterations=2)).max() <= 1e-5
 
 
+def test_stored_arrays_each_tile_reads_its_own_window():
+    zarr = pytest.importorskip("zarr")
+    rng = np.random.default_rng(7)
+    unary, image = _inputs(rng, (130, 170), batch=2)
+    stored = zarr.open_array(zarr.storage.MemoryStore(), mode="w", shape=unary.shape, chunks=(1, 3, 64, 64),
+                             dtype=unary.dtype)
+    stored[:] = unary
+    kwargs = dict(blur=3, iterations=2, normalization="symmetric")
+    whole = cucrf.infer(unary, image, **kwargs)
+
+    class Counting:  # an image that counts the pixels read
+        def __init__(self, array):
+            self.array, self.shape, self.dtype, self.ndim, self.read = array, array.shape, array.dtype, array.ndim, 0
+
+        def __getitem__(self, key):
+            part = self.array[key]
+            self.read += part.size
+            return part
+
+    counted = Counting(image)
+    got = cucrf.dask.infer_stored(stored, counted, chunks=(40, 50), **kwargs)
+    assert got.chunks[2:] == ((40, 40, 40, 10), (50, 50, 50, 20))  # no minimum: each tile reads its context
+    assert np.abs(got.compute(scheduler="sync") - whole).max() <= 1e-12
+    depth = cucrf.receptive_radius(5, 3, 2, normalization="symmetric")[0] + 2
+    assert image.size < counted.read <= image.size * 2 * (1 + 2 * depth / 40) * (1 + 2 * depth / 50)
+    labels = unary.argmax(axis=1)
+    got = cucrf.dask.infer_stored(labels, image, chunks=64, unary_kind="labels", num_classes=3, output="labels",
+                                  spatial_dims=2, iterations=2)
+    expected = cucrf.infer(labels, image, unary_kind="labels", num_classes=3, spatial_dims=2, iterations=2)
+    np.testing.assert_array_equal(got.compute(), expected.argmax(axis=1))
+    with pytest.raises(TypeError, match="use cucrf.dask.infer for Dask arrays"):
+        cucrf.dask.infer_stored(da.from_array(unary), image)
+    with pytest.raises(TypeError, match="image must be an array-like"):
+        cucrf.dask.infer_stored(unary, image.tolist())
+    with pytest.raises(ValueError, match="chunks must be an int or 2 ints"):
+        cucrf.dask.infer_stored(unary, image, chunks=(1, 2, 3))
+
+
 def test_bad_input_is_named():
     rng = np.random.default_rng(4)
     unary, image = _inputs(rng, (40, 50))
@@ -223,7 +261,7 @@ def client():
     cluster.close()
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                  HealthCheck.function_scoped_fixture])
 @given(p=problems())
 def test_equals_whole_array_inference_local_cluster(client, p):

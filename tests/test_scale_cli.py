@@ -81,6 +81,18 @@ def test_large_label_map_on_local_workers(large, capsys):
     np.testing.assert_array_equal(zarr.open(str(folder / "refined.zarr"), mode="r")[:], expected)
 
 
+def test_grey_image_and_float16_scores(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    image, unary = _scene(rng, 300, 260)
+    grey = image.mean(axis=2).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "grey.tif", grey)  # uncompressed: memory-mapped
+    np.save(tmp_path / "u16.npy", unary.astype(np.float16))
+    expected = cucrf.infer(unary.astype(np.float16).astype(np.float32), grey[..., None], iterations=2).argmax(axis=0)
+    assert main(["refine", str(tmp_path / "grey.tif"), "--unary", str(tmp_path / "u16.npy"), "-o",
+                 str(tmp_path / "labels.tif"), "--iterations", "2", "--tile", "128", "--no-progress"]) == 0
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "labels.tif"), expected)
+
+
 def test_existing_outputs_refused_overwritten_or_resumed(large, capsys):
     folder = large[0]
     out = folder / "labels.zarr"
