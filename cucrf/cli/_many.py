@@ -49,10 +49,13 @@ def make_client(args):
             raise CLIError(f"--scheduler {args.scheduler!r}: no dask scheduler answered within {CONNECT_TIMEOUT} s "
                            f"({error_text(exc)}); start one with 'dask scheduler' and give its address, such as "
                            "tcp://HOST:8786") from None
-    # One thread per process: the processes are the parallelism (cucrf's own threads are set to 1 in
-    # each task), and each holds one image or tile at a time.
+    # One task at a time per process, each holding one image or tile; cucrf's own threads share
+    # the cores among the processes (see run_many).
+    # Each worker process gets its share of this machine's cores as cucrf threads (unless
+    # CUCRF_NUM_THREADS is set); on a cluster (--scheduler) workers keep cucrf's default.
+    threads = os.environ.get("CUCRF_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // args.workers))
     cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                           silence_logs=40)
+                           silence_logs=40, env={"CUCRF_NUM_THREADS": threads})
     client = Client(cluster)
     client._cucrf_cluster = cluster  # closed with the client below
     return client
@@ -162,8 +165,6 @@ def refine_one(args, job, token):
     from . import refine
 
     k, image, unary, outs = job
-    if _in_worker():  # one thread per worker process: the processes are the parallelism
-        os.environ.setdefault("CUCRF_NUM_THREADS", "1")
     tmps = {key: temporary_path(Path(p), token) for key, p in outs.items()}
     sub = argparse.Namespace(**vars(args))
     sub.images, sub.unary = [image], [unary]
@@ -189,13 +190,3 @@ def refine_one(args, job, token):
     for key, tmp in tmps.items():
         text = text.replace(str(tmp), str(outs[key]))
     return k, True, text, [(str(w.message), w.category) for w in caught]
-
-
-def _in_worker() -> bool:
-    try:
-        from distributed import get_worker
-
-        get_worker()
-        return True
-    except (ImportError, ValueError):
-        return False
