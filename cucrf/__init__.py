@@ -15,6 +15,7 @@ from ._api import DEFAULT_BLUR, DEFAULT_FILTER_SIZE, DEFAULT_ITERATIONS, InferVJ
 from ._diagnostics import InputWarning
 from ._fit import FeatureTransform, FitResult, TrainingDivergedError, fit
 from ._params import CRFParams
+from ._radius import receptive_radius
 from ._validation import ProblemTooLargeError
 from .unary import unary_from_labels, unary_from_probabilities
 
@@ -24,4 +25,5 @@ __all__ = [
     "infer", "CRFParams", "unary_from_probabilities", "unary_from_labels",
     "ProblemTooLargeError", "DEFAULT_FILTER_SIZE", "DEFAULT_BLUR", "DEFAULT_ITERATIONS",
     "infer_vjp", "InferVJP", "fit", "FitResult", "FeatureTransform", "TrainingDivergedError", "InputWarning",
+    "receptive_radius",
 ]

@@ -19,6 +19,7 @@ from ._files import (check_output_paths, check_transform_channels, check_unary_s
 from ._pictures import (COLOUR_MAX_CLASSES, PNG_MAX_CLASSES, comparison_strip, image_rgb, legend_entries,
                         write_label_png)
 from ._parser import label_or_none, positive_int, spacing
+from ._tiles import add_options as add_scale_options
 
 EPILOG = """\
 UNARY files:
@@ -107,6 +108,7 @@ def add_parser(sub, parents) -> argparse.ArgumentParser:
     volumes.add_argument("--standardize", action="store_true",
                          help="map the scan's intensities to mean 128, standard deviation 64 before the CRF, so "
                               "that theta_beta has the meaning it has for 0..255 images")
+    add_scale_options(refine)
     refine.set_defaults(func=run)
     return refine
 
@@ -281,10 +283,25 @@ def run(args) -> int:
     from ._volumes import is_volume_input, run_volumes
 
     volumes = [is_volume_input(i) for i in args.images]
+    scale = [o for o, v in (("--tile", args.tile), ("--workers", args.workers), ("--scheduler", args.scheduler),
+                            ("--resume", args.resume), ("--overwrite", args.overwrite)) if v]
     if any(volumes):
         if not all(volumes):
             raise UsageError("IMAGE files mix volumes (NIfTI) and pictures; refine one kind at a time")
+        if scale:
+            raise UsageError(f"{', '.join(scale)} are for pictures (large images or many images); leave them out "
+                             "for volumes")
         return run_volumes(args)
+    # Large images (tile by tile, cucrf/cli/_tiles.py) and many images on workers (cucrf/cli/_many.py).
+    from ._many import make_client, run_many, wants_many
+    from ._tiles import is_tiled, run_tiles
+
+    if is_tiled(args):
+        return run_tiles(args, make_client)
+    if args.tile:
+        raise UsageError("--tile is for large images: give -o OUT.zarr or -o OUT.tif")
+    if wants_many(args):
+        return run_many(args)
     for option, value in (("--spacing", args.spacing), ("--standardize", args.standardize or None)):
         if value is not None:
             raise UsageError(f"{option} is for volumes (NIfTI images); leave it out for pictures")
