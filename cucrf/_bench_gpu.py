@@ -11,6 +11,11 @@ Then the backward pass (:func:`run_backward`): for each problem of :data:`BACKWA
 the forward (``mean_field``, the inference), the taped forward, the backward alone
 (``mean_field_backward`` on a taped run) and the whole ``cucrf.infer_vjp``; the figure of merit
 is backward / forward (target <= :data:`BACKWARD_TARGET` at 500x500x21, filter 7, blur 4).
+
+Then volumes (:func:`run_volumes`): ``cucrf.infer(..., spatial_dims=3)`` on each problem of
+:data:`VOLUME_PROBLEMS` (one intensity channel), the iterations alone, ``cucrf.infer_vjp``, the
+peak memory and the floor of :func:`volume_floor_model` (target: 256^3 x 4 classes at blur 2 in
+at most :data:`VOLUME_TARGET_MS`).
 """
 
 from __future__ import annotations
@@ -20,8 +25,8 @@ import statistics
 
 import numpy as np
 
-__all__ = ["PROBLEMS", "BACKWARD_PROBLEMS", "floor_model", "backward_floor_model", "run", "run_backward",
-           "gpu_problem", "main"]
+__all__ = ["PROBLEMS", "BACKWARD_PROBLEMS", "VOLUME_PROBLEMS", "floor_model", "backward_floor_model",
+           "volume_floor_model", "run", "run_backward", "run_volumes", "gpu_problem", "main"]
 
 #: (name, B, C, H, W, filter_size, blur)
 PROBLEMS = [
@@ -64,6 +69,42 @@ def floor_model(B, C, H, W, F, filter_size, blur, iterations=ITERATIONS, itemsiz
     total_flops = iterations * per_iter_flops
     seconds = max(total_bytes / HBM_BYTES_PER_S, total_flops / FP32_FLOP_PER_S)
     return total_bytes, total_flops, seconds
+
+
+def volume_floor_model(B, C, size, F, filter_size, blur, iterations=ITERATIONS, itemsize=4):
+    """:func:`floor_model` for any number of spatial axes: ``size``, ``filter_size`` and ``blur``
+    per axis (an int applies to every axis). Returns ``(bytes, flops, seconds)``.
+
+    The same accounting as for images: every full-resolution array read or written once per pass
+    that needs it, coarse arrays once, FLOPs of the merged kernel over every (cell, neighbour) pair.
+    """
+    nd = len(size)
+    window = filter_size if isinstance(filter_size, tuple) else (filter_size,) * nd
+    blurs = blur if isinstance(blur, tuple) else (blur,) * nd
+    pixels = math.prod(size)
+    cells = math.prod(-(-n // b) for n, b in zip(size, blurs))
+    pooled = any(b > 1 for b in blurs)
+    full = B * C * pixels * itemsize
+    coarse = B * C * cells * itemsize
+    feats_coarse = B * F * cells * itemsize
+    pairs = B * cells * (math.prod(window) - 1)
+    per_iter_bytes = ((full + coarse if pooled else 0) + coarse + feats_coarse + coarse + full + coarse + full)
+    interpolation = 2 * 2 ** nd + 9                 # the 2^nd taps, then add, exp, sum, divide
+    per_iter_flops = ((B * C * pixels if pooled else 0) + pairs * (2 * C + 3 * F + 12)
+                      + B * C * pixels * interpolation)
+    setup_bytes = B * F * pixels * itemsize + feats_coarse + 2 * full
+    total_bytes = iterations * per_iter_bytes + setup_bytes
+    total_flops = iterations * per_iter_flops
+    return total_bytes, total_flops, max(total_bytes / HBM_BYTES_PER_S, total_flops / FP32_FLOP_PER_S)
+
+
+#: (name, B, C, (D, H, W), filter_size, blur) of the volume benchmark (one intensity channel).
+VOLUME_PROBLEMS = [
+    ("256^3x4 k5 b2", 1, 4, (256, 256, 256), 5, 2),
+    ("2x128^3x4 k5 b2", 2, 4, (128, 128, 128), 5, 2),
+]
+#: Inference time (ms) the CUDA backend aims at for 256^3 x 4 classes at blur 2, 5 iterations.
+VOLUME_TARGET_MS = 10.0
 
 
 #: (name, B, C, H, W, filter_size, blur, normalization) of the backward benchmark.
@@ -327,6 +368,80 @@ def run_backward(print_fn=print, problems=None):
     return rows
 
 
+def run_volumes(print_fn=print, problems=None):
+    """Time inference (and ``infer_vjp``) on volumes; print a table (last) and return the rows."""
+    import cupy
+
+    import cucrf
+    from cucrf import _cupy_backend as cb
+    from cucrf import _meanfield
+
+    params = cucrf.CRFParams(theta_alpha=10.0, theta_beta=20.0, theta_gamma=2.0)
+    pool = cupy.get_default_memory_pool()
+    rows = []
+    for name, B, C, size, k, blur in problems or VOLUME_PROBLEMS:
+        row = dict(problem=name)
+        try:
+            rng = cupy.random.default_rng(0)
+            unary = rng.standard_normal((B, C) + size, dtype=np.float32) * 2
+            image = rng.random((B,) + size + (1,), dtype=np.float32) * 255
+            kw = dict(filter_size=k, blur=blur, iterations=ITERATIONS, spatial_dims=3)
+            cucrf.infer(unary, image, params, **kw)  # compile the kernels outside the timing
+            pool.free_all_blocks()
+            before = pool.total_bytes()
+            q = cucrf.infer(unary, image, params, **kw)
+            cupy.cuda.Device().synchronize()
+            row["peak_mib"] = (pool.total_bytes() - before) / 2**20
+            del q
+            row["infer_ms"] = _time(cupy, lambda: cucrf.infer(unary, image, params, **kw))
+
+            features = cupy.ascontiguousarray(cupy.moveaxis(image, -1, 1))
+            config = _meanfield.CRFConfig(k, blur, ITERATIONS)
+            setup = cb.prepare(features, params, config)
+            su = unary * np.float32(params.unary_weight)
+            q0 = cb.softmax(su)
+
+            def iterations():
+                q = q0
+                for _ in range(ITERATIONS):
+                    q = cb.update(su, cb.full_message(setup, q, config), None)
+                return q
+
+            row["iters_ms"] = _time(cupy, iterations)
+            del setup, su, q0, features
+            go = cupy.random.default_rng(1).standard_normal(unary.shape, dtype=np.float32)
+            row["vjp_ms"] = _time(cupy, lambda: cucrf.infer_vjp(unary, image, params, grad_output=go, **kw),
+                                  warmup=1, repeat=5)
+            del unary, image, go
+        except Exception as exc:  # noqa: BLE001 - report it in the table and go on
+            for key in ("infer_ms", "iters_ms", "vjp_ms", "peak_mib"):
+                row.setdefault(key, float("nan"))
+            row["error"] = f"{type(exc).__name__}: {exc}"
+        row["floor_ms"] = volume_floor_model(B, C, size, 1, k, blur)[2] * 1e3
+        row["ratio"] = row["infer_ms"] / row["floor_ms"]
+        rows.append(row)
+        pool.free_all_blocks()
+    header = (f"{'problem':18s} {'infer ms':>9s} {'iters ms':>9s} {'vjp ms':>8s} {'peak MiB':>9s} {'floor ms':>9s} "
+              f"{'x floor':>8s}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(f"{r['problem']:18s} {r['infer_ms']:9.3f} {r['iters_ms']:9.3f} {r['vjp_ms']:8.2f} "
+                     f"{r['peak_mib']:9.1f} {r['floor_ms']:9.3f} {r['ratio']:8.1f}")
+    for r in rows:
+        if "error" in r:
+            print_fn(f"{r['problem']}: {r['error']}")
+    first = rows[0] if rows else None
+    verdict = ""
+    if first is not None and first["problem"] == VOLUME_PROBLEMS[0][0]:
+        outcome = ("not measured" if math.isnan(first["infer_ms"])
+                   else "met" if first["infer_ms"] <= VOLUME_TARGET_MS else "MISSED")
+        verdict = f"; target <= {VOLUME_TARGET_MS:g} ms at {first['problem']}: {outcome}"
+    print_fn(f"\ncucrf CUDA backend on volumes, float32, {ITERATIONS} iterations, one channel{verdict}")
+    for line in lines:
+        print_fn(line)
+    return rows
+
+
 def _torch_row(torch, cupy, unary, image, params, k, blur):
     import cucrf
 
@@ -368,7 +483,7 @@ def gpu_problem():
 
 
 def main(argv=None) -> int:
-    """``python -m cucrf._bench_gpu``: the forward and backward benchmarks; 1 without a GPU."""
+    """``python -m cucrf._bench_gpu``: the forward, backward and volume benchmarks; 1 without a GPU."""
     import argparse
     import sys
 
@@ -379,6 +494,7 @@ def main(argv=None) -> int:
         return 1
     run()
     run_backward()
+    run_volumes()
     return 0
 
 

@@ -24,6 +24,7 @@ update = backend.update
 softmax = backend.softmax
 available_memory_bytes = backend.available_memory_bytes
 stores_kernels = backend.stores_kernels  # kernel values are computed on the fly (memory estimate)
+supports = backend.supports  # images and volumes, per-axis window and blur, spacing (check_backend_geometry)
 # the backward pass (cucrf._meanfield.mean_field_backward)
 softmax_backward = backend.softmax_backward
 compatibility_backward = backend.compatibility_backward
@@ -31,5 +32,5 @@ full_message_backward = backend.full_message_backward
 prepare_backward = backend.prepare_backward
 
 __all__ = ["backend", "xp", "name", "prepare", "full_message", "update", "softmax",
-           "available_memory_bytes", "stores_kernels", "softmax_backward", "compatibility_backward",
+           "available_memory_bytes", "stores_kernels", "supports", "softmax_backward", "compatibility_backward",
            "full_message_backward", "prepare_backward"]

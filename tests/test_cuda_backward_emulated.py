@@ -405,8 +405,8 @@ def test_kernel_grad_launch_fits_shared_memory():
     for F in (1, 3, 5, 6, 16):
         for radius in (1, 3, 6):
             for itemsize in (4, 8):
-                block, smem = _cuda.kernel_grad_launch(125, 125, radius, F, itemsize)
-                n = block[0] * block[1]
+                block, smem = _cuda.kernel_grad_launch((125, 125), (radius, radius), F, itemsize)
+                n = block[0] * block[1] * block[2]
                 assert n & (n - 1) == 0 and smem <= _cuda.SHARED_MEMORY_LIMIT
 
 

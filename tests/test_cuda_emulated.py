@@ -385,9 +385,9 @@ def test_read_past_the_end_is_caught_by_asan():
 def test_undersized_shared_memory_is_caught_by_asan(monkeypatch):
     real = _cuda.message_launch
 
-    def no_halo(h, w, radius, num_features, itemsize):
-        block, _ = real(h, w, radius, num_features, itemsize)
-        return block, num_features * block[0] * block[1] * itemsize  # forgets the halo
+    def no_halo(coarse, radii, num_features, itemsize):
+        block, _ = real(coarse, radii, num_features, itemsize)
+        return block, num_features * block[0] * block[1] * block[2] * itemsize  # forgets the halo
 
     monkeypatch.setattr(_cuda, "message_launch", no_halo)
     with pytest.raises(emulator.EmulatorError, match="AddressSanitizer"):

@@ -8,11 +8,15 @@ A *loader* is ``load_module(file_name, options, name_expressions) -> module`` wh
 ``module.get_function(name)`` returns a callable ``fn(grid, block, args, shared_mem=0)``, as
 ``cupy.RawModule`` does; the loader owns compilation and caching (per device for CuPy).
 
+Images (B, C, H, W) and volumes (B, C, D, H, W) run the same kernels, instantiated for 2 or 3
+spatial axes (template argument ``ND``); window, blur and pixel spacing are per axis. Every
+kernel takes the depth arguments (D = d = 1, blur 1, pad 0 and one-element tables for images).
+
 Per mean-field iteration the backend launches (merged kernel, no normalisation):
 
-1. ``crf_pool``: Q (B, C, H, W) -> Pool(Q) (B, C, h, w)  (skipped when blur == 1);
+1. ``crf_pool``: Q (B, C, *size) -> Pool(Q) (B, C, *coarse)  (skipped when every blur is 1);
 2. ``crf_message``: coarse message, kernel values computed on the fly;
-3. ``crf_update``: bilinear upsampling + compatibility + unary + softmax, written to a new Q.
+3. ``crf_update``: bi/trilinear upsampling + compatibility + unary + softmax, written to a new Q.
 
 With symmetric normalisation step 1 produces Pool(n_a Q) and Pool(n_s Q) in one pass and step 2
 both kernels' messages in one pass.
@@ -41,50 +45,63 @@ from typing import Optional, Tuple
 import numpy as np
 
 from .. import _cuda
-from .._geometry import axis_geometry
+from .._geometry import axis_geometry, per_axis
+from .._meanfield import cell_positions
 
 __all__ = ["make_backend", "CudaBackend", "CudaSetup", "CoarseMessage", "MessageGradient",
            "PixelGradient"]
 
-#: Same constant as cucrf._meanfield.NORM_EPS (kept here to avoid an import cycle).
+#: Same constant as cucrf._meanfield.NORM_EPS.
 _NORM_EPS = 1e-20
+
+
+def _three(values, fill):
+    """Per-axis values as (z, y, x): images get ``fill`` for the depth axis."""
+    values = tuple(values)
+    return values if len(values) == 3 else (fill,) + values
 
 
 @dataclasses.dataclass
 class CudaSetup:
     """What the kernels need for message passing, computed once per batch by ``prepare``.
 
+    Per-axis entries are ordered (z, y, x); for images the z entries are one-element
+    placeholders the kernels never read.
+
     Attributes
     ----------
-    features : array (B, F, h, w)
+    features : array (B, F, *coarse)
         Pooled features times ``1 / theta_beta`` per channel.
-    ay, ax, sy, sx : arrays (h, k), (w, k)
+    a, s : tuples of 3 arrays (n_axis, 2 r_axis + 1)
         Per-axis spatial factors of the appearance exponent and of the smoothness kernel
-        between a cell and the cell ``j - r`` rows (columns) away.
-    yidx, yfrac, xidx, xfrac : arrays (2, H), (H,), (2, W), (W,)
-        Bilinear upsampling taps (lo row then hi row, weight of hi).
-    normalisers : (n_a, n_s) arrays (B, 1, H, W), or None
+        between a cell and the cell ``j - r`` cells away along that axis.
+    idx, frac : tuples of 3 arrays (2, N_axis) int32 and (N_axis,)
+        Bilinear upsampling taps per axis (lo cell then hi cell, weight of hi).
+    normalisers : (n_a, n_s) arrays (B, 1, *size), or None
     weights : (w_a, w_s)
+    size, coarse : tuples
+        Full-resolution and coarse spatial shapes, (H, W) or (D, H, W).
+    pads, blurs, radii : tuples
+        Per-axis pooling pad, blur factor and window radius (same order as ``size``).
+    positions : list of float64 ndarrays
+        Per-axis cell coordinates (mean pixel index times the spacing), for the backward tables.
     """
 
     features: object
-    ay: object
-    ax: object
-    sy: object
-    sx: object
-    yidx: object
-    yfrac: object
-    xidx: object
-    xfrac: object
+    a: tuple
+    s: tuple
+    idx: tuple
+    frac: tuple
     normalisers: Optional[tuple]
     weights: Tuple[float, float]
-    size: Tuple[int, int]
-    coarse: Tuple[int, int]
-    pads: Tuple[int, int]
-    blur: int
-    radius: int
+    size: tuple
+    coarse: tuple
+    pads: tuple
+    blurs: tuple
+    radii: tuple
     keep_centre: bool
     dtype: np.dtype
+    positions: list
     #: Device tables of the backward pass, built on first use (see ``CudaBackend._backward_tables``).
     backward_tables: Optional[dict] = None
 
@@ -93,10 +110,28 @@ class CudaSetup:
         """True when appearance and smoothness are normalised (and passed) separately."""
         return self.normalisers is not None
 
+    @property
+    def nd(self) -> int:
+        """Number of spatial axes: 2 (images) or 3 (volumes)."""
+        return len(self.size)
+
+    @property
+    def identity(self) -> bool:
+        """True when every blur is 1 (the coarse grid is the full grid)."""
+        return all(b == 1 for b in self.blurs)
+
+    def dims(self):
+        """``(D, H, W, d, h, w)`` as int32 kernel arguments (D = d = 1 for images)."""
+        return tuple(np.int32(n) for n in _three(self.size, 1) + _three(self.coarse, 1))
+
+    def pooling(self):
+        """``(blur_z, blur_y, blur_x, pad_z, pad_y, pad_x)`` as int32 kernel arguments."""
+        return tuple(np.int32(n) for n in _three(self.blurs, 1) + _three(self.pads, 0))
+
 
 @dataclasses.dataclass
 class CoarseMessage:
-    """The message of one iteration before upsampling: ``m0`` (and ``m1``), (B, C, h, w).
+    """The message of one iteration before upsampling: ``m0`` (and ``m1``), (B, C, *coarse).
 
     ``pooled`` keeps the coarse message inputs ``Pool(n_s Q)`` (what the kernel gradient needs,
     so the backward pass does not pool ``Q`` again) and ``source`` identifies the ``Q`` they came
@@ -150,18 +185,16 @@ def _array_key(a):
     return (int(ptr), tuple(a.shape), tuple(a.strides), str(a.dtype))
 
 
-def _axis_tables(centres, radius, inv_theta_alpha2, inv_theta_gamma2, dtype):
-    """(a, s) tables of shape (n, 2r + 1) for cells with centre coordinates ``centres``."""
-    n = centres.shape[0]
-    k = 2 * radius + 1
+def _axis_tables(positions, radius, inv_theta_alpha2, inv_theta_gamma2, dtype):
+    """(a, s) tables of shape (n, 2r + 1) for cells with coordinates ``positions`` along one axis."""
+    d2 = _axis_distances(positions, radius, np.float64)
+    n = positions.shape[0]
     j = np.arange(-radius, radius + 1)
     idx = np.arange(n)[:, None] + j[None, :]
     valid = (idx >= 0) & (idx < n)
-    d = np.where(valid, centres[np.clip(idx, 0, n - 1)] - centres[:, None], 0.0)
-    d2 = d * d
     a = np.where(valid, d2 * inv_theta_alpha2, 0.0).astype(dtype)
     s = np.where(valid, np.exp(-0.5 * d2 * inv_theta_gamma2), 0.0).astype(dtype)
-    assert a.shape == (n, k)
+    assert a.shape == (n, 2 * radius + 1)
     return a, s
 
 
@@ -170,13 +203,13 @@ def _upsample_taps(geometry, dtype):
     return idx, geometry.frac.astype(dtype)
 
 
-def _axis_distances(centres, radius, dtype):
-    """(n, 2r + 1) squared distances between a cell centre and the cell ``j - r`` away (0 outside)."""
-    n = centres.shape[0]
+def _axis_distances(positions, radius, dtype):
+    """(n, 2r + 1) squared distances between a cell and the cell ``j - r`` away (0 outside)."""
+    n = positions.shape[0]
     j = np.arange(-radius, radius + 1)
     idx = np.arange(n)[:, None] + j[None, :]
     valid = (idx >= 0) & (idx < n)
-    d = np.where(valid, centres[np.clip(idx, 0, n - 1)] - centres[:, None], 0.0)
+    d = np.where(valid, positions[np.clip(idx, 0, n - 1)] - positions[:, None], 0.0)
     return (d * d).astype(dtype)
 
 
@@ -219,6 +252,16 @@ class CudaBackend:
         """A fresh, writeable, C-contiguous device copy of a host array."""
         return self.xp.array(np.ascontiguousarray(host_array, dtype=dtype), copy=True)
 
+    def _upload(self, arrays, dtype):
+        """Device copies of host ``arrays`` (one dtype) in a single transfer: contiguous slices of
+        one device array, in order."""
+        flat = self._dev(np.concatenate([np.ravel(a) for a in arrays]), dtype=dtype)
+        out, offset = [], 0
+        for a in arrays:
+            out.append(flat[offset:offset + a.size].reshape(a.shape))
+            offset += a.size
+        return out
+
     def _dummy(self, dtype):
         return self.xp.zeros(1, dtype=dtype)
 
@@ -229,8 +272,35 @@ class CudaBackend:
     def _grid_1d(total):
         return (max(1, min(-(-int(total) // _cuda.BLOCK_1D), 1 << 20)),), (_cuda.BLOCK_1D,)
 
+    @classmethod
+    def _grid_update(cls, batch, pixels, nd):
+        """Grid of ``crf_update``: 1-D over ``batch * pixels`` (images), or ``pixels`` along x and the
+        batch along y (volumes; see update.cu)."""
+        if nd == 2:
+            return cls._grid_1d(batch * pixels)
+        (gx,), block = cls._grid_1d(pixels)
+        return (gx, min(int(batch), _cuda.MAX_GRID_Z)), block
+
+    @staticmethod
+    def _check_voxels(shape):
+        """Refuse a volume of 2^31 voxels or more per channel (the kernels index within a channel in
+        32 bits); images are not limited."""
+        if len(shape) == 5 and int(np.prod(shape[2:])) >= 2 ** 31:
+            raise ValueError(f"the CUDA backend computes volumes of fewer than 2^31 voxels per channel, got "
+                             f"{'x'.join(map(str, shape[2:]))} = {int(np.prod(shape[2:]))}; split the volume or pass "
+                             f"device='cpu'")
+
     #: Kernel values are computed on the fly, never stored (for the memory estimate).
     stores_kernels = False
+
+    @staticmethod
+    def supports(nd, config) -> bool:
+        """True: images and volumes, per-axis window and blur, any pixel spacing.
+
+        (Windows too large for a block's shared memory are refused when launched, with a
+        ValueError naming the filter size.)
+        """
+        return nd in _cuda.SPATIAL_DIMS
 
     def available_memory_bytes(self):
         """Free device memory (plus memory held free by the array pool), or None if unknown."""
@@ -238,28 +308,33 @@ class CudaBackend:
 
     # -- primitives ---------------------------------------------------------------------------
     def pool(self, x, blur, scale0=None, scale1=None):
-        """Blur pooling of (B, C, H, W): ``Pool(x)``, or ``(Pool(x * s0), Pool(x * s1))``.
+        """Blur pooling of (B, C, *size): ``Pool(x)``, or ``(Pool(x * s0), Pool(x * s1))``.
 
-        ``scale0``, ``scale1`` are (B, 1, H, W). With ``blur == 1`` and no scales, ``x`` itself.
+        ``blur`` is an int (every spatial axis) or one factor per axis; ``scale0``, ``scale1`` are
+        (B, 1, *size). With every blur 1 and no scales, ``x`` itself.
         """
         scaled = scale0 is not None
-        if blur == 1 and not scaled:
+        nd = x.ndim - 2
+        self._check_voxels(x.shape)
+        blurs = per_axis(blur, nd)
+        if all(b == 1 for b in blurs) and not scaled:
             return x
         x = self._contiguous(x)
-        B, C, H, W = x.shape
-        gy, gx = axis_geometry(H, blur), axis_geometry(W, blur)
-        h, w = gy.coarse, gx.coarse
+        B, C = x.shape[:2]
+        geometries = [axis_geometry(n, b) for n, b in zip(x.shape[2:], blurs)]
+        coarse = tuple(g.coarse for g in geometries)
         dt = x.dtype
-        o0 = self.xp.empty((B, C, h, w), dtype=dt)
-        o1 = self.xp.empty((B, C, h, w), dtype=dt) if scaled else self._dummy(dt)
+        o0 = self.xp.empty((B, C) + coarse, dtype=dt)
+        o1 = self.xp.empty((B, C) + coarse, dtype=dt) if scaled else self._dummy(dt)
         s0 = self._contiguous(scale0) if scaled else self._dummy(dt)
         s1 = self._contiguous(scale1) if scaled else self._dummy(dt)
-        grid, block = self._grid_1d(B * C * h * w)
+        grid, block = self._grid_1d(o0.size)
         i32 = np.int32
-        self._function("pool.cu", _cuda.pool_spec(dt, scaled))(
+        dims = _three(x.shape[2:], 1) + _three(coarse, 1)
+        pooling = _three(blurs, 1) + _three([g.pad for g in geometries], 0)
+        self._function("pool.cu", _cuda.pool_spec(dt, scaled, nd))(
             grid, block,
-            (x, s0, s1, o0, o1, i32(B), i32(C), i32(H), i32(W), i32(h), i32(w), i32(blur),
-             i32(gy.pad), i32(gx.pad)),
+            (x, s0, s1, o0, o1, i32(B), i32(C), *(i32(n) for n in dims + pooling)),
         )
         return (o0, o1) if scaled else o0
 
@@ -271,93 +346,105 @@ class CudaBackend:
         xp = self.xp
         separate = q1 is not None
         q0 = self._contiguous(q0)
-        B, C, h, w = q0.shape
+        B, C = q0.shape[:2]
+        coarse = tuple(q0.shape[2:])
         F = setup.features.shape[1]
         dt = setup.dtype
-        name, nf, chunk = _cuda.message_spec(dt, F, C, separate, num_cells=B * h * w)
-        block, smem = _cuda.message_launch(h, w, setup.radius, F, dt.itemsize)
+        name, nf, chunk = _cuda.message_spec(dt, F, C, separate, num_cells=B * int(np.prod(coarse)), nd=setup.nd)
+        block, smem = _cuda.message_launch(coarse, setup.radii, F, dt.itemsize)
         nchunks = -(-C // chunk)
-        grid = (-(-w // block[0]), -(-h // block[1]), min(B * nchunks, 65535))
+        grid = _cuda.tiled_grid(coarse, block, B * nchunks)
         m0 = xp.empty_like(q0)
         m1 = xp.empty_like(q0) if separate else self._dummy(dt)
         q1 = self._contiguous(q1) if separate else self._dummy(dt)
         wa, ws = (weights or (1.0, 1.0)) if separate else setup.weights
         i32, T = np.int32, dt.type
+        d, h, w = _three(coarse, 1)
+        rz, ry, rx = _three(setup.radii, 0)
         self._function("message.cu", name)(
             grid, block,
-            (setup.features, setup.ay, setup.ax, setup.sy, setup.sx, q0, q1, m0, m1,
-             i32(B), i32(C), i32(F), i32(h), i32(w), i32(setup.radius), i32(setup.keep_centre),
-             i32(nchunks), T(wa), T(ws)),
+            (setup.features, *setup.a, *setup.s, q0, q1, m0, m1,
+             i32(B), i32(C), i32(F), i32(h), i32(w), i32(ry), i32(rx), i32(setup.keep_centre), i32(nchunks),
+             T(wa), T(ws), i32(d), i32(rz)),
             shared_mem=smem,
         )
         return (m0, m1) if separate else m0
 
     def _upsample(self, setup: CudaSetup, m0, m1=None, mode=0):
-        """Full-resolution (B, C, H, W) from coarse messages; ``mode`` as in ``crf_upsample``."""
+        """Full-resolution (B, C, *size) from coarse messages; ``mode`` as in ``crf_upsample``."""
         B, C = m0.shape[:2]
-        H, W = setup.size
-        h, w = setup.coarse
         dt = setup.dtype
-        out = self.xp.empty((B, C, H, W), dtype=dt)
+        out = self.xp.empty((B, C) + tuple(setup.size), dtype=dt)
         n0, n1 = setup.normalisers if mode == 1 else (self._dummy(dt), self._dummy(dt))
         m1 = m1 if m1 is not None else self._dummy(dt)
         wa, ws = setup.weights
-        grid, block = self._grid_1d(B * C * H * W)
+        grid, block = self._grid_1d(out.size)
         i32, T = np.int32, dt.type
-        self._function("update.cu", _cuda.upsample_spec(dt))(
+        taps = [t for axis in zip(setup.idx, setup.frac) for t in axis]
+        self._function("update.cu", _cuda.upsample_spec(dt, setup.nd))(
             grid, block,
-            (m0, m1, n0, n1, setup.yidx, setup.yfrac, setup.xidx, setup.xfrac, out,
-             i32(B), i32(C), i32(H), i32(W), i32(h), i32(w), i32(mode), T(wa), T(ws),
+            (m0, m1, n0, n1, *taps, out, i32(B), i32(C), *setup.dims(), i32(mode), T(wa), T(ws),
              T(_NORM_EPS)),
         )
         return out
 
     def materialise(self, msg: CoarseMessage):
-        """The full-resolution message ``M`` (B, C, H, W) of :func:`cucrf._meanfield.message`."""
+        """The full-resolution message ``M`` (B, C, *size) of :func:`cucrf._meanfield.message`."""
         return self._upsample(msg.setup, msg.m0, msg.m1, mode=1 if msg.setup.separate else 0)
 
     # -- the interface of cucrf._meanfield.mean_field ------------------------------------------
     def prepare(self, features, params, config) -> CudaSetup:
         """Pool and scale the features, build the per-axis tables and the normalisers."""
         xp = self.xp
+        if features.ndim - 2 not in _cuda.SPATIAL_DIMS:
+            raise ValueError(f"the CUDA backend computes on (B, F, H, W) or (B, F, D, H, W) features, got shape "
+                             f"{tuple(features.shape)}")
+        self._check_voxels(features.shape)
         features = self._contiguous(features)
-        B, F, H, W = features.shape
+        B, F = features.shape[:2]
+        size = tuple(features.shape[2:])
+        nd = len(size)
         dt = np.dtype(features.dtype)
         _cuda.ctype(dt)
-        blur, radius = config.blur, config.filter_size // 2
-        gy, gx = axis_geometry(H, blur), axis_geometry(W, blur)
-        pooled = self.pool(features, blur)
-        scaled = pooled * xp.asarray(1.0 / params.theta_beta_vector(F)).astype(dt)[None, :, None, None]
+        blurs = tuple(int(b) for b in config.blurs(nd))
+        radii = tuple(int(k) // 2 for k in config.filter_sizes(nd))
+        geometries = [axis_geometry(n, b) for n, b in zip(size, blurs)]
+        positions = cell_positions(size, config)
+        pooled = self.pool(features, blurs)
+        scaled = pooled * xp.asarray(1.0 / params.theta_beta_vector(F)).astype(dt).reshape((1, F) + (1,) * nd)
         ita2, itg2 = 1.0 / params.theta_alpha ** 2, 1.0 / params.theta_gamma ** 2
-        ay, sy = _axis_tables(gy.centres, radius, ita2, itg2, dt)
-        ax, sx = _axis_tables(gx.centres, radius, ita2, itg2, dt)
-        yidx, yfrac = _upsample_taps(gy, dt)
-        xidx, xfrac = _upsample_taps(gx, dt)
+        a, s = zip(*(_axis_tables(p, r, ita2, itg2, dt) for p, r in zip(positions, radii)))
+        idx, frac = zip(*(_upsample_taps(g, dt) for g in geometries))
+        placeholder = (np.zeros((2, 1), np.int32), np.zeros(1, dt))  # the depth axis of an image
+        a, s = _three(a, placeholder[1]), _three(s, placeholder[1])
+        idx, frac = _three(idx, placeholder[0]), _three(frac, placeholder[1])
+        # Two host-to-device transfers for every table (reals, integers).
+        reals = self._upload(a + s + frac, dt)
+        idx = tuple(self._upload(idx, np.int32))
+        a, s, frac = tuple(reals[0:3]), tuple(reals[3:6]), tuple(reals[6:9])
         normalized = config.normalization == "symmetric"
         setup = CudaSetup(
-            features=self._contiguous(scaled), ay=self._dev(ay), ax=self._dev(ax),
-            sy=self._dev(sy), sx=self._dev(sx), yidx=self._dev(yidx), yfrac=self._dev(yfrac),
-            xidx=self._dev(xidx), xfrac=self._dev(xfrac), normalisers=None,
+            features=self._contiguous(scaled), a=a, s=s, idx=idx, frac=frac, normalisers=None,
             weights=(float(params.appearance_weight), float(params.smoothness_weight)),
-            size=(H, W), coarse=(gy.coarse, gx.coarse), pads=(gy.pad, gx.pad), blur=blur,
-            radius=radius, keep_centre=bool(config.keep_centre), dtype=dt,
+            size=size, coarse=tuple(g.coarse for g in geometries), pads=tuple(g.pad for g in geometries),
+            blurs=blurs, radii=radii, keep_centre=bool(config.keep_centre), dtype=dt, positions=positions,
         )
         if normalized:
-            ones = xp.ones((B, 1, gy.coarse, gx.coarse), dtype=dt)
+            ones = xp.ones((B, 1) + setup.coarse, dtype=dt)
             ka, ks = self.coarse_message(setup, ones, ones)
             setup.normalisers = (self._upsample(setup, ka, mode=2), self._upsample(setup, ks, mode=2))
         return setup
 
     def full_message(self, setup: CudaSetup, q, config=None) -> CoarseMessage:
-        """The message of ``q`` (B, C, H, W), kept on the coarse grid until :meth:`update`."""
+        """The message of ``q`` (B, C, *size), kept on the coarse grid until :meth:`update`."""
         # The pooled inputs are kept for the backward pass when they are coarse (blur > 1): at
         # blur 1 they are Q itself or full-size products that inference should not hold on to.
-        keep = setup.blur > 1
+        keep = not setup.identity
         if setup.separate:
-            qa, qs = self.pool(q, setup.blur, *setup.normalisers)
+            qa, qs = self.pool(q, setup.blurs, *setup.normalisers)
             return CoarseMessage(setup, *self.coarse_message(setup, qa, qs),
                                  pooled=(qa, qs) if keep else None, source=_array_key(q) if keep else None)
-        pooled = self.pool(q, setup.blur)
+        pooled = self.pool(q, setup.blurs)
         return CoarseMessage(setup, self.coarse_message(setup, pooled), pooled=(pooled,) if keep else None,
                              source=_array_key(q) if keep else None)
 
@@ -365,24 +452,28 @@ class CudaBackend:
         """``softmax(a U - Phi)`` (or the logits), with ``Phi`` from the message ``msg``.
 
         ``msg`` is a :class:`CoarseMessage` (upsampling is fused into the update) or a
-        full-resolution array ``M`` (B, C, H, W). ``out`` is used when it is a C-contiguous
+        full-resolution array ``M`` (B, C, *size). ``out`` is used when it is a C-contiguous
         array of the right shape and dtype other than the inputs, else a new array is returned.
         """
         xp = self.xp
+        self._check_voxels(scaled_unary.shape)
         su = self._contiguous(scaled_unary)
-        B, C, H, W = su.shape
+        B, C = su.shape[:2]
+        size = tuple(su.shape[2:])
+        nd = len(size)
         dt = np.dtype(su.dtype)
         matrix = compat is not None
         if isinstance(msg, CoarseMessage):
             setup = msg.setup
             m0, m1 = msg.m0, msg.m1
             mode = 2 if setup.separate else 1
-            blur, (h, w) = setup.blur, setup.coarse
-            taps = (setup.yidx, setup.yfrac, setup.xidx, setup.xfrac)
+            same_grid, dims = int(setup.identity), setup.dims()
+            taps = [t for axis in zip(setup.idx, setup.frac) for t in axis]
         else:
-            setup, m0, m1, mode, blur, h, w = None, self._contiguous(msg), None, 1, 1, H, W
-            taps = (xp.zeros(2, np.int32), self._dummy(dt), xp.zeros(2, np.int32), self._dummy(dt))
-        name = _cuda.update_spec(dt, C, matrix)
+            setup, m0, m1, mode, same_grid = None, self._contiguous(msg), None, 1, 1
+            dims = tuple(np.int32(n) for n in _three(size, 1) * 2)
+            taps = [xp.zeros(2, np.int32), self._dummy(dt)] * 3
+        name = _cuda.update_spec(dt, C, matrix, nd)
         if name is None:
             full = self.materialise(msg) if setup is not None else m0
             return self._update_unfused(su, full, compat, return_logits)
@@ -394,31 +485,35 @@ class CudaBackend:
         m1 = m1 if m1 is not None else self._dummy(dt)
         c = self._contiguous(compat.astype(dt, copy=False)) if matrix else self._dummy(dt)
         wa, ws = setup.weights if setup is not None else (1.0, 1.0)
-        grid, block = self._grid_1d(B * H * W)
+        grid, block = self._grid_update(B, su.size // (B * C), nd)
         i32, T = np.int32, dt.type
+        D, H, W, d, h, w = dims
         self._function("update.cu", name)(
             grid, block,
-            (su, m0, m1, n0, n1, c, *taps, out, i32(B), i32(C), i32(H), i32(W), i32(h), i32(w),
-             i32(blur), i32(mode), i32(bool(return_logits)), T(wa), T(ws)),
+            (su, m0, m1, n0, n1, c, *taps, out, D, d, i32(B), i32(C), H, W, h, w, i32(same_grid), i32(mode),
+             i32(bool(return_logits)), T(wa), T(ws)),
         )
         return out
 
     def softmax(self, x):
-        """Softmax over axis 1 of (B, C, H, W)."""
+        """Softmax over axis 1 of (B, C, *size)."""
         xp = self.xp
+        self._check_voxels(x.shape)
         x = self._contiguous(x)
-        B, C, H, W = x.shape
+        B, C = x.shape[:2]
+        size = tuple(x.shape[2:])
         dt = np.dtype(x.dtype)
-        name = _cuda.update_spec(dt, C, False)
+        name = _cuda.update_spec(dt, C, False, len(size))
         if name is None:
             return self._softmax_unfused(x)
         out = xp.empty_like(x)
-        d, di = self._dummy(dt), xp.zeros(2, np.int32)
-        grid, block = self._grid_1d(B * H * W)
+        z, zi = self._dummy(dt), xp.zeros(2, np.int32)
+        grid, block = self._grid_update(B, x.size // (B * C), len(size))
         i32, T = np.int32, dt.type
+        D, H, W = (i32(n) for n in _three(size, 1))
         self._function("update.cu", name)(
             grid, block,
-            (x, d, d, d, d, d, di, d, di, d, out, i32(B), i32(C), i32(H), i32(W), i32(H), i32(W),
+            (x, z, z, z, z, z, zi, z, zi, z, zi, z, out, D, D, i32(B), i32(C), H, W, H, W,
              i32(1), i32(0), i32(0), T(0), T(0)),
         )
         return out
@@ -427,71 +522,66 @@ class CudaBackend:
     def _backward_tables(self, setup: CudaSetup) -> dict:
         """Up^T gather tables and squared-distance tables, built once per setup on first use."""
         if setup.backward_tables is None:
-            H, W = setup.size
-            gy, gx = axis_geometry(H, setup.blur), axis_geometry(W, setup.blur)
             dt = setup.dtype
-            ys, yc, yw, ly = _transpose_taps(gy, dt)
-            xs, xc, xw, lx = _transpose_taps(gx, dt)
-            ints = [ys, yc, xs, xc]
-            reals = [yw, xw, _axis_distances(gy.centres, setup.radius, dt),
-                     _axis_distances(gx.centres, setup.radius, dt)]
+            geometries = [axis_geometry(n, b) for n, b in zip(setup.size, setup.blurs)]
+            taps = [_transpose_taps(g, dt) for g in geometries]
+            distances = [_axis_distances(p, r, dt) for p, r in zip(setup.positions, setup.radii)]
+            if setup.nd == 2:  # one-element placeholders for the depth axis of an image
+                taps.insert(0, (np.zeros(1, np.int32), np.zeros(1, np.int32), np.zeros((1, 1), dt), 1))
+                distances.insert(0, np.zeros((1, 1), dt))
+            names_i = ("zstart", "zcount", "ystart", "ycount", "xstart", "xcount")
+            names_r = ("zw", "yw", "xw", "dz2", "dy2", "dx2")
+            ints = [a for t in taps for a in t[:2]]
+            reals = [t[2] for t in taps] + distances
             # Two host-to-device copies; the tables are contiguous slices of them.
-            dev_i = self._dev(np.concatenate([a.ravel() for a in ints]), dtype=np.int32)
-            dev_r = self._dev(np.concatenate([a.ravel() for a in reals]), dtype=dt)
-            tables = {}
-            for dev, names, arrays in ((dev_i, ("ystart", "ycount", "xstart", "xcount"), ints),
-                                       (dev_r, ("yw", "xw", "dy2", "dx2"), reals)):
-                offset = 0
-                for name, a in zip(names, arrays):
-                    tables[name] = dev[offset:offset + a.size].reshape(a.shape)
-                    offset += a.size
-            setup.backward_tables = dict(tables, ly=ly, lx=lx)
+            tables = dict(zip(names_i, self._upload(ints, np.int32)))
+            tables.update(zip(names_r, self._upload(reals, dt)))
+            setup.backward_tables = dict(tables, lz=taps[0][3], ly=taps[1][3], lx=taps[2][3])
         return setup.backward_tables
 
     def upsample_backward(self, setup: CudaSetup, x, scales=None):
-        """Up^T of a full-resolution (B, C, H, W) array: ``(Up^T(x),)`` or ``Up^T(x * s)`` per scale.
+        """Up^T of a full-resolution (B, C, *size) array: ``(Up^T(x),)`` or ``Up^T(x * s)`` per scale.
 
-        ``scales``: None, or a tuple of one or two (B, 1, H, W) per-pixel factors. Returns a tuple
-        of coarse (B, C, h, w) arrays (``x`` itself at blur 1 without scales).
+        ``scales``: None, or a tuple of one or two (B, 1, *size) per-pixel factors. Returns a tuple
+        of coarse (B, C, *coarse) arrays (``x`` itself when every blur is 1 and there are no scales).
         """
         x = self._contiguous(x)
         ns = 0 if scales is None else len(scales)
-        if setup.blur == 1 and ns == 0:
+        if setup.identity and ns == 0:
             return (x,)
         tab = self._backward_tables(setup)
-        B, C, H, W = x.shape
-        h, w = setup.coarse
+        B, C = x.shape[:2]
         dt = setup.dtype
-        outs = [self.xp.empty((B, C, h, w), dtype=dt) for _ in range(max(ns, 1))]
+        outs = [self.xp.empty((B, C) + setup.coarse, dtype=dt) for _ in range(max(ns, 1))]
         s0 = self._contiguous(scales[0]) if ns >= 1 else self._dummy(dt)
         s1 = self._contiguous(scales[1]) if ns == 2 else self._dummy(dt)
         o1 = outs[1] if ns == 2 else self._dummy(dt)
-        grid, block = self._grid_1d(B * C * h * w)
+        grid, block = self._grid_1d(outs[0].size)
         i32 = np.int32
-        self._function("backward.cu", _cuda.upsample_backward_spec(dt, ns))(
+        self._function("backward.cu", _cuda.upsample_backward_spec(dt, ns, setup.nd))(
             grid, block,
-            (x, s0, s1, tab["ystart"], tab["ycount"], tab["yw"], tab["xstart"], tab["xcount"], tab["xw"],
-             outs[0], o1, i32(B), i32(C), i32(H), i32(W), i32(h), i32(w), i32(tab["ly"]), i32(tab["lx"])),
+            (x, s0, s1, tab["zstart"], tab["zcount"], tab["zw"], tab["ystart"], tab["ycount"], tab["yw"],
+             tab["xstart"], tab["xcount"], tab["xw"], outs[0], o1, i32(B), i32(C), *setup.dims(),
+             i32(tab["lz"]), i32(tab["ly"]), i32(tab["lx"])),
         )
         return tuple(outs)
 
     def pool_backward(self, setup: CudaSetup, r0, r1=None):
-        """Pool^T of coarse (B, C, h, w): ``Pool^T(r0)``, or ``n_a Pool^T(r0) + n_s Pool^T(r1)``."""
+        """Pool^T of coarse (B, C, *coarse): ``Pool^T(r0)``, or ``n_a Pool^T(r0) + n_s Pool^T(r1)``."""
         scaled = r1 is not None
         r0 = self._contiguous(r0)
-        if setup.blur == 1 and not scaled:
+        if setup.identity and not scaled:
             return r0
-        B, C, h, w = r0.shape
-        H, W = setup.size
+        B, C = r0.shape[:2]
         dt = setup.dtype
-        out = self.xp.empty((B, C, H, W), dtype=dt)
+        out = self.xp.empty((B, C) + tuple(setup.size), dtype=dt)
         n0, n1 = setup.normalisers if scaled else (self._dummy(dt), self._dummy(dt))
-        grid, block = self._grid_1d(B * C * H * W)
+        grid, block = self._grid_1d(out.size)
         i32 = np.int32
-        self._function("backward.cu", _cuda.pool_backward_spec(dt, scaled))(
+        self._function("backward.cu", _cuda.pool_backward_spec(dt, scaled, setup.nd))(
             grid, block,
-            (r0, self._contiguous(r1) if scaled else self._dummy(dt), n0, n1, out, i32(B), i32(C), i32(H),
-             i32(W), i32(h), i32(w), i32(setup.blur), i32(setup.pads[0]), i32(setup.pads[1])),
+            (r0, self._contiguous(r1) if scaled else self._dummy(dt), n0, n1, out, i32(B), i32(C),
+             *setup.dims(), *setup.pooling()),
         )
         return out
 
@@ -525,23 +615,24 @@ class CudaBackend:
             gn[s] += (grad.q * self.pool_backward(grad.setup, r)).sum(axis=1, keepdims=True)
 
     def _normaliser_gradients(self, grads, q):
-        """The in-place accumulators (B, 1, H, W) of the normaliser gradients in ``grads``."""
-        B, _, H, W = q.shape
+        """The in-place accumulators (B, 1, *size) of the normaliser gradients in ``grads``."""
         for s in range(2):
             if grads.normalisers[s] is None:
-                grads.normalisers[s] = self.xp.zeros((B, 1, H, W), dtype=q.dtype)
+                grads.normalisers[s] = self.xp.zeros((q.shape[0], 1) + tuple(q.shape[2:]), dtype=q.dtype)
         return grads.normalisers
 
     def softmax_backward(self, q, grad):
         """Vector-Jacobian product of the softmax over classes, given its output ``q``.
 
-        ``grad`` is an array (B, C, H, W) or a lazy :class:`PixelGradient` (formed on the fly;
+        ``grad`` is an array (B, C, *size) or a lazy :class:`PixelGradient` (formed on the fly;
         when it is the gradient of this same ``q``'s message its pending normaliser term is added
         in the same pass).
         """
         xp = self.xp
+        self._check_voxels(q.shape)
         q = self._contiguous(q)
-        B, C, H, W = q.shape
+        B, C = q.shape[:2]
+        size = tuple(q.shape[2:])
         dt = np.dtype(q.dtype)
         d = self._dummy(dt)
         out = xp.empty_like(q)
@@ -560,18 +651,17 @@ class CudaBackend:
                 else:
                     self._settle_normaliser_term(grad)
                     gn0, gn1 = d, d
-            h, w = setup.coarse
-            blur, (pad_y, pad_x) = setup.blur, setup.pads
+            dims, pooling = setup.dims(), setup.pooling()
         else:
             mode, g = 0, self._contiguous(grad.astype(dt, copy=False))
             r0 = r1 = n0 = n1 = gn0 = gn1 = d
-            h, w, blur, pad_y, pad_x = H, W, 1, 0, 0
-        grid, block = self._grid_1d(B * H * W)
+            dims = tuple(np.int32(n) for n in _three(size, 1) * 2)
+            pooling = tuple(np.int32(n) for n in (1, 1, 1, 0, 0, 0))
+        grid, block = self._grid_1d(q.size // C)
         i32 = np.int32
-        self._function("backward.cu", _cuda.softmax_backward_spec(dt, mode))(
+        self._function("backward.cu", _cuda.softmax_backward_spec(dt, mode, len(size)))(
             grid, block,
-            (q, g, r0, r1, n0, n1, gn0, gn1, out, i32(B), i32(C), i32(H), i32(W), i32(h), i32(w),
-             i32(blur), i32(pad_y), i32(pad_x), i32(accumulate)),
+            (q, g, r0, r1, n0, n1, gn0, gn1, out, i32(B), i32(C), *dims, *pooling, i32(accumulate)),
         )
         return out
 
@@ -634,9 +724,9 @@ class CudaBackend:
         if msg is not None and msg.pooled is not None and msg.source == _array_key(q):
             pooled = msg.pooled
         elif sep:
-            pooled = self.pool(q, setup.blur, *setup.normalisers)
+            pooled = self.pool(q, setup.blurs, *setup.normalisers)
         else:
-            pooled = (self.pool(q, setup.blur),)
+            pooled = (self.pool(q, setup.blurs),)
         for s in range(len(coarse)):
             grads.left[s].append(coarse[s])
             grads.right[s].append(pooled[s])
@@ -673,14 +763,12 @@ class CudaBackend:
     def _upsampled_dot(self, setup, a, x0, x1, gn0, gn1):
         """``gn_s += sum_c a Up(x_s)`` per pixel (in place)."""
         a = self._contiguous(a)
-        B, C, H, W = a.shape
-        h, w = setup.coarse
-        grid, block = self._grid_1d(B * H * W)
-        i32 = np.int32
-        self._function("backward.cu", _cuda.upsampled_dot_spec(setup.dtype))(
+        B, C = a.shape[:2]
+        grid, block = self._grid_1d(a.size // C)
+        taps = [t for axis in zip(setup.idx, setup.frac) for t in axis]
+        self._function("backward.cu", _cuda.upsampled_dot_spec(setup.dtype, setup.nd))(
             grid, block,
-            (a, x0, x1, setup.yidx, setup.yfrac, setup.xidx, setup.xfrac, gn0, gn1, i32(B), i32(C), i32(H),
-             i32(W), i32(h), i32(w)),
+            (a, x0, x1, *taps, gn0, gn1, np.int32(B), np.int32(C), *setup.dims()),
         )
 
     def prepare_backward(self, setup: CudaSetup, features, params, config, grads):
@@ -693,8 +781,8 @@ class CudaBackend:
         xp = self.xp
         for lazy in getattr(grads, "cuda_pending", ()):
             self._settle_normaliser_term(lazy)
-        B, F, H, W = features.shape
-        h, w = setup.coarse
+        B, F = features.shape[:2]
+        coarse = setup.coarse
         dt = setup.dtype
         sep = setup.separate
         S = 2 if sep else 1
@@ -704,7 +792,7 @@ class CudaBackend:
         zero = {"theta_alpha": 0.0, "theta_beta": np.zeros(F), "theta_gamma": 0.0,
                 "appearance_weight": 0.0, "smoothness_weight": 0.0}
         if not grads.left[0]:
-            return xp.zeros((B, F, H, W), dtype=dt), zero
+            return xp.zeros(features.shape, dtype=dt), zero
         left = [self._contiguous(xp.concatenate(grads.left[s], axis=1)) for s in range(S)]
         right = [self._contiguous(xp.concatenate(grads.right[s], axis=1)) for s in range(S)]
         CT = left[0].shape[1]
@@ -714,29 +802,31 @@ class CudaBackend:
             for s in range(2):
                 gn = grads.normalisers[s]
                 if gn is None:
-                    rows[s] = xp.zeros((B, 1, h, w), dtype=dt)
+                    rows[s] = xp.zeros((B, 1) + coarse, dtype=dt)
                     continue
                 n = setup.normalisers[s]
                 factor = (n * n * n) * dt.type(-0.5)
-                rows[s] = self.upsample_backward(setup, gn, (factor,))[0] if setup.blur > 1 else gn * factor
+                rows[s] = gn * factor if setup.identity else self.upsample_backward(setup, gn, (factor,))[0]
                 rows[s] = self._contiguous(rows[s])
                 has_rows = True
-        name, nf, chunk = _cuda.kernel_grad_spec(dt, F, CT, num_cells=B * h * w)
-        block, smem = _cuda.kernel_grad_launch(h, w, setup.radius, F, dt.itemsize)
+        name, nf, chunk = _cuda.kernel_grad_spec(dt, F, CT, num_cells=B * int(np.prod(coarse)), nd=setup.nd)
+        block, smem = _cuda.kernel_grad_launch(coarse, setup.radii, F, dt.itemsize)
         nchunks = -(-CT // chunk)
         nz = B * S * nchunks
-        grid = (-(-w // block[0]), -(-h // block[1]), min(nz, _cuda.MAX_GRID_Z))
-        feat_out = xp.empty((B, S * nchunks, F, h, w), dtype=dt)
+        grid = _cuda.tiled_grid(coarse, block, nz)
+        feat_out = xp.empty((B, S * nchunks, F) + coarse, dtype=dt)
         partials = xp.empty((nz, grid[1], grid[0], 6 + F), dtype=np.float64)
         inv_beta = self._dev(1.0 / theta_beta, dtype=dt)
         i32, T = np.int32, dt.type
+        d, h, w = _three(coarse, 1)
+        rz, ry, rx = _three(setup.radii, 0)
         self._function("kernel_grad.cu", name)(
             grid, block,
-            (setup.features, setup.ay, setup.ax, setup.sy, setup.sx, tab["dy2"], tab["dx2"],
+            (setup.features, *setup.a, *setup.s, tab["dz2"], tab["dy2"], tab["dx2"],
              left[0], right[0], left[-1], right[-1], rows[0], rows[1], inv_beta, feat_out, partials,
-             i32(B), i32(CT), i32(F), i32(h), i32(w), i32(setup.radius), i32(setup.keep_centre), i32(S),
-             i32(nchunks), i32(has_rows), T(1.0 if not sep else wa), T(1.0 if not sep else ws),
-             T(wa if not sep else 1.0)),
+             i32(B), i32(CT), i32(F), i32(h), i32(w), i32(setup.keep_centre), i32(S), i32(nchunks), i32(has_rows),
+             T(1.0 if not sep else wa), T(1.0 if not sep else ws), T(wa if not sep else 1.0),
+             i32(ry), i32(rx), i32(d), i32(rz)),
             shared_mem=smem,
         )
         grad_features = self.pool_backward(setup, feat_out.sum(axis=1))  # a new array (blur 1: the sum)

@@ -2,13 +2,14 @@
 //
 // Self-contained (NVRTC and nvcc, no host headers). Template arguments:
 //   T      float or double
+//   ND     spatial axes: 2 (images, (h, w)) or 3 (volumes, (d, h, w)); depth terms compiled out for 2
 //   NF     feature channels kept in registers (1..5), or 0 for any F (per-thread accumulators
 //          then live in shared memory)
 //   CHUNK  stacked classes per thread (8 or 16); ceil(CT / CHUNK) chunks along grid z
 //
 // What it computes. The backward passes of the messages leave, for kernel slice s, the message
 // gradients G_s = left_s and the message inputs P_s = right_s, (B, CT, h, w) with every
-// iteration's classes stacked (CT = T * C). The gradient with respect to the kernel value between
+// iteration's classes stacked (CT = T * C), (B, CT, d, h, w) for volumes. The gradient with respect to the kernel value between
 // cell i and its window neighbour j is
 //   gK_s(i, j) = scale_s * A_s(i, j) + rows_s(i),   A_s(i, j) = sum_c G_s[c, i] P_s[c, j]
 // (rows_s: the gradient of the row sums, symmetric normalisation only). Every quantity the
@@ -35,8 +36,12 @@
 //   (each thread sums its window in T; the block's threads are then added by a fixed-order tree
 //   in shared memory; the host adds the blocks in a fixed order: deterministic.)
 //
-// Launch: block (TX, TY), TX * TY a power of two, grid (ceil(w / TX), ceil(h / TY),
-// min(B * S * nchunks, 65535)); dynamic shared memory: see cucrf._cuda.kernel_grad_launch.
+// The window, the per-axis tables (one radius per axis, positions times the pixel spacing) and
+// the tile are message.cu's; d2 = dz2 + dy2 + dx2 (dz2 only for volumes).
+//
+// Launch: block (TX, TY, TZ) (TZ = 1 for images), TX * TY * TZ a power of two, grid
+// (ceil(w / TX) * ceil(d / TZ), ceil(h / TY), min(B * S * nchunks, 65535)) (grid x: x tiles
+// fastest, then depth tiles); dynamic shared memory: see cucrf._cuda.kernel_grad_launch.
 
 template <typename T> __device__ __forceinline__ T crfk_exp(T v);
 template <> __device__ __forceinline__ float crfk_exp<float>(float v) { return expf(v); }
@@ -57,39 +62,47 @@ __device__ __forceinline__ void crfk_block_reduce(double* red, int rows, int nth
 
 // No __launch_bounds__: with one, ptxas holds the kernel to 128 registers and CHUNK = 16 spills;
 // without, it takes 72-150 (float) / 128-192 (double), and a 256-thread block always fits.
-template <typename T, int NF, int CHUNK>
+// The window radii and the volume-only arguments come last (see message.cu): of the orders tried,
+// this one keeps the image instances' register counts closest to the images-only kernel's.
+template <typename T, int ND, int NF, int CHUNK>
 __global__ void crf_kernel_grad(
-    const T* __restrict__ feat,     // (B, F, h, w) features / theta_beta
-    const T* __restrict__ ay_tab,   // (h, k) dy^2 / theta_alpha^2
-    const T* __restrict__ ax_tab,   // (w, k)
-    const T* __restrict__ sy_tab,   // (h, k) exp(-dy^2 / (2 theta_gamma^2))
-    const T* __restrict__ sx_tab,   // (w, k)
-    const T* __restrict__ dy2_tab,  // (h, k) dy^2 (pixels^2)
-    const T* __restrict__ dx2_tab,  // (w, k)
-    const T* __restrict__ left0,    // (B, CT, h, w) slice 0
+    const T* __restrict__ feat,     // (B, F, [d,] h, w) features / theta_beta
+    const T* __restrict__ az_tab,   // (d, kz) dz^2 / theta_alpha^2 (ND == 3)
+    const T* __restrict__ ay_tab,   // (h, ky) dy^2 / theta_alpha^2
+    const T* __restrict__ ax_tab,   // (w, kx)
+    const T* __restrict__ sz_tab,   // (d, kz) exp(-dz^2 / (2 theta_gamma^2)) (ND == 3)
+    const T* __restrict__ sy_tab,   // (h, ky) exp(-dy^2 / (2 theta_gamma^2))
+    const T* __restrict__ sx_tab,   // (w, kx)
+    const T* __restrict__ dz2_tab,  // (d, kz) dz^2 (position units^2) (ND == 3)
+    const T* __restrict__ dy2_tab,  // (h, ky) dy^2
+    const T* __restrict__ dx2_tab,  // (w, kx)
+    const T* __restrict__ left0,    // (B, CT, [d,] h, w) slice 0
     const T* __restrict__ right0,
     const T* __restrict__ left1,    // slice 1 (S == 2)
     const T* __restrict__ right1,
-    const T* __restrict__ rows0,    // (B, 1, h, w), has_rows
+    const T* __restrict__ rows0,    // (B, 1, [d,] h, w), has_rows
     const T* __restrict__ rows1,
     const T* __restrict__ inv_beta, // (F,)
-    T* __restrict__ feat_out,       // (B * S * nchunks, F, h, w)
+    T* __restrict__ feat_out,       // (B * S * nchunks, F, [d,] h, w)
     double* __restrict__ partials,  // (B * S * nchunks, gridDim.y, gridDim.x, 6 + F)
-    int B, int CT, int F, int h, int w, int radius, int keep_centre, int S, int nchunks,
-    int has_rows, T scale0, T scale1, T alpha)
+    int B, int CT, int F, int h, int w, int keep_centre, int S, int nchunks,
+    int has_rows, T scale0, T scale1, T alpha, int ry, int rx, int d, int rz)
 {
     extern __shared__ __align__(16) unsigned char crf_smem[];
     const int nf = NF > 0 ? NF : F;
-    const int k = 2 * radius + 1;
-    const int TX = blockDim.x, TY = blockDim.y;
-    const int TW = TX + 2 * radius, TH = TY + 2 * radius;
-    const int tile_plane = TH * TW;
-    const int tid = threadIdx.y * TX + threadIdx.x;
-    const int nthreads = TX * TY;
-    const int x0 = blockIdx.x * TX, y0 = blockIdx.y * TY;
-    const int x = x0 + threadIdx.x, y = y0 + threadIdx.y;
-    const bool inside = x < w && y < h;
-    const long long plane = (long long)h * w;
+    const int RZ = ND == 3 ? rz : 0;  // compile-time 0 for images
+    const int kz = 2 * RZ + 1, ky = 2 * ry + 1, kx = 2 * rx + 1;
+    const int TX = blockDim.x, TY = blockDim.y, TZ = ND == 3 ? (int)blockDim.z : 1;
+    const int TW = TX + 2 * rx, TH = TY + 2 * ry;
+    const int tile_plane = (ND == 3 ? (TZ + 2 * RZ) * TH : TH) * TW;
+    const int tid = ND == 3 ? (threadIdx.z * TY + threadIdx.y) * TX + threadIdx.x : threadIdx.y * TX + threadIdx.x;
+    const int nthreads = TX * TY * TZ;
+    const int xtiles = ND == 3 ? (w + TX - 1) / TX : 1;
+    const int x0 = (ND == 3 ? blockIdx.x % xtiles : blockIdx.x) * TX, y0 = blockIdx.y * TY;
+    const int z0 = ND == 3 ? (blockIdx.x / xtiles) * TZ : 0;
+    const int x = x0 + threadIdx.x, y = y0 + threadIdx.y, zc = ND == 3 ? z0 + (int)threadIdx.z : 0;
+    const bool inside = x < w && y < h && (ND == 2 || zc < d);
+    const long long plane = ND == 3 ? (long long)h * w * d : (long long)h * w;  // cells per channel
     const int np = 6 + nf;
 
     // Shared memory: [0, front) the feature tile, later reused by the reduction; [front, ...) the
@@ -123,12 +136,19 @@ __global__ void crf_kernel_grad(
             const T* fb = feat + (long long)b * nf * plane;
             for (int i = tid; i < nf * tile_plane; i += nthreads) {
                 const int f = i / tile_plane;
-                const int r = i - f * tile_plane;
+                int r = i - f * tile_plane;
+                int gz = 0;
+                if (ND == 3) {
+                    const int zz = r / (TH * TW);
+                    r -= zz * TH * TW;
+                    gz = z0 - RZ + zz;
+                }
                 const int yy = r / TW;
-                const int gy = y0 - radius + yy;
-                const int gx = x0 - radius + (r - yy * TW);
+                const int gy = y0 - ry + yy;
+                const int gx = x0 - rx + (r - yy * TW);
                 T v = T(0);
-                if (gy >= 0 && gy < h && gx >= 0 && gx < w) v = fb[f * plane + (long long)gy * w + gx];
+                if (gy >= 0 && gy < h && gx >= 0 && gx < w && (ND == 2 || (gz >= 0 && gz < d)))
+                    v = fb[f * plane + ((long long)gz * h + gy) * w + gx];
                 tile[i] = v;
             }
         }
@@ -149,12 +169,12 @@ __global__ void crf_kernel_grad(
         }
 
         if (inside) {
-            const int centre = (threadIdx.y + radius) * TW + threadIdx.x + radius;
+            const int centre = ((ND == 3 ? (threadIdx.z + RZ) * TH : 0) + threadIdx.y + ry) * TW + threadIdx.x + rx;
             T fc[NF > 0 ? NF : 1];
 #pragma unroll
             for (int f = 0; f < (NF > 0 ? NF : 1); ++f) fc[f] = (NF > 0 && app) ? tile[f * tile_plane + centre] : T(0);
 
-            const long long own = (long long)y * w + x;
+            const long long own = ((long long)zc * h + y) * w + x;
             T gcv[CHUNK], pcv[CHUNK];
 #pragma unroll
             for (int j = 0; j < CHUNK; ++j) {
@@ -164,69 +184,78 @@ __global__ void crf_kernel_grad(
             }
             const T row_own = use_rows ? rows[own] : T(0);
 
-            for (int dy = -radius; dy <= radius; ++dy) {
-                const int yn = y + dy;
-                if (yn < 0 || yn >= h) continue;
-                const T ay = ay_tab[y * k + dy + radius];
-                const T sy = sy_tab[y * k + dy + radius];
-                const T dy2 = dy2_tab[y * k + dy + radius];
-                const int trow = centre + dy * TW;
-                for (int dx = -radius; dx <= radius; ++dx) {
-                    const int xn = x + dx;
-                    if (xn < 0 || xn >= w) continue;
-                    if (dy == 0 && dx == 0 && !keep_centre) continue;
-                    const long long off = (long long)yn * w + xn;
+            for (int dz = -RZ; dz <= RZ; ++dz) {
+                const int zn = zc + dz;
+                if (ND == 3 && (zn < 0 || zn >= d)) continue;
+                const T az = ND == 3 ? az_tab[zc * kz + dz + RZ] : T(0);
+                const T sz = ND == 3 ? sz_tab[zc * kz + dz + RZ] : T(1);
+                const T dz2 = ND == 3 ? dz2_tab[zc * kz + dz + RZ] : T(0);
+                for (int dy = -ry; dy <= ry; ++dy) {
+                    const int yn = y + dy;
+                    if (yn < 0 || yn >= h) continue;
+                    // Depth and row terms of the window row (for images, the row terms alone).
+                    const T ay = ND == 3 ? az + ay_tab[y * ky + dy + ry] : ay_tab[y * ky + dy + ry];
+                    const T sy = ND == 3 ? sz * sy_tab[y * ky + dy + ry] : sy_tab[y * ky + dy + ry];
+                    const T dy2 = ND == 3 ? dz2 + dy2_tab[y * ky + dy + ry] : dy2_tab[y * ky + dy + ry];
+                    const int trow = centre + ((ND == 3 ? dz * TH : 0) + dy) * TW;
+                    const long long row = ((long long)zn * h + yn) * w;
+                    for (int dx = -rx; dx <= rx; ++dx) {
+                        const int xn = x + dx;
+                        if (xn < 0 || xn >= w) continue;
+                        if (dz == 0 && dy == 0 && dx == 0 && !keep_centre) continue;
+                        const long long off = row + xn;
 
-                    // A(x, j) + A(j, x) over this chunk's classes.
-                    T asym = T(0);
+                        // A(x, j) + A(j, x) over this chunk's classes.
+                        T asym = T(0);
 #pragma unroll
-                    for (int j = 0; j < CHUNK; ++j) {
-                        if (c0 + j < CT) asym += gcv[j] * R[j * plane + off] + L[j * plane + off] * pcv[j];
-                    }
-                    T g = scale * asym;
-                    if (use_rows) g += row_own + rows[off];
-                    const T d2 = dy2 + dx2_tab[x * k + dx + radius];
-
-                    if (smo) {
-                        const T ks = sy * sx_tab[x * k + dx + radius];
-                        const T gks = g * ks;
-                        p_ks += gks;
-                        p_ksd2 += gks * d2;
-                        p_dks += asym * ks;
-                    }
-                    if (app) {
-                        T colour = T(0);
-                        T dd[NF > 0 ? NF : 1];
-                        if (NF > 0) {
-#pragma unroll
-                            for (int f = 0; f < (NF > 0 ? NF : 1); ++f) {
-                                dd[f] = tile[f * tile_plane + trow + dx] - fc[f];
-                                colour += dd[f] * dd[f];
-                            }
-                        } else {
-                            for (int f = 0; f < nf; ++f) {
-                                const T d = tile[f * tile_plane + trow + dx] - tile[f * tile_plane + centre];
-                                colour += d * d;
-                            }
+                        for (int j = 0; j < CHUNK; ++j) {
+                            if (c0 + j < CT) asym += gcv[j] * R[j * plane + off] + L[j * plane + off] * pcv[j];
                         }
-                        const T ka = crfk_exp<T>(T(-0.5) * (colour + (ay + ax_tab[x * k + dx + radius])));
-                        const T e = g * ka;
-                        p_ka += e;
-                        p_kad2 += e * d2;
-                        p_dka += asym * ka;
-                        if (NF > 0) {
+                        T g = scale * asym;
+                        if (use_rows) g += row_own + rows[off];
+                        const T d2 = dy2 + dx2_tab[x * kx + dx + rx];
+
+                        if (smo) {
+                            const T ks = sy * sx_tab[x * kx + dx + rx];
+                            const T gks = g * ks;
+                            p_ks += gks;
+                            p_ksd2 += gks * d2;
+                            p_dks += asym * ks;
+                        }
+                        if (app) {
+                            T colour = T(0);
+                            T dd[NF > 0 ? NF : 1];
+                            if (NF > 0) {
 #pragma unroll
-                            for (int f = 0; f < (NF > 0 ? NF : 1); ++f) {
-                                const T ed = e * dd[f];
-                                p_fg[f] += ed;
-                                p_ib[f] += ed * dd[f];
+                                for (int f = 0; f < (NF > 0 ? NF : 1); ++f) {
+                                    dd[f] = tile[f * tile_plane + trow + dx] - fc[f];
+                                    colour += dd[f] * dd[f];
+                                }
+                            } else {
+                                for (int f = 0; f < nf; ++f) {
+                                    const T df = tile[f * tile_plane + trow + dx] - tile[f * tile_plane + centre];
+                                    colour += df * df;
+                                }
                             }
-                        } else {
-                            for (int f = 0; f < nf; ++f) {
-                                const T d = tile[f * tile_plane + trow + dx] - tile[f * tile_plane + centre];
-                                const T ed = e * d;
-                                acc_fg[f * nthreads + tid] += ed;
-                                acc_ib[f * nthreads + tid] += ed * d;
+                            const T ka = crfk_exp<T>(T(-0.5) * (colour + (ay + ax_tab[x * kx + dx + rx])));
+                            const T e = g * ka;
+                            p_ka += e;
+                            p_kad2 += e * d2;
+                            p_dka += asym * ka;
+                            if (NF > 0) {
+#pragma unroll
+                                for (int f = 0; f < (NF > 0 ? NF : 1); ++f) {
+                                    const T ed = e * dd[f];
+                                    p_fg[f] += ed;
+                                    p_ib[f] += ed * dd[f];
+                                }
+                            } else {
+                                for (int f = 0; f < nf; ++f) {
+                                    const T df = tile[f * tile_plane + trow + dx] - tile[f * tile_plane + centre];
+                                    const T ed = e * df;
+                                    acc_fg[f * nthreads + tid] += ed;
+                                    acc_ib[f * nthreads + tid] += ed * df;
+                                }
                             }
                         }
                     }
