@@ -18,6 +18,7 @@ thread count of both paths (see :mod:`cucrf._parallel`).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import threading
 import time
@@ -46,11 +47,11 @@ def _warn(reason):
 
 def _load():
     """Import numba and the kernels and run the tiny problem; return the backend or None."""
+    if importlib.util.find_spec("numba") is None:
+        return None  # the extra is not installed: NumPy, silently
     try:
         import numba  # noqa: F401
-    except ImportError:
-        return None  # the extra is not installed: NumPy, silently
-    except Exception as exc:  # a broken installation (llvmlite mismatch, ...)
+    except Exception as exc:  # installed but broken (a NumPy it does not support, llvmlite, ...)
         _state["reason"] = f"importing numba failed ({type(exc).__name__}: {exc})"
         _warn(_state["reason"])
         return None

@@ -313,7 +313,16 @@ def full_message(setup: FastSetup, q, config=None) -> CoarseMessage:
 
 
 def _taps(tab):
-    return (tab.lo[0], tab.hi[0], tab.frac[0], tab.lo[1], tab.hi[1], tab.frac[1], tab.lo[2], tab.hi[2], tab.frac[2])
+    """Upsampling taps along z and y (x is done first, by :func:`_upsample_x`)."""
+    return (tab.lo[0], tab.hi[0], tab.frac[0], tab.lo[1], tab.hi[1], tab.frac[1])
+
+
+def _upsample_x(setup, m):
+    """A coarse (B, C, d, h, w) array upsampled along its last axis: (B, C, d, h, W)."""
+    tab = setup.tables
+    out = np.empty(m.shape[:4] + (setup.size[-1],), setup.dtype)
+    _run(_k.upsample_x, m, tab.lo[2], tab.hi[2], tab.frac[2], out)
+    return out
 
 
 def update(scaled_unary, msg, compat, return_logits=False, out=None):
@@ -332,17 +341,17 @@ def update(scaled_unary, msg, compat, return_logits=False, out=None):
         tab = setup.tables
         trivial_merged = tab.trivial and not setup.separate
         mode = 3 if trivial_merged else (2 if setup.separate else 1)
-        m0 = msg.m[0]
-        m1 = msg.m[1] if setup.separate else d["a5"]
+        m0 = msg.m[0] if trivial_merged else _upsample_x(setup, msg.m[0])
+        m1 = _upsample_x(setup, msg.m[1]) if setup.separate else d["a5"]
         n0, n1 = setup.normalisers if setup.separate else (d["a5"], d["a5"])
         w0, w1 = (setup.weights + (0.0,))[:2]
-        taps = _taps(tab) if not trivial_merged else (d["u"], d["u"], d["f"]) * 3
+        taps = _taps(tab) if not trivial_merged else (d["u"], d["u"], d["f"]) * 2
         pool_mode = 0 if return_logits or trivial_merged else (2 if setup.separate else 1)
         zs, ys, xs, inv = tab.starts[0], tab.starts[1], tab.starts[2], tab.inv
     else:
         setup = None
         m0, m1, n0, n1, w0, w1, mode = _v5(msg.astype(dt, copy=False)), d["a5"], d["a5"], d["a5"], 1.0, 1.0, 3
-        taps = (d["u"], d["u"], d["f"]) * 3
+        taps = (d["u"], d["u"], d["f"]) * 2
         pool_mode = 0
         zs, ys = _row_tables(U5.shape[2], U5.shape[3])
         xs, inv = d["i"], d["inv"]
@@ -377,7 +386,7 @@ def softmax(x):
     out = _new(xc.shape, xc.dtype)
     zs, ys = _row_tables(x5.shape[2], x5.shape[3])
     _run(_k.update, x5, d["a5"], d["a5"], d["a5"], d["a5"], 0, 1.0, 1.0, d["mat"], False, False,
-         *((d["u"], d["u"], d["f"]) * 3), 0, zs, ys, d["i"], d["inv"], d["a5"], d["a5"], _v5(out))
+         *((d["u"], d["u"], d["f"]) * 2), 0, zs, ys, d["i"], d["inv"], d["a5"], d["a5"], _v5(out))
     return out
 
 
@@ -534,7 +543,7 @@ def full_message_backward(setup: FastSetup, q, grad_msg, config, grads):
             xs.append(x)
     gn0, gn1 = (_v5(g) for g in _normaliser_gradients(setup, grads, q))
     tab = setup.tables
-    _run(_k.upsampled_dot, a, xs[0], xs[1], *_taps(tab), gn0, gn1)
+    _run(_k.upsampled_dot, a, _upsample_x(setup, xs[0]), _upsample_x(setup, xs[1]), *_taps(tab), gn0, gn1)
     lazy = PixelGradient(setup, tuple(rs), q, grads, pending=True)
     if not hasattr(grads, "fast_pending"):
         grads.fast_pending = []

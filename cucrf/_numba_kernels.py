@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 import warnings
 
 import numba
@@ -42,6 +43,63 @@ if not CACHE:
 
 _SERIAL = dict(cache=CACHE, nogil=True, error_model="numpy")
 _PARALLEL = dict(_SERIAL, parallel=True)
+
+# -- denormals ---------------------------------------------------------------------------------------
+# After a few iterations most marginals are tiny (1e-30 and less) and products of them underflow
+# below float32's smallest normal value; x86 processors handle each such denormal operand or
+# result in microcode, which made whole kernels 3-4x slower. Every parallel piece therefore
+# runs with denormals flushed to zero (MXCSR's FTZ and DAZ bits) and restores the previous mode
+# when it ends. The results change by less than the smallest normal value (1.2e-38 in float32).
+if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86"):
+    from llvmlite import ir as _ir
+    from numba.core import cgutils as _cgutils
+    from numba.core import types as _types
+    from numba.extending import intrinsic as _intrinsic
+
+    def _mxcsr_call(builder, name, ptr):
+        fnty = _ir.FunctionType(_ir.VoidType(), [_ir.PointerType(_ir.IntType(8))])
+        fn = _cgutils.get_or_insert_function(builder.module, fnty, name)
+        builder.call(fn, [builder.bitcast(ptr, _ir.PointerType(_ir.IntType(8)))])
+
+    @_intrinsic
+    def _mxcsr_get(typingctx):
+        def codegen(context, builder, signature, args):
+            ptr = _cgutils.alloca_once(builder, _ir.IntType(32))
+            _mxcsr_call(builder, "llvm.x86.sse.stmxcsr", ptr)
+            return builder.load(ptr)
+
+        return _types.uint32(), codegen
+
+    @_intrinsic
+    def _mxcsr_set(typingctx, value):
+        def codegen(context, builder, signature, args):
+            ptr = _cgutils.alloca_once(builder, _ir.IntType(32))
+            builder.store(args[0], ptr)
+            _mxcsr_call(builder, "llvm.x86.sse.ldmxcsr", ptr)
+            return context.get_dummy_value()
+
+        return _types.void(_types.uint32), codegen
+
+    @numba.njit(inline="always", **_SERIAL)
+    def _flush_denormals():
+        """Set FTZ and DAZ; return the previous mode for :func:`_restore`."""
+        old = _mxcsr_get()
+        _mxcsr_set(old | np.uint32(0x8040))
+        return old
+
+    @numba.njit(inline="always", **_SERIAL)
+    def _restore(old):
+        _mxcsr_set(old)
+
+else:
+    @numba.njit(inline="always", **_SERIAL)
+    def _flush_denormals():
+        return np.uint32(0)
+
+    @numba.njit(inline="always", **_SERIAL)
+    def _restore(old):
+        pass
+
 
 # -- exp: vectorisable, about 1 ulp (Cephes' expf), for float32 rows -----------------------------------
 _LOG2E = np.float32(1.4426950408889634)
@@ -130,6 +188,7 @@ def pool(x, s0, s1, nscale, zs, ys, xs, inv, out0, out1):
     groups = B * C * d * h
     n_ch = _chunks(groups)
     for ch in prange(n_ch):
+        mode_fp = _flush_denormals()
         acc0 = np.empty(W, x.dtype)
         acc1 = np.empty(W, x.dtype)
         for g in range(ch * groups // n_ch, (ch + 1) * groups // n_ch):
@@ -156,6 +215,7 @@ def pool(x, s0, s1, nscale, zs, ys, xs, inv, out0, out1):
             _reduce_cells(acc0, xs, inv[zc, yc], out0[b, c, zc, yc])
             if nscale == 2:
                 _reduce_cells(acc1, xs, inv[zc, yc], out1[b, c, zc, yc])
+        _restore(mode_fp)
 
 
 # -- message passing on the coarse grid --------------------------------------------------------------
@@ -170,6 +230,7 @@ def message(kernels, offsets, q, weight, out):
     groups = B * d * h
     n_ch = _chunks(groups)
     for ch in prange(n_ch):
+        mode_fp = _flush_denormals()
         acc = np.empty((C, w), q.dtype)
         for g in range(ch * groups // n_ch, (ch + 1) * groups // n_ch):
             y = g % h
@@ -198,6 +259,7 @@ def message(kernels, offsets, q, weight, out):
                 arow = acc[c]
                 for i in range(w):
                     orow[i] = arow[i] * weight
+        _restore(mode_fp)
 
 
 @numba.njit(**_PARALLEL)
@@ -216,6 +278,7 @@ def pairwise_kernels(scaled, pz, py, px, offsets, ia2, ig2, weights, out):
     groups = B * d * h
     n_ch = _chunks(groups)
     for ch in prange(n_ch):
+        mode_fp = _flush_denormals()
         app = np.empty(w, dt)
         smo = np.empty(w, dt)
         col = np.empty(w, dt)
@@ -256,69 +319,119 @@ def pairwise_kernels(scaled, pz, py, px, offsets, ia2, ig2, weights, out):
                     orow = out[s, b, o, z, y, x0:x1]
                     for i in range(n):
                         orow[i] = wa * app[i] + ws * smo[i]
+        _restore(mode_fp)
 
 
 # -- the update: upsampling + compatibility + unary + softmax (+ pooling of the result) ---------------
+@numba.njit(**_PARALLEL)
+def upsample_x(m, xlo, xhi, xf, out):
+    """Bilinear upsampling along the last axis only: ``m`` (B, C, d, h, w) to ``out`` (B, C, d, h, W).
+
+    The first of the separable passes (the last axis first, as :func:`cucrf._numpy_backend.upsample`
+    does); the update interpolates the rows of ``out`` along the other axes.
+    """
+    B, C, d, h, w = m.shape
+    W = out.shape[4]
+    groups = B * C * d * h
+    n_ch = _chunks(groups)
+    for ch in prange(n_ch):
+        mode_fp = _flush_denormals()
+        for g in range(ch * groups // n_ch, (ch + 1) * groups // n_ch):
+            y = g % h
+            z = (g // h) % d
+            c = (g // (h * d)) % C
+            b = g // (h * d * C)
+            t = m[b, c, z, y]
+            r = out[b, c, z, y]
+            for i in range(W):
+                a = t[xlo[i]]
+                r[i] = a + xf[i] * (t[xhi[i]] - a)
+        _restore(mode_fp)
+
+
 @numba.njit(inline="always", **_SERIAL)
-def _coarse_row(m, b, z0, z1, fz, y0, y1, fy, tmp):
-    """Bilinear interpolation of coarse ``m`` between rows (z0, y0) .. (z1, y1): ``tmp`` (C, w)."""
-    C, w = tmp.shape
+def _yz_row(m, b, z0, z1, fz, y0, y1, fy, row):
+    """Interpolation of ``m`` (B, C, d, h, W), upsampled along x, between rows (z0, y0) .. (z1, y1)."""
+    C, W = row.shape
     for c in range(C):
-        t = tmp[c]
+        t = row[c]
         r00 = m[b, c, z0, y0]
         r01 = m[b, c, z0, y1]
-        for i in range(w):
+        for i in range(W):
             a = r00[i]
             t[i] = a + fy * (r01[i] - a)
         if fz != 0:
             r10 = m[b, c, z1, y0]
             r11 = m[b, c, z1, y1]
-            for i in range(w):
+            for i in range(W):
                 a1 = r10[i]
                 t1 = a1 + fy * (r11[i] - a1)
                 t[i] = t[i] + fz * (t1 - t[i])
 
 
 @numba.njit(inline="always", **_SERIAL)
-def _upsample_row(tmp, xlo, xhi, xf, row):
-    """``row[c, x]`` = interpolation of ``tmp[c]`` (C, w) at pixel x (unsigned taps ``xlo``, ``xhi``, weights ``xf``)."""
-    C, W = row.shape
+def _exp_shift_sum(logits, top, bits, total):
+    """``logits[c] = exp(logits[c] - top)`` and ``total = sum_c logits[c]`` (row buffers (C, W)).
+
+    float32: Cephes' expf polynomial (about 1 ulp), vectorised; the power of two is built in an
+    int32 row (``bits``) and read back as float32. float64: ``math.exp``.
+    """
+    C, W = logits.shape
+    total[:] = 0
     for c in range(C):
-        t = tmp[c]
-        r = row[c]
-        for i in range(W):
-            a = t[xlo[i]]
-            r[i] = a + xf[i] * (t[xhi[i]] - a)
+        lr = logits[c]
+        if logits.itemsize == 4:
+            br = bits[c]
+            for i in range(W):
+                v = min(max(lr[i] - top[i], _LOW), _HIGH)
+                t = np.floor(v * _LOG2E + _HALF)
+                r = v - t * _C1
+                r = r - t * _C2
+                p = ((((_P0 * r + _P1) * r + _P2) * r + _P3) * r + _P4) * r + _P5
+                lr[i] = p * r * r + r + _ONE
+                br[i] = (np.int32(t) + np.int32(127)) << np.int32(23)
+            scale = br.view(np.float32)
+            for i in range(W):
+                e = lr[i] * scale[i]
+                lr[i] = e
+                total[i] += e
+        else:
+            for i in range(W):
+                e = math.exp(lr[i] - top[i])
+                lr[i] = e
+                total[i] += e
 
 
 @numba.njit(**_PARALLEL)
 def update(U, m0, m1, n0, n1, mode, w0, w1, compat, use_compat, return_logits,
-           zlo, zhi, zf, ylo, yhi, yf, xlo, xhi, xf,
+           zlo, zhi, zf, ylo, yhi, yf,
            pool_mode, zs, ys, xs, inv, p0, p1, out):
     """One mean-field update, fused: ``out = softmax(U - Phi(M))`` (or the logits).
 
     ``mode`` 0: no message (a softmax of ``U``); 1: ``M = Up(m0)``; 2: ``M = w0 n0 Up(m0) +
-    w1 n1 Up(m1)`` (``n`` (B, 1, D, H, W)); 3: ``M = m0`` at full resolution. ``-Phi`` is
+    w1 n1 Up(m1)`` (``n`` (B, 1, D, H, W)), with ``m`` already upsampled along x by
+    :func:`upsample_x` (B, C, d, h, W); 3: ``M = m0`` at full resolution. ``-Phi`` is
     ``-compat @ M`` (``use_compat``), else Potts (``M - sum_c M``; the sum cancels in the
-    softmax). Upsampling taps per axis: ``lo``, ``hi`` (unsigned), ``f``. ``pool_mode`` 1 (2)
+    softmax). Upsampling taps along z and y: ``lo``, ``hi`` (unsigned), ``f``. ``pool_mode`` 1 (2)
     also writes ``p0 = Pool(out)`` (``p_k = Pool(n_k out)``) with the cells ``zs``, ``ys``,
     ``xs`` and ``inv`` of :func:`pool`; rows are processed by rows of cells, so each thread owns
-    its cells.
+    its cells. Per row: the logits and their maximum in one pass, exp and sum in one, the
+    division, store and pooling in one.
     """
     B, C, D, H, W = U.shape
     dt = U.dtype
     cd = zs.shape[0] - 1
     chh = ys.shape[0] - 1
-    w = m0.shape[4]
     groups = B * cd * chh
+    # Potts without logits: the message is interpolated straight into the logits
+    direct = mode == 1 and not use_compat and not return_logits
     n_ch = _chunks(groups)
     for ch in prange(n_ch):
-        tmp = np.empty((C, w), dt)
+        mode_fp = _flush_denormals()
         row0 = np.empty((C, W), dt)
         row1 = np.empty((C, W), dt)
         logits = np.empty((C, W), dt)
-        flat = logits.reshape(C * W)
-        bits = np.empty(C * W, np.int32)
+        bits = np.empty((C, W), np.int32)
         top = np.empty(W, dt)
         total = np.empty(W, dt)
         acc0 = np.empty((C, W), dt)
@@ -331,13 +444,17 @@ def update(U, m0, m1, n0, n1, mode, w0, w1, compat, use_compat, return_logits,
             acc1[:] = 0
             for z in range(zs[zc], zs[zc + 1]):
                 for y in range(ys[yc], ys[yc + 1]):
-                    # the message M of this row
-                    if mode == 1 or mode == 2:
-                        _coarse_row(m0, b, zlo[z], zhi[z], zf[z], ylo[y], yhi[y], yf[y], tmp)
-                        _upsample_row(tmp, xlo, xhi, xf, row0)
+                    # the message M of this row (row0), unless interpolated below
+                    z0 = zlo[z]
+                    z1 = zhi[z]
+                    fz = zf[z]
+                    y0 = ylo[y]
+                    y1 = yhi[y]
+                    fy = yf[y]
+                    if (mode == 1 and not direct) or mode == 2:
+                        _yz_row(m0, b, z0, z1, fz, y0, y1, fy, row0)
                         if mode == 2:
-                            _coarse_row(m1, b, zlo[z], zhi[z], zf[z], ylo[y], yhi[y], yf[y], tmp)
-                            _upsample_row(tmp, xlo, xhi, xf, row1)
+                            _yz_row(m1, b, z0, z1, fz, y0, y1, fy, row1)
                             nr0 = n0[b, 0, z, y]
                             nr1 = n1[b, 0, z, y]
                             for c in range(C):
@@ -352,7 +469,26 @@ def update(U, m0, m1, n0, n1, mode, w0, w1, compat, use_compat, return_logits,
                             for i in range(W):
                                 r0[i] = mr[i]
                     # the logits U - Phi
-                    if mode == 0:
+                    if direct:
+                        for c in range(C):
+                            lr = logits[c]
+                            ur = U[b, c, z, y]
+                            r00 = m0[b, c, z0, y0]
+                            r01 = m0[b, c, z0, y1]
+                            if fz == 0:
+                                for i in range(W):
+                                    a = r00[i]
+                                    lr[i] = ur[i] + (a + fy * (r01[i] - a))
+                            else:
+                                r10 = m0[b, c, z1, y0]
+                                r11 = m0[b, c, z1, y1]
+                                for i in range(W):
+                                    a = r00[i]
+                                    t0 = a + fy * (r01[i] - a)
+                                    a1 = r10[i]
+                                    t1 = a1 + fy * (r11[i] - a1)
+                                    lr[i] = ur[i] + (t0 + fz * (t1 - t0))
+                    elif mode == 0:
                         for c in range(C):
                             lr = logits[c]
                             ur = U[b, c, z, y]
@@ -402,43 +538,36 @@ def update(U, m0, m1, n0, n1, mode, w0, w1, compat, use_compat, return_logits,
                         lr = logits[c]
                         for i in range(W):
                             top[i] = max(top[i], lr[i])
-                    for c in range(C):
-                        lr = logits[c]
-                        for i in range(W):
-                            lr[i] -= top[i]
-                    _exp_any(flat, bits)
-                    total[:] = logits[0]
-                    for c in range(1, C):
-                        lr = logits[c]
-                        for i in range(W):
-                            total[i] += lr[i]
+                    _exp_shift_sum(logits, top, bits, total)
+                    # normalise, store, and pool the result for the next message
+                    nr0 = n0[b, 0, z, y] if pool_mode == 2 else total
+                    nr1 = n1[b, 0, z, y] if pool_mode == 2 else total
                     for c in range(C):
                         lr = logits[c]
                         orow = out[b, c, z, y]
-                        for i in range(W):
-                            orow[i] = lr[i] / total[i]
-                    # pooling of the result, for the next message
-                    if pool_mode == 1:
-                        for c in range(C):
-                            ar = acc0[c]
-                            orow = out[b, c, z, y]
+                        if pool_mode == 1:
+                            ar0 = acc0[c]
                             for i in range(W):
-                                ar[i] += orow[i]
-                    elif pool_mode == 2:
-                        nr0 = n0[b, 0, z, y]
-                        nr1 = n1[b, 0, z, y]
-                        for c in range(C):
+                                o = lr[i] / total[i]
+                                orow[i] = o
+                                ar0[i] += o
+                        elif pool_mode == 2:
                             ar0 = acc0[c]
                             ar1 = acc1[c]
-                            orow = out[b, c, z, y]
                             for i in range(W):
-                                ar0[i] += orow[i] * nr0[i]
-                                ar1[i] += orow[i] * nr1[i]
+                                o = lr[i] / total[i]
+                                orow[i] = o
+                                ar0[i] += o * nr0[i]
+                                ar1[i] += o * nr1[i]
+                        else:
+                            for i in range(W):
+                                orow[i] = lr[i] / total[i]
             if pool_mode >= 1 and not return_logits:
                 for c in range(C):
                     _reduce_cells(acc0[c], xs, inv[zc, yc], p0[b, c, zc, yc])
                     if pool_mode == 2:
                         _reduce_cells(acc1[c], xs, inv[zc, yc], p1[b, c, zc, yc])
+        _restore(mode_fp)
 
 
 # -- backward ----------------------------------------------------------------------------------------
@@ -469,6 +598,7 @@ def softmax_backward(q, g, r0, r1, n0, n1, gn0, gn1, mode, accumulate, write, zc
     groups = B * D * H
     n_ch = _chunks(groups)
     for ch in prange(n_ch):
+        mode_fp = _flush_denormals()
         G = np.empty((C, W), dt)
         P1 = np.empty((C, W), dt)
         dot = np.empty(W, dt)
@@ -526,6 +656,7 @@ def softmax_backward(q, g, r0, r1, n0, n1, gn0, gn1, mode, accumulate, write, zc
                 orow = out[b, c, z, y]
                 for i in range(W):
                     orow[i] = qr[i] * (gr[i] - dot[i])
+        _restore(mode_fp)
 
 
 @numba.njit(**_PARALLEL)
@@ -542,6 +673,7 @@ def upsample_backward(x, s0, s1, nscale, zst, zct, zw, yst, yct, yw, xst, xct, x
     groups = B * d * h
     n_ch = _chunks(groups)
     for ch in prange(n_ch):
+        mode_fp = _flush_denormals()
         t0 = np.empty((C, W), dt)
         t1 = np.empty((C, W), dt)
         for g in range(ch * groups // n_ch, (ch + 1) * groups // n_ch):
@@ -590,18 +722,18 @@ def upsample_backward(x, s0, s1, nscale, zst, zct, zw, yst, yct, yw, xst, xct, x
                         for k in range(n):
                             a1 += wr[k] * seg1[k]
                         o1[xc] = a1
+        _restore(mode_fp)
 
 
 @numba.njit(**_PARALLEL)
-def upsampled_dot(a, x0, x1, zlo, zhi, zf, ylo, yhi, yf, xlo, xhi, xf, gn0, gn1):
-    """``gn_k[b, 0, p] += sum_c a[b, c, p] * Up(x_k)[b, c, p]`` for coarse ``x0``, ``x1``."""
+def upsampled_dot(a, x0, x1, zlo, zhi, zf, ylo, yhi, yf, gn0, gn1):
+    """``gn_k[b, 0, p] += sum_c a[b, c, p] * Up(x_k)[b, c, p]``; ``x_k`` upsampled along x (:func:`upsample_x`)."""
     B, C, D, H, W = a.shape
-    w = x0.shape[4]
     dt = a.dtype
     groups = B * D * H
     n_ch = _chunks(groups)
     for ch in prange(n_ch):
-        tmp = np.empty((C, w), dt)
+        mode_fp = _flush_denormals()
         row = np.empty((C, W), dt)
         s = np.empty(W, dt)
         for g in range(ch * groups // n_ch, (ch + 1) * groups // n_ch):
@@ -611,8 +743,7 @@ def upsampled_dot(a, x0, x1, zlo, zhi, zf, ylo, yhi, yf, xlo, xhi, xf, gn0, gn1)
             for k in range(2):
                 xk = x0 if k == 0 else x1
                 gn = gn0[b, 0, z, y] if k == 0 else gn1[b, 0, z, y]
-                _coarse_row(xk, b, zlo[z], zhi[z], zf[z], ylo[y], yhi[y], yf[y], tmp)
-                _upsample_row(tmp, xlo, xhi, xf, row)
+                _yz_row(xk, b, zlo[z], zhi[z], zf[z], ylo[y], yhi[y], yf[y], row)
                 s[:] = 0
                 for c in range(C):
                     ar = a[b, c, z, y]
@@ -621,6 +752,7 @@ def upsampled_dot(a, x0, x1, zlo, zhi, zf, ylo, yhi, yf, xlo, xhi, xf, gn0, gn1)
                         s[i] += ar[i] * rr[i]
                 for i in range(W):
                     gn[i] += s[i]
+        _restore(mode_fp)
 
 
 def threads_available():
