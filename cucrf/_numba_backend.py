@@ -295,8 +295,9 @@ def _pool_q(setup, q5):
     return tuple(outs)
 
 
-def full_message(setup: FastSetup, q, config=None) -> CoarseMessage:
-    """The message of ``q``, on the coarse grid until :func:`update`."""
+def full_message(setup: FastSetup, q, config=None):
+    """The message of ``q``, on the coarse grid until :func:`update` (a :class:`CoarseMessage`;
+    the full-resolution array at blur 1 with symmetric normalisation)."""
     q5 = _v5(q)
     pending, setup.pending = setup.pending, None
     if pending is not None and pending[0]() is q:
@@ -309,6 +310,13 @@ def full_message(setup: FastSetup, q, config=None) -> CoarseMessage:
         m = np.empty((B, C) + setup.tables.coarse, setup.dtype)
         _run(_k.message, setup.kernels[s], setup.offsets, pooled[s], 1.0, m)
         ms.append(m)
+    if setup.tables.trivial and setup.separate:
+        # Blur 1 with normalisation: the two messages are full-size, so the sum M is formed (as
+        # the reference does) and kept instead of both, and no pooled input is kept either.
+        (w0, w1), (n0, n1) = setup.weights, setup.normalisers
+        full = ms[0] * (n0 * setup.dtype.type(w0))
+        full += ms[1] * (n1 * setup.dtype.type(w1))
+        return setup.natural(full)
     return CoarseMessage(setup, tuple(ms), tuple(setup.natural(p) for p in pooled), q)
 
 
@@ -320,6 +328,8 @@ def _taps(tab):
 def _upsample_x(setup, m):
     """A coarse (B, C, d, h, w) array upsampled along its last axis: (B, C, d, h, W)."""
     tab = setup.tables
+    if m.shape[4] == setup.size[-1]:  # blur 1 along x: already full width
+        return m
     out = np.empty(m.shape[:4] + (setup.size[-1],), setup.dtype)
     _run(_k.upsample_x, m, tab.lo[2], tab.hi[2], tab.frac[2], out)
     return out
@@ -346,7 +356,8 @@ def update(scaled_unary, msg, compat, return_logits=False, out=None):
         n0, n1 = setup.normalisers if setup.separate else (d["a5"], d["a5"])
         w0, w1 = (setup.weights + (0.0,))[:2]
         taps = _taps(tab) if not trivial_merged else (d["u"], d["u"], d["f"]) * 2
-        pool_mode = 0 if return_logits or trivial_merged else (2 if setup.separate else 1)
+        # At blur 1 the pooled maps are full-size products: not made ahead, nor kept.
+        pool_mode = 0 if return_logits or tab.trivial else (2 if setup.separate else 1)
         zs, ys, xs, inv = tab.starts[0], tab.starts[1], tab.starts[2], tab.inv
     else:
         setup = None
@@ -519,15 +530,19 @@ def full_message_backward(setup: FastSetup, q, grad_msg, config, grads):
     for s in range(len(setup.weights)):
         grads.left[s].append(setup.natural(coarse[s]))
         grads.right[s].append(setup.natural(pooled5[s]))
-    rs = []
-    for s, weight in enumerate(setup.weights):
-        r = np.empty(coarse[s].shape, setup.dtype)
-        _run(_k.message, setup.kernels[s], setup.offsets, _c(coarse[s]), weight, r)
-        rs.append(r)
+    def coarse_gradients():
+        rs = []
+        for s, weight in enumerate(setup.weights):
+            r = np.empty(coarse[s].shape, setup.dtype)
+            _run(_k.message, setup.kernels[s], setup.offsets, _c(coarse[s]), weight, r)
+            rs.append(r)
+        return tuple(rs)
+
     if not setup.separate:
-        return PixelGradient(setup, tuple(rs), q, grads)
+        return PixelGradient(setup, coarse_gradients(), q, grads)
     # w_s sum_c grad_msg Up(K_s P_s) per pixel, as sum_c a Up(x_s): with the lazy gradient
-    # a = grad_logits and x_s = -w_s mu m_s; else a = grad_msg and x_s = w_s K_s P_s.
+    # a = grad_logits and x_s = -w_s mu m_s; else a = grad_msg and x_s = w_s K_s P_s. Formed
+    # (and let go) before the gradients r_s, so that at blur 1 the four are not held at once.
     if msg is not None:
         a = _v5(grad_msg.grad_logits.astype(setup.dtype, copy=False))
         xs = []
@@ -542,19 +557,20 @@ def full_message_backward(setup: FastSetup, q, grad_msg, config, grads):
             _run(_k.message, setup.kernels[s], setup.offsets, _c(pooled5[s]), weight, x)
             xs.append(x)
     gn0, gn1 = (_v5(g) for g in _normaliser_gradients(setup, grads, q))
-    tab = setup.tables
-    _run(_k.upsampled_dot, a, _upsample_x(setup, xs[0]), _upsample_x(setup, xs[1]), *_taps(tab), gn0, gn1)
-    lazy = PixelGradient(setup, tuple(rs), q, grads, pending=True)
-    if not hasattr(grads, "fast_pending"):
-        grads.fast_pending = []
-    grads.fast_pending.append(lazy)
+    _run(_k.upsampled_dot, a, _upsample_x(setup, xs[0]), _upsample_x(setup, xs[1]), *_taps(setup.tables), gn0, gn1)
+    del xs, a
+    lazy = PixelGradient(setup, coarse_gradients(), q, grads, pending=True)
+    # Only the unsettled ones are kept (settled ones would hold on to their r_s).
+    grads.fast_pending = [p for p in getattr(grads, "fast_pending", ()) if p.pending] + [lazy]
     return lazy
 
 
 def prepare_backward(setup: FastSetup, features, params, config, grads):
     """Gradient with respect to the features and kernel parameters: the reference's, on what was collected."""
-    for lazy in getattr(grads, "fast_pending", ()):
+    pending, grads.fast_pending = getattr(grads, "fast_pending", ()), []
+    for lazy in pending:
         _settle(lazy)
+    del pending
     return _meanfield.prepare_backward(_reference, setup.reference, features, params, config, grads)
 
 
