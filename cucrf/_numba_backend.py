@@ -565,13 +565,63 @@ def full_message_backward(setup: FastSetup, q, grad_msg, config, grads):
     return lazy
 
 
+upsample_backward = _reference.upsample_backward
+pool_backward = _reference.pool_backward
+
+
+def pairwise_kernels_backward(positions, features, inv_theta_beta, inv_theta_alpha2, inv_theta_gamma2,
+                              filter_size, weights, keep_centre, left, right, scales, row_grads=None):
+    """The vjp of :func:`pairwise_kernels`, as :func:`cucrf._numpy_backend.pairwise_kernels_backward`.
+
+    Every cell gathers its own feature gradient, forming the pair products
+    ``A[s, b, o, i] = sum_c left[s][b, c, i] * right[s][b, c, i + offset_o]`` on the fly (twice:
+    as a pair's centre and as its neighbour; nothing window-sized is stored); parameter sums are float64 partial sums over fixed pieces of rows, added in
+    order (the same for any number of threads).
+    """
+    B, F = features.shape[:2]
+    spatial = tuple(features.shape[2:])
+    nd = len(spatial)
+    dt = features.dtype
+    S = len(weights)
+    offsets = _offsets3(filter_size, nd, keep_centre)
+    K = len(offsets)
+    ib = np.ascontiguousarray(inv_theta_beta, dtype=dt)
+    scaled = _c(features * ib.reshape((1, F) + (1,) * nd))
+    f5 = _v5(features)
+    s5 = _v5(scaled)
+    coarse = s5.shape[2:]
+    empty = np.zeros((B, 0) + coarse, dt)  # a kernel without message gradients: A = 0
+    lr = [(_v5(left[s]), _v5(right[s])) if left[s] is not None else (empty, empty) for s in range(S)]
+    lr += [lr[0]] * (2 - S)
+    has_rows = row_grads is not None and any(r is not None for r in row_grads)
+    rows = np.zeros((S, B, 1) + coarse, dt) if has_rows else np.zeros((S, 1, 1, 1, 1, 1), dt)
+    if has_rows:
+        for s in range(S):
+            if row_grads[s] is not None:
+                rows[s] = _v5(row_grads[s])
+    pos = [np.zeros(1)] * (3 - nd) + [np.ascontiguousarray(p, dtype=np.float64) for p in positions]
+    g_feat = np.empty_like(f5)
+    pieces = max(1, min(B * coarse[0] * coarse[1], 64))
+    partial = np.empty((pieces, 3 * S + 2 + F))
+    _run(_k.kernel_gradients, s5, f5, ib, ib * ib, np.asarray(inv_theta_beta, dtype=np.float64), pos[0], pos[1],
+         pos[2], offsets, float(inv_theta_alpha2), float(inv_theta_gamma2),
+         np.array(weights, dtype=np.float64).reshape(-1, 2), np.array(scales, dtype=np.float64), lr[0][0], lr[0][1], lr[1][0], lr[1][1], rows,
+         bool(has_rows), g_feat, partial)
+    sums = np.zeros(partial.shape[1])
+    for row in partial:  # in order: the same sums for any number of threads
+        sums += row
+    return {"features": g_feat.reshape(features.shape), "inv_theta_beta": sums[3 * S + 2:],
+            "inv_theta_alpha2": float(sums[3 * S]), "inv_theta_gamma2": float(sums[3 * S + 1]),
+            "weights": sums[S:3 * S].reshape(S, 2), "pair_dot": sums[:S]}
+
+
 def prepare_backward(setup: FastSetup, features, params, config, grads):
-    """Gradient with respect to the features and kernel parameters: the reference's, on what was collected."""
+    """Gradient with respect to the features and kernel parameters (see :func:`cucrf._meanfield.prepare_backward`)."""
     pending, grads.fast_pending = getattr(grads, "fast_pending", ()), []
     for lazy in pending:
         _settle(lazy)
     del pending
-    return _meanfield.prepare_backward(_reference, setup.reference, features, params, config, grads)
+    return _meanfield.prepare_backward(sys.modules[__name__], setup.reference, features, params, config, grads)
 
 
 # ---------------------------------------------------------------------------------------------

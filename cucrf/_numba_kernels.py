@@ -755,6 +755,158 @@ def upsampled_dot(a, x0, x1, zlo, zhi, zf, ylo, yhi, yf, gn0, gn1):
         _restore(mode_fp)
 
 
+# -- kernel parameter gradients --------------------------------------------------------------------
+@numba.njit(inline="always", **_SERIAL)
+def _pair_terms(scaled, feats, b, z, y, zz, yy, x0, dx, n, pz, py, px, ia2, ig2, app, smo, d2s, col, bits):
+    """Appearance and smoothness kernels and squared distances of the pairs (i, i + offset) of a row
+    segment, as :func:`cucrf._numpy_backend._offset_kernels` computes them."""
+    F = scaled.shape[1]
+    dt = scaled.dtype
+    dzy = (pz[zz] - pz[z]) ** 2 + (py[yy] - py[y]) ** 2
+    pc = px[x0:x0 + n]
+    pn = px[x0 + dx:x0 + dx + n]
+    col[:n] = 0
+    for f in range(F):
+        cen = scaled[b, f, z, y, x0:x0 + n]
+        nbr = scaled[b, f, zz, yy, x0 + dx:x0 + dx + n]
+        for i in range(n):
+            diff = nbr[i] - cen[i]
+            col[i] += diff * diff
+    for i in range(n):
+        d2 = dzy + (pn[i] - pc[i]) ** 2
+        d2s[i] = d2
+        app[i] = dt.type(-0.5) * (col[i] + dt.type(d2 * ia2))
+        smo[i] = dt.type(math.exp(-0.5 * d2 * ig2))
+    _exp_any(app[:n], bits[:n])
+
+
+@numba.njit(**_PARALLEL)
+def kernel_gradients(scaled, feats, ib, ib2, ibf, pz, py, px, offsets, ia2, ig2, weights, scales, left0, right0,
+                     left1, right1, rows, has_rows, g_feat, partial):
+    """The vjp of :func:`pairwise_kernels` (as :func:`cucrf._numpy_backend.pairwise_kernels_backward`).
+
+    ``left_s``, ``right_s`` (B, C', d, h, w): the message gradients and inputs of kernel ``s``,
+    whose pair products ``A = sum_c left[c, i] right[c, i + o]`` are formed on the fly; ``rows``
+    (S, B, 1, d, h, w) the row-sum gradients (``has_rows``). Writes ``g_feat`` (B, F, d, h, w)
+    (each cell owns its gradient: the neighbour terms are recomputed from the pair (i - o, i)),
+    and per piece of rows the float64 sums ``partial[piece]``: ``pair_dot[s]``, ``weights[s, 0..1]``
+    (at ``S + 2 s``), ``inv_theta_alpha2``, ``inv_theta_gamma2`` and ``inv_theta_beta[f]``.
+    """
+    B, F, d, h, w = scaled.shape
+    K = offsets.shape[0]
+    S = weights.shape[0]
+    dt = scaled.dtype
+    groups = B * d * h
+    n_ch = partial.shape[0]
+    base = 3 * S
+    for ch in prange(n_ch):
+        mode_fp = _flush_denormals()
+        app = np.empty(w, dt)
+        smo = np.empty(w, dt)
+        d2s = np.empty(w, np.float64)
+        col = np.empty(w, dt)
+        bits = np.empty(w, np.int32)
+        gk = np.empty(w, dt)
+        gapp = np.empty(w, dt)
+        gsmo = np.empty(w, dt)
+        e = np.empty(w, dt)
+        ar = np.empty(w, dt)
+        acc = partial[ch]
+        acc[:] = 0
+        for g in range(ch * groups // n_ch, (ch + 1) * groups // n_ch):
+            y = g % h
+            z = (g // h) % d
+            b = g // (h * d)
+            for f in range(F):
+                g_feat[b, f, z, y, :] = 0
+            for role in range(2):
+                # role 0: this row's cells are the centres of the pairs (all sums are taken here);
+                # role 1: they are the neighbours (only their feature gradient, with a minus sign).
+                for o in range(K):
+                    if role == 0:
+                        cz = z
+                        cy = y
+                        zz = z + offsets[o, 0]
+                        yy = y + offsets[o, 1]
+                    else:
+                        cz = z - offsets[o, 0]
+                        cy = y - offsets[o, 1]
+                        zz = z
+                        yy = y
+                    dx = offsets[o, 2]
+                    if cz < 0 or cz >= d or cy < 0 or cy >= h or zz < 0 or zz >= d or yy < 0 or yy >= h:
+                        continue
+                    x0 = max(0, -dx)
+                    x1 = min(w, w - dx)
+                    if x1 <= x0:
+                        continue
+                    n = x1 - x0
+                    _pair_terms(scaled, feats, b, cz, cy, zz, yy, x0, dx, n, pz, py, px, ia2, ig2, app, smo, d2s, col,
+                                bits)
+                    gapp[:n] = 0
+                    gsmo[:n] = 0
+                    for s in range(S):
+                        wa = dt.type(weights[s, 0])
+                        ws = dt.type(weights[s, 1])
+                        sc = dt.type(scales[s])
+                        lt = left0 if s == 0 else left1
+                        rt = right0 if s == 0 else right1
+                        ar[:n] = 0
+                        for c in range(lt.shape[1]):
+                            lr = lt[b, c, cz, cy, x0:x1]
+                            rn = rt[b, c, zz, yy, x0 + dx:x1 + dx]
+                            for i in range(n):
+                                ar[i] += lr[i] * rn[i]
+                        rr = rows[s, b, 0, cz, cy, x0:x1] if has_rows else ar
+                        pd = 0.0
+                        w0 = 0.0
+                        w1 = 0.0
+                        for i in range(n):
+                            a = ar[i]
+                            v = sc * a
+                            if has_rows:
+                                v = v + rr[i]
+                            gk[i] = v
+                            if role == 0:
+                                pd += np.float64(wa * app[i] + ws * smo[i]) * np.float64(a)
+                                w0 += np.float64(v) * np.float64(app[i])
+                                w1 += np.float64(v) * np.float64(smo[i])
+                            gapp[i] += wa * v
+                            gsmo[i] += ws * v
+                        if role == 0:
+                            acc[s] += pd
+                            acc[S + 2 * s] += w0
+                            acc[S + 2 * s + 1] += w1
+                    for i in range(n):
+                        e[i] = gapp[i] * app[i]
+                    if role == 0:
+                        sa = 0.0
+                        sg = 0.0
+                        for i in range(n):
+                            sa += np.float64(e[i]) * np.float64(dt.type(d2s[i]))
+                            sg += np.float64(gsmo[i]) * np.float64(dt.type(smo[i] * d2s[i]))
+                        acc[base] += -0.5 * sa
+                        acc[base + 1] += -0.5 * sg
+                    for f in range(F):
+                        cen = feats[b, f, cz, cy, x0:x1]
+                        nbr = feats[b, f, zz, yy, x0 + dx:x1 + dx]
+                        ibf2 = ib2[f]
+                        if role == 0:
+                            out = g_feat[b, f, z, y, x0:x1]
+                            sb = 0.0
+                            for i in range(n):
+                                raw = nbr[i] - cen[i]
+                                sb += np.float64(e[i]) * np.float64(raw * raw)
+                                out[i] += e[i] * raw * ibf2
+                            acc[base + 2 + f] += -sb * ibf[f]
+                        else:
+                            out = g_feat[b, f, z, y, x0 + dx:x1 + dx]
+                            for i in range(n):
+                                raw = nbr[i] - cen[i]
+                                out[i] -= e[i] * raw * ibf2
+        _restore(mode_fp)
+
+
 def threads_available():
     """The most threads numba can use in this process."""
     return int(numba.config.NUMBA_NUM_THREADS)
