@@ -430,19 +430,13 @@ def _compat_transpose(x, compat):
 
 
 def _class_products(pairs, weights):
-    """``-sum_s w_s sum_{b, i} a_s m_s^T``: (C, C) float64 (coarse arrays in float64)."""
-    out = None
+    """``-sum_s w_s sum_{b, i} a_s m_s^T``: (C, C) float64 (products in the compute dtype, sums in
+    float64; the reference sums the same products over the pixels instead of the coarse cells)."""
+    C = pairs[0][0].shape[1]
+    out = np.zeros((C, C))
     for (a, m), weight in zip(pairs, weights):
-        B, C = a.shape[:2]
-        a2 = a.reshape(B, C, -1)
-        m2 = m.reshape(B, C, -1)
-        for b in range(B):
-            if a2.dtype == np.float64 or a2.shape[2] * C <= (1 << 22):
-                p = np.dot(a2[b].astype(np.float64), m2[b].astype(np.float64).T)
-            else:  # full resolution (blur 1): in the compute dtype, as the reference
-                p = np.dot(a2[b], m2[b].T).astype(np.float64)
-            p *= -weight
-            out = p if out is None else out + p
+        B = a.shape[0]
+        _run(_k.class_products, _c(a).reshape(B, C, -1), _c(m).reshape(B, C, -1), float(weight), out)
     return out
 
 

@@ -755,6 +755,26 @@ def upsampled_dot(a, x0, x1, zlo, zhi, zf, ylo, yhi, yf, gn0, gn1):
         _restore(mode_fp)
 
 
+@numba.njit(**_PARALLEL)
+def class_products(a, m, weight, out):
+    """``out[c, k] -= weight * sum_{b, i} a[b, c, i] * m[b, k, i]`` (products in the compute dtype,
+    sums in float64); ``a``, ``m`` (B, C, N), ``out`` (C, C) float64. Parallel over ``c``."""
+    B, C, N = a.shape
+    for c in prange(C):
+        mode_fp = _flush_denormals()
+        for k in range(C):
+            total = 0.0
+            for b in range(B):
+                ar = a[b, c]
+                mr = m[b, k]
+                part = 0.0
+                for i in range(N):
+                    part += np.float64(ar[i] * mr[i])
+                total += part
+            out[c, k] -= weight * total
+        _restore(mode_fp)
+
+
 # -- kernel parameter gradients --------------------------------------------------------------------
 @numba.njit(inline="always", **_SERIAL)
 def _pair_terms(scaled, feats, b, z, y, zz, yy, x0, dx, n, pz, py, px, ia2, ig2, app, smo, d2s, col, bits):
