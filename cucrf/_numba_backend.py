@@ -258,7 +258,7 @@ class MessageGradient:
 @dataclasses.dataclass
 class PixelGradient:
     """The gradient with respect to ``Q`` of one message: ``sum_s n_s Pool^T(r_s)`` (``n = 1``
-    merged), with coarse ``r`` (5-D). With normalisation ``pending`` is True until
+    merged), with coarse ``r`` (5-D), already divided by the cells' pixel counts. With normalisation ``pending`` is True until
     ``sum_c q Pool^T(r_s)`` has been added to the normaliser gradients."""
 
     setup: FastSetup
@@ -463,11 +463,11 @@ def softmax_backward(q, grad):
         else:
             mode, r0, r1, n0, n1, gn0, gn1, accumulate = 1, grad.r[0], d["a5"], d["a5"], d["a5"], d["a5"], d["a5"], False
         _run(_k.softmax_backward, q5, d["a5"], r0, r1, n0, n1, gn0, gn1, mode, bool(accumulate), True,
-             *tab.cells, tab.inv, _v5(out))
+             *tab.cells, _v5(out))
     else:
         g5 = _v5(np.asarray(grad).astype(dt, copy=False))
         _run(_k.softmax_backward, q5, g5, d["a5"], d["a5"], d["a5"], d["a5"], d["a5"], d["a5"], 0, False, True,
-             d["u"], d["u"], d["u"], d["inv"], _v5(out))
+             d["u"], d["u"], d["u"], _v5(out))
     return out
 
 
@@ -489,7 +489,7 @@ def _settle(grad: PixelGradient):
     d = _dummies(setup.dtype.str)
     gn0, gn1 = (_v5(g) for g in _normaliser_gradients(setup, grad.grads, grad.q))
     _run(_k.softmax_backward, _v5(grad.q), d["a5"], grad.r[0], grad.r[1], setup.normalisers[0],
-         setup.normalisers[1], gn0, gn1, 2, True, False, *tab.cells, tab.inv, d["a5"])
+         setup.normalisers[1], gn0, gn1, 2, True, False, *tab.cells, d["a5"])
 
 
 def compatibility_backward(grad, msg, compat):
@@ -529,6 +529,7 @@ def full_message_backward(setup: FastSetup, q, grad_msg, config, grads):
         for s, weight in enumerate(setup.weights):
             r = np.empty(coarse[s].shape, setup.dtype)
             _run(_k.message, setup.kernels[s], setup.offsets, _c(coarse[s]), weight, r)
+            r *= setup.tables.inv  # Pool^T's division by the pixel counts, on the coarse grid
             rs.append(r)
         return tuple(rs)
 

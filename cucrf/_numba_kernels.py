@@ -572,25 +572,23 @@ def update(U, m0, m1, n0, n1, mode, w0, w1, compat, use_compat, return_logits,
 
 # -- backward ----------------------------------------------------------------------------------------
 @numba.njit(inline="always", **_SERIAL)
-def _pool_transpose_row(r, b, cz, cy, xcell, inv, G):
-    """``G[c, x] = r[b, c, cz, cy, xcell[x]] * inv[cz, cy, xcell[x]]`` (unsigned ``xcell``)."""
+def _pool_transpose_row(r, b, cz, cy, xcell, G):
+    """``G[c, x] = r[b, c, cz, cy, xcell[x]]`` (unsigned ``xcell``)."""
     C, W = G.shape
-    ir = inv[cz, cy]
     for c in range(C):
         rr = r[b, c, cz, cy]
         gr = G[c]
         for i in range(W):
-            k = xcell[i]
-            gr[i] = rr[k] * ir[k]
+            gr[i] = rr[xcell[i]]
 
 
 @numba.njit(**_PARALLEL)
-def softmax_backward(q, g, r0, r1, n0, n1, gn0, gn1, mode, accumulate, write, zcell, ycell, xcell, inv, out):
+def softmax_backward(q, g, r0, r1, n0, n1, gn0, gn1, mode, accumulate, write, zcell, ycell, xcell, out):
     """``out = q * (G - sum_c q G)``, the vjp of the softmax given its output ``q``.
 
     ``mode`` 0: ``G = g`` (B, C, D, H, W); 1: ``G = Pool^T(r0)``; 2: ``G = n0 Pool^T(r0) +
-    n1 Pool^T(r1)`` with coarse ``r`` (B, C, d, h, w) and ``Pool^T(r)[p] = r[cell(p)] *
-    inv[cell(p)]``. ``accumulate`` (mode 2): ``gn_k += sum_c q Pool^T(r_k)``; ``write`` False
+    n1 Pool^T(r1)`` with coarse ``r`` (B, C, d, h, w) already divided by each cell's pixel count,
+    so that ``Pool^T(r)[p] = r[cell(p)]``. ``accumulate`` (mode 2): ``gn_k += sum_c q Pool^T(r_k)``; ``write`` False
     skips ``out`` (only the accumulation).
     """
     B, C, D, H, W = q.shape
@@ -617,9 +615,9 @@ def softmax_backward(q, g, r0, r1, n0, n1, gn0, gn1, mode, accumulate, write, zc
             else:
                 cz = zcell[z]
                 cy = ycell[y]
-                _pool_transpose_row(r0, b, cz, cy, xcell, inv, G)
+                _pool_transpose_row(r0, b, cz, cy, xcell, G)
                 if mode == 2:
-                    _pool_transpose_row(r1, b, cz, cy, xcell, inv, P1)
+                    _pool_transpose_row(r1, b, cz, cy, xcell, P1)
                     if accumulate:
                         s0[:] = 0
                         s1[:] = 0
@@ -755,10 +753,11 @@ def upsampled_dot(a, x0, x1, zlo, zhi, zf, ylo, yhi, yf, gn0, gn1):
         _restore(mode_fp)
 
 
-@numba.njit(**_PARALLEL)
+@numba.njit(fastmath={"reassoc"}, **_PARALLEL)
 def class_products(a, m, weight, out):
     """``out[c, k] -= weight * sum_{b, i} a[b, c, i] * m[b, k, i]`` (products in the compute dtype,
-    sums in float64); ``a``, ``m`` (B, C, N), ``out`` (C, C) float64. Parallel over ``c``."""
+    sums in float64); ``a``, ``m`` (B, C, N), ``out`` (C, C) float64. Parallel over ``c``; the sums
+    may be reassociated (vectorised), which changes nothing between runs or thread counts."""
     B, C, N = a.shape
     for c in prange(C):
         mode_fp = _flush_denormals()
