@@ -6,9 +6,10 @@ the kernels of :mod:`cucrf._numba_kernels` through :mod:`cucrf._numba_backend`; 
 
 Nothing here imports numba until the first CPU computation asks for a backend, so ``import
 cucrf`` stays light. The first use in a process loads (or, the very first time, compiles) the
-kernels for float32 and float64 by running a tiny problem through them; numba caches the
-compiled code on disk (``cache=True``) next to the sources, else in the user's cache folder
-(``NUMBA_CACHE_DIR`` or ``~/.cache``), else it is not cached (one warning says so).
+float32 kernels by running a tiny problem through them (float64 ones on their first use).
+numba caches the compiled code on disk (``cache=True``): ``NUMBA_CACHE_DIR`` when set, else
+next to the sources, else in the user's cache folder (``~/.cache``); when none is writable the
+kernels are compiled in every process (one warning says so).
 
 When numba is installed but cannot be imported, or a kernel fails to compile or to run the
 tiny problem, CPU work falls back to NumPy with one :class:`FastPathWarning` naming the reason.

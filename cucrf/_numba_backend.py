@@ -622,16 +622,18 @@ def prepare_backward(setup: FastSetup, features, params, config, grads):
 # ---------------------------------------------------------------------------------------------
 # first use
 # ---------------------------------------------------------------------------------------------
-def warm_up():
-    """Compile (or load from the cache) every kernel for float32 and float64 on tiny problems.
+def warm_up(dtypes=(np.float32,)):
+    """Compile (or load from the cache) every kernel for ``dtypes`` on tiny problems.
 
     Raises whatever compiling or running raised; checks the result against the NumPy backend.
+    Only float32 by default (most work, and half the first compilation); float64 kernels are
+    compiled on their first use.
     """
     from ._params import CRFParams
 
     module = sys.modules[__name__]
     rng = np.random.default_rng(0)
-    for dt in (np.float32, np.float64):
+    for dt in dtypes:
         for normalization, compat in ((None, "potts"), ("symmetric", np.full((3, 3), 0.5))):
             unary = rng.normal(size=(1, 3, 5, 6)).astype(dt)
             features = rng.uniform(0, 10, size=(1, 2, 5, 6)).astype(dt)
