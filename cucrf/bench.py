@@ -42,16 +42,23 @@ def make_problem(height, width, classes, seed=0):
     return unary, image
 
 
+#: Set by ``--cpu-time``: :func:`time_call` reports the least CPU time instead of the median wall
+#: time (for a shared machine, with one thread everywhere).
+CPU_TIME = False
+
+
 def time_call(fn, repeat, warmup=1):
-    """Median wall time of ``fn()`` in seconds over ``repeat`` runs after ``warmup`` runs."""
+    """Median wall time of ``fn()`` in seconds over ``repeat`` runs after ``warmup`` runs (the least
+    CPU time of this process, all threads, with :data:`CPU_TIME`)."""
     for _ in range(warmup):
         fn()
+    clock = time.process_time if CPU_TIME else time.perf_counter
     times = []
     for _ in range(repeat):
-        t = time.perf_counter()
+        t = clock()
         fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        times.append(clock() - t)
+    return min(times) if CPU_TIME else statistics.median(times)
 
 
 def peak_extra_bytes(fn):
@@ -211,54 +218,50 @@ def run_backward(repeat=5, iterations=5, problem=None, filter_size=5, blur=4, pr
     return rows
 
 
-def measure_floor(threads=None, megabytes=64):
-    """Streaming bandwidth (bytes read + written per second, a copy split over ``threads``) and
-    exp throughput (float32 exps per second, the fused path's vectorised exp over as many threads,
-    or NumPy's ``exp`` on one thread without it) of this machine."""
-    from . import _parallel
+def _cpu_time_call(fn, repeat):
+    """Least CPU time (this process, all threads) of ``fn()`` over ``repeat`` runs after one warm-up."""
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.process_time()
+        fn()
+        best = min(best, time.process_time() - t)
+    return best
 
-    threads = _parallel.num_threads() if threads is None else threads
+
+def measure_floor(megabytes=64):
+    """This machine's streaming bandwidth (bytes read + written per second by one thread: a NumPy
+    copy of ``megabytes``) and float32 exp throughput (exps per second on one thread: the fused
+    path's vectorised exp, or NumPy's ``exp`` without it). Measured in CPU time, so that other
+    processes on a shared machine disturb it less than wall-clock time."""
     n = megabytes * (1 << 20) // 4
     src = np.random.default_rng(0).uniform(-20.0, 0.0, n).astype(np.float32)
     dst = np.empty_like(src)
-    rows = max(1, threads * 8)
-    s2, d2 = src.reshape(rows, -1), dst.reshape(rows, -1)
-
-    def copy():
-        def work(a, b):
-            np.copyto(d2[a:b], s2[a:b])
-        old = _parallel.MIN_ELEMENTS
-        _parallel.MIN_ELEMENTS = 1
-        try:
-            _parallel.for_chunks(rows, work, n)
-        finally:
-            _parallel.MIN_ELEMENTS = old
-
-    bandwidth = 2 * src.nbytes / time_call(copy, 7)
+    bandwidth = 2 * src.nbytes / _cpu_time_call(lambda: np.copyto(dst, src), 7)
+    x = src[: n // 4].reshape(-1, 4096).copy()
     if fast_path_active():
         from . import _numba_kernels
 
-        _numba_kernels.set_threads(threads)
-        x = src[: n // 4].reshape(-1, 4096).copy()
+        _numba_kernels.set_threads(1)
 
         def exps():
             np.copyto(x, src[: n // 4].reshape(-1, 4096))
-            _numba_kernels.exp_rows(x, threads)
+            _numba_kernels.exp_rows(x, 1)
 
-        copy_time = time_call(lambda: np.copyto(x, src[: n // 4].reshape(-1, 4096)), 7)
-        exp_rate = x.size / max(time_call(exps, 7) - copy_time, 1e-9)
+        copy_time = _cpu_time_call(lambda: np.copyto(x, src[: n // 4].reshape(-1, 4096)), 7)
+        exp_rate = x.size / max(_cpu_time_call(exps, 7) - copy_time, 1e-9)
     else:
-        y = src[: n // 4].copy()
-        exp_rate = y.size / time_call(lambda: np.exp(src[: n // 4], out=y), 7)
-    return dict(bandwidth=bandwidth, exp_rate=exp_rate, threads=threads)
+        exp_rate = x.size / _cpu_time_call(lambda: np.exp(src[: n // 4].reshape(-1, 4096), out=x), 7)
+    return dict(bandwidth=bandwidth, exp_rate=exp_rate)
 
 
-def floor_seconds(classes, pixels, iterations, floor):
-    """The least time mean-field inference can take on a machine of ``floor`` (:func:`measure_floor`):
-    every update reads the unary and writes ``Q`` once (float32) and takes ``classes`` exps per pixel
-    (``iterations`` updates and the first softmax); coarse-grid work and set-up are left out."""
+def floor_seconds(classes, pixels, iterations, floor, threads=1):
+    """The least time mean-field inference can take on a machine of ``floor`` (:func:`measure_floor`)
+    with ``threads`` threads scaling perfectly: every update reads the unary and writes ``Q`` once
+    (float32) and takes ``classes`` exps per pixel (``iterations`` updates and the first softmax);
+    coarse-grid work, set-up and the input checks are left out."""
     elements = classes * pixels * (iterations + 1)
-    return elements * 8 / floor["bandwidth"] + elements / floor["exp_rate"]
+    return (elements * 8 / floor["bandwidth"] + elements / floor["exp_rate"]) / threads
 
 
 #: (depth, height, width, classes) of the volume benchmark, at the defaults.
@@ -372,10 +375,15 @@ def main(argv=None):
                         help="also time upstream ConvCRF (PyTorch CPU) from a checkout of its repository")
     parser.add_argument("--backward", action="store_true",
                         help="also time infer_vjp (forward and backward) at the defaults")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="report the least CPU time instead of the median wall time (a shared machine; "
+                             "use with CUCRF_NUM_THREADS=1, as the peers then run on one thread too)")
     parser.add_argument("--floor", action="store_true",
                         help="also measure this machine's streaming bandwidth and exp throughput, and the "
                              "floor time of each case")
     args = parser.parse_args(argv)
+    global CPU_TIME
+    CPU_TIME = args.cpu_time
     if args.gpu:  # before the CPU benchmark's minutes, not after
         from . import _bench_gpu
 
@@ -408,13 +416,16 @@ def main(argv=None):
     sys.stdout.flush()
     rows = run_cpu(repeat=repeat, iterations=args.iterations, cases=cases, problem=problem, convcrf=args.convcrf)
     if args.floor:
+        from . import _parallel
+
         floor = measure_floor()
-        print(f"\nfloor: streaming {floor['bandwidth'] / 1e9:.1f} GB/s (read + write, {floor['threads']} threads), "
-              f"exp {floor['exp_rate'] / 1e9:.2f} G/s")
+        threads = _parallel.num_threads()
+        print(f"\nfloor: streaming {floor['bandwidth'] / 1e9:.1f} GB/s (read + write) and exp "
+              f"{floor['exp_rate'] / 1e9:.2f} G/s per thread (CPU time), {threads} thread(s)")
         print("| case | cucrf [s] | floor [s] | cucrf / floor |\n|---|---|---|---|")
         for row, (H, W, C, _, _) in zip(rows, cases):
             c, h, w = problem[0].shape if problem is not None else (C, H, W)
-            f = floor_seconds(c, h * w, args.iterations, floor)
+            f = floor_seconds(c, h * w, args.iterations, floor, threads)
             print(f"| {row['case']} | {row['cucrf_s']:.3f} | {f:.3f} | {row['cucrf_s'] / f:.2f} |")
     if args.backward:
         print("\n| path (filter 5, blur 4) | infer [s] | infer_vjp [s] | backward [s] | backward / forward |"
