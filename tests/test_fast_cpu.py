@@ -42,6 +42,12 @@ RTOL = {np.float32: 1e-5, np.float64: 1e-10}
 ATOL = {np.float32: 1e-9, np.float64: 1e-12}
 
 
+@pytest.fixture(autouse=True)
+def _fast_path_on(monkeypatch):
+    """Whatever the environment says, these tests are about the fused path."""
+    monkeypatch.delenv("CUCRF_FAST", raising=False)
+
+
 def _max_abs(a):
     return float(np.max(np.abs(a))) if np.size(a) else 0.0
 
