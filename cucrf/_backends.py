@@ -17,11 +17,20 @@ __all__ = ["to_backend_array", "get_backend", "CUPY_INSTALL_HINT", "from_dlpack"
 
 
 def get_backend(library):
-    """The backend module for ``'numpy'`` or ``'cupy'``."""
+    """The backend module for ``'numpy'`` or ``'cupy'``.
+
+    NumPy arrays go to the fused CPU backend when it is usable (:mod:`cucrf._fast`), else to
+    :mod:`cucrf._numpy_backend`.
+    """
     if library == "cupy":
         from . import _cupy_backend  # noqa: PLC0415  (imports CuPy; only when asked for)
 
         return _cupy_backend
+    from . import _fast  # noqa: PLC0415  (the fused CPU path, when cucrf[fast] is installed)
+
+    fast = _fast.backend()
+    if fast is not None:
+        return fast
     from . import _numpy_backend
 
     return _numpy_backend

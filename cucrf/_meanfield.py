@@ -346,7 +346,10 @@ def mean_field_backward(backend, tape: Tape, grad_output):
                 grad_logits = g if tape.return_logits else backend.softmax_backward(out, g)
             else:
                 grad_logits = backend.softmax_backward(tape.qs[t + 1], g)
-            grad_scaled = grad_logits.copy() if grad_scaled is None else grad_scaled + grad_logits
+            if grad_scaled is None:
+                grad_scaled = grad_logits.copy()
+            else:  # in place: the same sums without a new full-size array per iteration
+                grad_scaled += grad_logits
             grad_msg, gc = backend.compatibility_backward(grad_logits, tape.msgs[t], tape.compat)
             grad_compat = gc if grad_compat is None else grad_compat + gc
             g = backend.full_message_backward(setup, tape.qs[t], grad_msg, config, collected)

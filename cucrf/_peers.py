@@ -1,15 +1,16 @@
 """Thin wrappers around peer CRF implementations, used by benchmarks and comparison tests.
 
-Only the fully connected CRF of Krähenbühl & Koltun (2011) through ``pydensecrf`` (PyPI package
-``pydensecrf2``, an optional extra) is wrapped. Install it with ``scripts/install-densecrf.sh``.
-``pydensecrf`` is imported lazily, so this module imports without it.
+The fully connected CRF of Krähenbühl & Koltun (2011) through ``pydensecrf`` (PyPI package
+``pydensecrf2``, an optional extra; install it with ``scripts/install-densecrf.sh``), and
+upstream ConvCRF's PyTorch code run from a checkout of its repository (for the benchmark; never
+vendored). Both are imported lazily, so this module imports without them.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["densecrf_available", "densecrf_infer"]
+__all__ = ["densecrf_available", "densecrf_infer", "convcrf_runner"]
 
 
 def densecrf_available() -> bool:
@@ -104,3 +105,59 @@ def densecrf_infer(
     )
     q = np.asarray(crf.inference(int(iterations)), dtype=np.float32)
     return q.reshape(c, h, w)
+
+
+def convcrf_runner(checkout, unary_logits, image, filter_size=7, blur=4, iterations=5, threads=None):
+    """A callable running upstream ConvCRF (PyTorch, CPU) from a checkout of its repository.
+
+    Upstream's ``GaussCRF`` with its default configuration (``convcrf.default_conf``: Potts
+    weights 3 and 10, sxy 3 / 80, srgb 13, logsoftmax, no normalisation) at the given
+    ``filter_size`` and ``blur``, built once for the image's shape as upstream's own
+    ``benchmark.py`` does; calling the returned function runs ``iterations`` mean-field updates
+    under ``torch.no_grad()``. Nothing of upstream is copied into cucrf: the checkout (MIT
+    licence) is imported from ``checkout`` when this is called.
+
+    Parameters
+    ----------
+    checkout : str or path
+        A clone of https://github.com/MarvinTeichmann/ConvCRF (the folder holding ``convcrf/``).
+    unary_logits : ndarray, shape (C, H, W)
+    image : ndarray of uint8, shape (H, W, 3)
+    threads : int, optional
+        ``torch.set_num_threads`` for the run (default: PyTorch's own).
+
+    Raises
+    ------
+    ImportError
+        When PyTorch is missing or ``checkout`` holds no ``convcrf/convcrf.py``.
+    """
+    import importlib.util
+    import os
+    import sys
+
+    path = os.path.join(os.fspath(checkout), "convcrf", "convcrf.py")
+    if not os.path.isfile(path):
+        raise ImportError(f"no upstream ConvCRF checkout at {checkout!r} (expected {path})")
+    import torch
+
+    spec = importlib.util.spec_from_file_location("_upstream_convcrf", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, os.fspath(checkout))  # upstream imports its own top-level ``utils``
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(os.fspath(checkout))
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    C, H, W = unary_logits.shape
+    conf = dict(module.default_conf)
+    conf.update(filter_size=int(filter_size), blur=int(blur), pyinn=False)
+    crf = module.GaussCRF(conf=conf, shape=(H, W), nclasses=C, use_gpu=False)
+    img = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)[None], dtype=np.float32))
+    un = torch.from_numpy(np.ascontiguousarray(unary_logits[None], dtype=np.float32))
+
+    def run():
+        with torch.no_grad():
+            return crf.forward(unary=un, img=img, num_iter=iterations)
+
+    return run

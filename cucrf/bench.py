@@ -22,8 +22,8 @@ import cucrf
 
 #: (height, width, classes, filter_size, blur)
 CPU_CASES = [
-    (500, 500, 21, 7, 4),
     (500, 500, 21, 5, 4),
+    (500, 500, 21, 7, 4),
     (500, 500, 21, 11, 4),
     (500, 500, 21, 7, 1),
 ]
@@ -42,16 +42,23 @@ def make_problem(height, width, classes, seed=0):
     return unary, image
 
 
+#: Set by ``--cpu-time``: :func:`time_call` reports the least CPU time instead of the median wall
+#: time (for a shared machine, with one thread everywhere).
+CPU_TIME = False
+
+
 def time_call(fn, repeat, warmup=1):
-    """Median wall time of ``fn()`` in seconds over ``repeat`` runs after ``warmup`` runs."""
+    """Median wall time of ``fn()`` in seconds over ``repeat`` runs after ``warmup`` runs (the least
+    CPU time of this process, all threads, with :data:`CPU_TIME`)."""
     for _ in range(warmup):
         fn()
+    clock = time.process_time if CPU_TIME else time.perf_counter
     times = []
     for _ in range(repeat):
-        t = time.perf_counter()
+        t = clock()
         fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        times.append(clock() - t)
+    return min(times) if CPU_TIME else statistics.median(times)
 
 
 def peak_extra_bytes(fn):
@@ -76,46 +83,185 @@ def machine_description():
                     break
     except OSError:
         pass
-    from . import _parallel
+    from . import _fast, _parallel
 
+    fast = _fast.status()
+    path = (f"fused CPU path: numba {_numba_version()}, kernels loaded in {fast['seconds']:.2f} s "
+            f"({'cached on disk' if fast['cached'] else 'not cached'})" if fast["backend"] else
+            f"fused CPU path: off ({fast['reason'] or 'numba not installed' if fast['enabled'] else 'CUCRF_FAST=0'})")
+    try:
+        load = "load average %.2f %.2f %.2f" % os.getloadavg()
+    except OSError:
+        load = "load average unknown"
     return (f"{cpu}, {os.cpu_count()} logical CPUs, cucrf threads {_parallel.num_threads()}, "
-            f"Python {platform.python_version()}, NumPy {np.__version__}")
+            f"Python {platform.python_version()}, NumPy {np.__version__}; {path}; {load}")
 
 
-def run_cpu(repeat=5, iterations=5, cases=CPU_CASES, print_fn=print):
-    """Time cucrf (NumPy) and, when importable, pydensecrf2 on each case; return rows of dicts."""
-    from . import _peers
+def _numba_version():
+    import numba
+
+    return numba.__version__
+
+
+class _numpy_only:
+    """Within the block, CPU work runs on the NumPy backend (``CUCRF_FAST=0``)."""
+
+    def __enter__(self):
+        self.old = os.environ.get("CUCRF_FAST")
+        os.environ["CUCRF_FAST"] = "0"
+
+    def __exit__(self, *exc):
+        if self.old is None:
+            os.environ.pop("CUCRF_FAST", None)
+        else:
+            os.environ["CUCRF_FAST"] = self.old
+
+
+def fast_path_active():
+    """True when CPU work runs on the fused (numba) backend."""
+    from . import _fast
+
+    return _fast.backend() is not None
+
+
+def real_problem(data_dir, image_id="2007_000129", network="espnet2_384"):
+    """A real VOC image and a network's logits from a data folder laid out as ``voc/<id>_image.png``
+    and ``unaries/<id>_<network>.npz`` (array ``logits`` (21, H, W)): (C, H, W) float32, (H, W, 3) uint8."""
+    import imageio.v3 as iio
+
+    image = np.asarray(iio.imread(os.path.join(data_dir, "voc", f"{image_id}_image.png")))[..., :3]
+    with np.load(os.path.join(data_dir, "unaries", f"{image_id}_{network}.npz")) as z:
+        unary = np.asarray(z["logits"], dtype=np.float32)
+    return unary, np.ascontiguousarray(image, dtype=np.uint8)
+
+
+def run_cpu(repeat=5, iterations=5, cases=CPU_CASES, print_fn=print, problem=None, convcrf=None, threads=None):
+    """Time cucrf and its peers side by side on each case; return rows of dicts.
+
+    cucrf on the fused CPU path (when active) and on the NumPy backend; pydensecrf2 when
+    importable; upstream ConvCRF (PyTorch CPU, ``threads`` threads) when ``convcrf`` names a
+    checkout of its repository. ``problem`` is a (unary (C, H, W), image (H, W, 3) uint8) pair
+    used for every case (its size replaces the case's), e.g. :func:`real_problem`.
+    """
+    from . import _parallel, _peers
 
     have_densecrf = _peers.densecrf_available()
+    fast = fast_path_active()
+    threads = _parallel.num_threads() if threads is None else threads
     rows = []
     densecrf_cache = {}
     for H, W, C, k, blur in cases:
-        unary, image = make_problem(H, W, C)
+        unary, image = make_problem(H, W, C) if problem is None else problem
+        C, H, W = unary.shape
         run = lambda: cucrf.infer(unary, image, filter_size=k, blur=blur, iterations=iterations)  # noqa: E731
         seconds = time_call(run, repeat)
         extra = peak_extra_bytes(run)
-        row = dict(case=f"{H}x{W}x{C} filter {k} blur {blur}", cucrf_s=seconds,
-                   extra_memory_x_unary=extra / unary.nbytes, densecrf_s=None)
+        row = dict(case=f"{H}x{W}x{C} filter {k} blur {blur}", cucrf_s=seconds, fast=fast,
+                   extra_memory_x_unary=extra / unary.nbytes, densecrf_s=None, numpy_s=None, convcrf_s=None)
+        if fast:
+            with _numpy_only():
+                row["numpy_s"] = time_call(run, repeat)
         if have_densecrf:
-            key = (H, W, C)
+            key = (H, W, C, id(problem))
             if key not in densecrf_cache:
                 logp = unary - np.log(np.exp(unary).sum(axis=0, keepdims=True))
                 densecrf_cache[key] = time_call(
                     lambda: _peers.densecrf_infer(logp, image, iterations=iterations), repeat)
             row["densecrf_s"] = densecrf_cache[key]
+        if convcrf is not None:
+            row["convcrf_s"] = time_call(
+                _peers.convcrf_runner(convcrf, unary, image, k, blur, iterations, threads=threads), repeat)
         rows.append(row)
         print_fn(format_row(row))
     return rows
 
 
+def _s(v):
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def _ratio(a, b):
+    return "n/a" if a is None or b is None else f"{a / b:.2f}"
+
+
 def format_row(row):
-    dense = "n/a" if row["densecrf_s"] is None else f"{row['densecrf_s']:.3f}"
-    ratio = "n/a" if row["densecrf_s"] is None else f"{row['cucrf_s'] / row['densecrf_s']:.2f}"
-    return (f"| {row['case']} | {row['cucrf_s']:.3f} | {row['extra_memory_x_unary']:.2f}x | {dense} | {ratio} |")
+    return (f"| {row['case']} | {row['cucrf_s']:.3f} | {_s(row.get('numpy_s'))} | {_s(row.get('convcrf_s'))} "
+            f"| {_s(row['densecrf_s'])} | {_ratio(row.get('numpy_s'), row['cucrf_s'])} "
+            f"| {_ratio(row.get('convcrf_s'), row['cucrf_s'])} | {_ratio(row['cucrf_s'], row['densecrf_s'])} "
+            f"| {row['extra_memory_x_unary']:.2f}x |")
 
 
-TABLE_HEADER = ("| case (5 iterations) | cucrf NumPy [s] | extra peak memory / unary bytes "
-                "| pydensecrf2 [s] | cucrf / pydensecrf2 |\n|---|---|---|---|---|")
+TABLE_HEADER = ("| case (5 iterations) | cucrf [s] | cucrf NumPy [s] | upstream ConvCRF [s] | pydensecrf2 [s] "
+                "| NumPy / cucrf | ConvCRF / cucrf | cucrf / pydensecrf2 | extra peak memory / unary bytes |\n"
+                "|---|---|---|---|---|---|---|---|---|")
+
+
+def run_backward(repeat=5, iterations=5, problem=None, filter_size=5, blur=4, print_fn=print):
+    """Forward (:func:`cucrf.infer`) and forward + backward (:func:`cucrf.infer_vjp`) times, fused and NumPy."""
+    unary, image = make_problem(500, 500, 21) if problem is None else problem
+    g = np.random.default_rng(0).normal(size=unary.shape).astype(np.float32)
+    rows = []
+    fwd = lambda: cucrf.infer(unary, image, filter_size=filter_size, blur=blur, iterations=iterations)  # noqa: E731
+    vjp = lambda: cucrf.infer_vjp(unary, image, grad_output=g, filter_size=filter_size, blur=blur,  # noqa: E731
+                                  iterations=iterations)
+    paths = [("fused", None)] if fast_path_active() else []
+    paths.append(("NumPy", _numpy_only))
+    for name, ctx in paths:
+        if ctx is None:
+            f, v = time_call(fwd, repeat), time_call(vjp, repeat)
+        else:
+            with ctx():
+                f, v = time_call(fwd, repeat), time_call(vjp, repeat)
+        row = dict(path=name, forward_s=f, vjp_s=v, backward_s=v - f)
+        rows.append(row)
+        print_fn(f"| {name} | {f:.3f} | {v:.3f} | {v - f:.3f} | {(v - f) / f:.2f} |")
+    return rows
+
+
+def _cpu_time_call(fn, repeat):
+    """Least CPU time (this process, all threads) of ``fn()`` over ``repeat`` runs after one warm-up."""
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.process_time()
+        fn()
+        best = min(best, time.process_time() - t)
+    return best
+
+
+def measure_floor(megabytes=64):
+    """This machine's streaming bandwidth (bytes read + written per second by one thread: a NumPy
+    copy of ``megabytes``) and float32 exp throughput (exps per second on one thread: the fused
+    path's vectorised exp, or NumPy's ``exp`` without it). Measured in CPU time, so that other
+    processes on a shared machine disturb it less than wall-clock time."""
+    n = megabytes * (1 << 20) // 4
+    src = np.random.default_rng(0).uniform(-20.0, 0.0, n).astype(np.float32)
+    dst = np.empty_like(src)
+    bandwidth = 2 * src.nbytes / _cpu_time_call(lambda: np.copyto(dst, src), 7)
+    x = src[: n // 4].reshape(-1, 4096).copy()
+    if fast_path_active():
+        from . import _numba_kernels
+
+        _numba_kernels.set_threads(1)
+
+        def exps():
+            np.copyto(x, src[: n // 4].reshape(-1, 4096))
+            _numba_kernels.exp_rows(x, 1)
+
+        copy_time = _cpu_time_call(lambda: np.copyto(x, src[: n // 4].reshape(-1, 4096)), 7)
+        exp_rate = x.size / max(_cpu_time_call(exps, 7) - copy_time, 1e-9)
+    else:
+        exp_rate = x.size / _cpu_time_call(lambda: np.exp(src[: n // 4].reshape(-1, 4096), out=x), 7)
+    return dict(bandwidth=bandwidth, exp_rate=exp_rate)
+
+
+def floor_seconds(classes, pixels, iterations, floor, threads=1):
+    """The least time mean-field inference can take on a machine of ``floor`` (:func:`measure_floor`)
+    with ``threads`` threads scaling perfectly: every update reads the unary and writes ``Q`` once
+    (float32) and takes ``classes`` exps per pixel (``iterations`` updates and the first softmax);
+    coarse-grid work, set-up and the input checks are left out."""
+    elements = classes * pixels * (iterations + 1)
+    return (elements * 8 / floor["bandwidth"] + elements / floor["exp_rate"]) / threads
 
 
 #: (depth, height, width, classes) of the volume benchmark, at the defaults.
@@ -135,16 +281,21 @@ def make_volume(depth, height, width, classes, seed=0):
 
 
 def run_volumes(repeat=3, iterations=5, cases=VOLUME_CASES, print_fn=print):
-    """Time cucrf on volumes at the defaults (spatial_dims=3); return rows of dicts."""
+    """Time cucrf on volumes at the defaults (spatial_dims=3), fused and NumPy; return rows of dicts."""
     rows = []
+    fast = fast_path_active()
     for D, H, W, C in cases:
         unary, image = make_volume(D, H, W, C)
         run = lambda: cucrf.infer(unary, image, spatial_dims=3, iterations=iterations)  # noqa: E731
         seconds = time_call(run, repeat)
         extra = peak_extra_bytes(run)
-        row = dict(case=f"{D}x{H}x{W}x{C}", cucrf_s=seconds, extra_memory_x_unary=extra / unary.nbytes)
+        numpy_s = None
+        if fast:
+            with _numpy_only():
+                numpy_s = time_call(run, repeat)
+        row = dict(case=f"{D}x{H}x{W}x{C}", cucrf_s=seconds, numpy_s=numpy_s, extra_memory_x_unary=extra / unary.nbytes)
         rows.append(row)
-        print_fn(f"| {row['case']} | {seconds:.3f} | {row['extra_memory_x_unary']:.2f}x |")
+        print_fn(f"| {row['case']} | {seconds:.3f} | {_s(numpy_s)} | {row['extra_memory_x_unary']:.2f}x |")
     return rows
 
 
@@ -178,22 +329,31 @@ class _GeneratedImages:
         return unary.argmax(axis=0).astype(np.uint8)
 
 
-def run_fit(images=8, epochs=2, cases=FIT_CASES, print_fn=print):
+def run_fit(images=8, epochs=2, cases=FIT_CASES, print_fn=print, numpy=True):
     """Training throughput of :func:`cucrf.fit` (defaults, no validation), images read lazily.
 
     Returns rows with ``images_per_s`` over the training epochs (epoch 0, the scoring of the
-    start, is left out).
+    start, is left out), and ``numpy_images_per_s`` on the NumPy backend when the fused path is
+    active and ``numpy``.
     """
-    rows = []
-    for H, W, C, batch in cases:
+
+    def throughput(H, W, C, batch):
         data = [_GeneratedImages(part, images, H, W, C) for part in range(3)]
         result = cucrf.fit(*data, epochs=epochs, batch_size=batch, val_fraction=0, progress=False)
         trained = result.history[1:]
-        seconds = sum(h["seconds"] for h in trained)
-        count = sum(h["images"] for h in trained)
-        row = dict(case=f"{H}x{W}x{C} batch {batch}", images_per_s=count / seconds)
+        return sum(h["images"] for h in trained) / sum(h["seconds"] for h in trained)
+
+    rows = []
+    fast = fast_path_active()
+    for H, W, C, batch in cases:
+        row = dict(case=f"{H}x{W}x{C} batch {batch}", images_per_s=throughput(H, W, C, batch), numpy_images_per_s=None)
+        if fast and numpy:
+            with _numpy_only():
+                row["numpy_images_per_s"] = throughput(H, W, C, batch)
         rows.append(row)
-        print_fn(f"| {row['case']} | {row['images_per_s']:.2f} |")
+        ref = row["numpy_images_per_s"]
+        print_fn(f"| {row['case']} | {row['images_per_s']:.2f} | {'n/a' if ref is None else f'{ref:.2f}'} "
+                 f"| {_ratio(row['images_per_s'], ref)} |")
     return rows
 
 
@@ -207,7 +367,23 @@ def main(argv=None):
     parser.add_argument("--fit", action="store_true", help="only the training throughput of cucrf.fit")
     parser.add_argument("--volumes", action="store_true",
                         help="only volumes (spatial_dims=3, defaults): 100x150x120 with 2 classes, 256^3 with 4")
+    parser.add_argument("--data", metavar="DIR",
+                        help="time on a real image and real logits: DIR/voc/<id>_image.png and "
+                             "DIR/unaries/<id>_espnet2_384.npz (instead of the generated 500x500 problem)")
+    parser.add_argument("--image", default="2007_000129", help="the image id with --data (default: 2007_000129)")
+    parser.add_argument("--convcrf", metavar="CHECKOUT",
+                        help="also time upstream ConvCRF (PyTorch CPU) from a checkout of its repository")
+    parser.add_argument("--backward", action="store_true",
+                        help="also time infer_vjp (forward and backward) at the defaults")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="report the least CPU time instead of the median wall time (a shared machine; "
+                             "use with CUCRF_NUM_THREADS=1, as the peers then run on one thread too)")
+    parser.add_argument("--floor", action="store_true",
+                        help="also measure this machine's streaming bandwidth and exp throughput, and the "
+                             "floor time of each case")
     args = parser.parse_args(argv)
+    global CPU_TIME
+    CPU_TIME = args.cpu_time
     if args.gpu:  # before the CPU benchmark's minutes, not after
         from . import _bench_gpu
 
@@ -217,22 +393,44 @@ def main(argv=None):
             return 1
     if args.fit:
         print(f"machine: {machine_description()}")
-        print("| cucrf.fit, defaults (filter 5, blur 4, 5 iterations), float32 | training images/s |\n|---|---|")
+        print("| cucrf.fit, defaults (filter 5, blur 4, 5 iterations), float32 | training images/s "
+              "| NumPy backend images/s | ratio |\n|---|---|---|---|")
         run_fit()
         return 0
     if args.volumes:
         print(f"machine: {machine_description()}")
-        print("| volume D x H x W x classes (1 channel, filter 5, blur 4, 5 iterations), float32 | cucrf NumPy [s] "
-              "| extra peak memory / unary bytes |\n|---|---|---|")
+        print("| volume D x H x W x classes (1 channel, filter 5, blur 4, 5 iterations), float32 | cucrf [s] "
+              "| cucrf NumPy [s] | extra peak memory / unary bytes |\n|---|---|---|---|")
         run_volumes(repeat=3 if args.quick else args.repeat, iterations=args.iterations,
                     cases=VOLUME_CASES[:1] if args.quick else VOLUME_CASES)
         return 0
     cases = CPU_CASES[:1] if args.quick else CPU_CASES
     repeat = 3 if args.quick else args.repeat
+    problem = None
+    if args.data:
+        problem = real_problem(args.data, args.image)
+        print(f"problem: {args.image} from {args.data} ({'x'.join(map(str, problem[0].shape[1:]))}, "
+              f"{problem[0].shape[0]} classes, real logits)")
     print(f"machine: {machine_description()}")
     print(TABLE_HEADER)
     sys.stdout.flush()
-    run_cpu(repeat=repeat, iterations=args.iterations, cases=cases)
+    rows = run_cpu(repeat=repeat, iterations=args.iterations, cases=cases, problem=problem, convcrf=args.convcrf)
+    if args.floor:
+        from . import _parallel
+
+        floor = measure_floor()
+        threads = _parallel.num_threads()
+        print(f"\nfloor: streaming {floor['bandwidth'] / 1e9:.1f} GB/s (read + write) and exp "
+              f"{floor['exp_rate'] / 1e9:.2f} G/s per thread (CPU time), {threads} thread(s)")
+        print("| case | cucrf [s] | floor [s] | cucrf / floor |\n|---|---|---|---|")
+        for row, (H, W, C, _, _) in zip(rows, cases):
+            c, h, w = problem[0].shape if problem is not None else (C, H, W)
+            f = floor_seconds(c, h * w, args.iterations, floor, threads)
+            print(f"| {row['case']} | {row['cucrf_s']:.3f} | {f:.3f} | {row['cucrf_s'] / f:.2f} |")
+    if args.backward:
+        print("\n| path (filter 5, blur 4) | infer [s] | infer_vjp [s] | backward [s] | backward / forward |"
+              "\n|---|---|---|---|---|")
+        run_backward(repeat=repeat, iterations=args.iterations, problem=problem)
     if args.gpu:
         from . import _bench_gpu
 

@@ -1,0 +1,649 @@
+"""The fused CPU backend: the interface of :mod:`cucrf._meanfield` on compiled kernels (numba).
+
+Chosen by :func:`cucrf._backends.get_backend` for NumPy arrays when the optional extra
+``cucrf[fast]`` is installed (see :mod:`cucrf._fast`). It computes what
+:mod:`cucrf._numpy_backend` computes (the specification; the tests compare the two) with fewer
+passes over the full-resolution arrays, as the CUDA backend does on the GPU:
+
+* ``full_message`` keeps the message on the coarse grid (a :class:`CoarseMessage`);
+* ``update`` does upsampling, compatibility, unary and softmax in one pass per row, and pools
+  the new ``Q`` for the next message in the same pass;
+* the backward pass keeps the gradients with respect to the message and to ``Q`` on the coarse
+  grid (:class:`MessageGradient`, :class:`PixelGradient`) and forms them at full resolution
+  inside the softmax's vjp, as ``cucrf._cuda.backend`` does.
+
+Images are volumes of depth 1 for the kernels (one compiled kernel serves both); arrays handed
+back to :mod:`cucrf._meanfield` keep their own shapes. The kernel parameter gradients
+(``prepare_backward``) are the NumPy reference's, on what the backward pass collected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import sys
+import threading
+import weakref
+from typing import Optional
+
+import numpy as np
+
+from . import _meanfield, _parallel
+from . import _numpy_backend as _reference
+from ._geometry import axis_geometry, window_offsets
+
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    import numba
+
+    # numba's own thread pool is safe in forked processes (GNU OpenMP's is not: a forked worker
+    # would hang); it does not take concurrent launches, which _LOCK serialises.
+    numba.config.THREADING_LAYER = "workqueue"
+
+from . import _numba_kernels as _k  # noqa: E402  (after the threading layer is chosen)
+
+xp = np
+name = "numba"
+#: The (S, B, K, *coarse) kernel stack is stored, as NumPy's (for the memory estimate).
+stores_kernels = True
+
+_LOCK = threading.Lock()
+_owned = weakref.WeakValueDictionary()  # id -> class maps this backend allocated (safe to overwrite)
+
+
+def supports(nd, config) -> bool:
+    """Images and volumes with any per-axis window, blur and spacing."""
+    return nd in (2, 3)
+
+
+def _run(kernel, *args):
+    """Launch a parallel kernel with ``CUCRF_NUM_THREADS`` threads (one launch at a time)."""
+    threads = _parallel.num_threads()
+    with _LOCK:
+        _k.set_threads(threads)
+        kernel(*args)
+
+
+def _c(a):
+    """C-contiguous and writeable (a read-only array would compile another kernel signature)."""
+    if a.flags.c_contiguous and a.flags.writeable:
+        return a
+    return np.array(a, order="C", copy=True)
+
+
+def _v5(a):
+    """(B, C, *spatial) as (B, C, D, H, W): an image gets a depth of 1 (a view)."""
+    a = _c(a)
+    return a.reshape(a.shape[:2] + (1,) * (5 - a.ndim) + a.shape[2:])
+
+
+def _new(shape, dtype):
+    out = np.empty(shape, dtype=dtype)
+    _owned[id(out)] = out
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# geometry tables
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Tables:
+    """Per-axis tables of pooling, upsampling and its transpose for (D, H, W) at blur (bz, by, bx)."""
+
+    starts: tuple  # 3 int64 arrays (cells + 1): first pixel of each cell, then the end
+    cells: tuple  # 3 int64 arrays (pixels): the cell of each pixel
+    inv: np.ndarray  # (d, h, w) inverse pixel counts
+    lo: tuple
+    hi: tuple
+    frac: tuple
+    t_start: tuple  # transposed taps: first pixel, count and weights per cell
+    t_count: tuple
+    t_weight: tuple
+    coarse: tuple
+    trivial: bool  # blur 1 on every axis
+
+
+def _transpose_taps(g, dtype):
+    """Cell ``c`` gathers pixels ``start[c] .. start[c] + count[c] - 1`` with weights ``w[c, p - start[c]]``."""
+    lo, hi, frac = g.lo, g.hi, g.frac
+    cells = np.arange(g.coarse)
+    start = np.minimum(np.searchsorted(lo, cells, "left"), np.searchsorted(hi, cells, "left"))
+    end = np.maximum(np.searchsorted(lo, cells, "right"), np.searchsorted(hi, cells, "right"))
+    count = np.maximum(end - start, 0)
+    weights = np.zeros((g.coarse, max(1, int(count.max()))))
+    pixels = np.arange(g.size)
+    np.add.at(weights, (lo, pixels - start[lo]), 1.0 - frac)
+    np.add.at(weights, (hi, pixels - start[hi]), frac)
+    return start.astype(np.int64), count.astype(np.int64), weights.astype(dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _tables(size, blurs, dtype_str) -> _Tables:
+    dt = np.dtype(dtype_str)
+    size = (1,) * (3 - len(size)) + tuple(size)
+    blurs = (1,) * (3 - len(blurs)) + tuple(blurs)
+    geoms = [axis_geometry(n, b) for n, b in zip(size, blurs)]
+    starts, cells, lo, hi, frac, ts, tc, tw = [], [], [], [], [], [], [], []
+    for g in geoms:
+        c = np.arange(g.coarse + 1) * g.blur - g.pad
+        starts.append(np.clip(c, 0, g.size).astype(np.int64))
+        # unsigned: gather indices the kernels need not check for wraparound
+        cells.append(((np.arange(g.size) + g.pad) // g.blur).astype(np.uintp))
+        lo.append(np.array(g.lo, dtype=np.uintp))
+        hi.append(np.array(g.hi, dtype=np.uintp))
+        frac.append(np.array(g.frac, dtype=dt))
+        s, n, w = _transpose_taps(g, dt)
+        ts.append(s)
+        tc.append(n)
+        tw.append(w)
+    inv = np.array(_reference._inverse_counts(geoms, dt), dtype=dt, order="C")
+    return _Tables(tuple(starts), tuple(cells), inv, tuple(lo), tuple(hi), tuple(frac), tuple(ts), tuple(tc),
+                   tuple(tw), tuple(g.coarse for g in geoms), all(b == 1 for b in blurs))
+
+
+@functools.lru_cache(maxsize=16)
+def _row_tables(D, H):
+    """Cells of one pixel each along D and H (for updates without pooling geometry)."""
+    return np.arange(D + 1, dtype=np.int64), np.arange(H + 1, dtype=np.int64)
+
+
+@functools.lru_cache(maxsize=4)
+def _dummies(dtype_str):
+    dt = np.dtype(dtype_str)
+    return dict(a5=np.zeros((1, 1, 1, 1, 1), dt), mat=np.zeros((1, 1), dt), i=np.zeros(1, np.int64),
+                u=np.zeros(1, np.uintp), f=np.zeros(1, dt), inv=np.ones((1, 1, 1), dt))
+
+
+def _offsets3(filter_size, nd, keep_centre):
+    sizes = filter_size if isinstance(filter_size, tuple) else (int(filter_size),) * nd
+    offs = np.array(window_offsets(sizes, keep_centre), dtype=np.int64).reshape(-1, nd)
+    return np.ascontiguousarray(np.concatenate([np.zeros((len(offs), 3 - nd), np.int64), offs], axis=1))
+
+
+# ---------------------------------------------------------------------------------------------
+# the primitives used by cucrf._meanfield.prepare (pooling and kernels are compiled)
+# ---------------------------------------------------------------------------------------------
+def pool(x, blur):
+    """Average pooling, as :func:`cucrf._numpy_backend.pool` (x itself at blur 1)."""
+    blurs = _reference._axes(blur)
+    nd = len(blurs)
+    if all(b == 1 for b in blurs):
+        return x
+    lead, size = x.shape[:-nd], x.shape[-nd:]
+    tab = _tables(tuple(size), tuple(blurs), x.dtype.str)
+    x5 = _c(x).reshape((1, -1) + (1,) * (3 - nd) + tuple(size))
+    out = np.empty((1, x5.shape[1]) + tab.coarse, dtype=x.dtype)
+    d = _dummies(x.dtype.str)
+    _run(_k.pool, x5, d["a5"], d["a5"], 0, *tab.starts, tab.inv, out, d["a5"])
+    return out.reshape(tuple(lead) + tab.coarse[3 - nd:])
+
+
+upsample = _reference.upsample
+
+
+def pairwise_kernels(positions, features, inv_theta_beta, inv_theta_alpha2, inv_theta_gamma2,
+                     filter_size, weights, keep_centre=False):
+    """Kernel values of every cell and window offset, as :func:`cucrf._numpy_backend.pairwise_kernels`."""
+    B, F = features.shape[:2]
+    spatial = tuple(features.shape[2:])
+    nd = len(spatial)
+    dt = features.dtype
+    scaled = features * inv_theta_beta.astype(dt).reshape((1, F) + (1,) * nd)
+    offsets = _offsets3(filter_size, nd, keep_centre)
+    out = np.zeros((len(weights), B, len(offsets)) + spatial, dtype=dt)
+    pos = [np.zeros(1)] * (3 - nd) + [np.ascontiguousarray(p, dtype=np.float64) for p in positions]
+    out6 = out.reshape(out.shape[:3] + (1,) * (3 - nd) + spatial)
+    _run(_k.pairwise_kernels, _v5(scaled), pos[0], pos[1], pos[2], offsets, float(inv_theta_alpha2),
+         float(inv_theta_gamma2), np.array(weights, dtype=np.float64).reshape(-1, 2), out6)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# forward
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class FastSetup:
+    """What message passing needs (see :class:`cucrf._meanfield.PairwiseSetup`, kept as ``reference``).
+
+    ``kernels`` holds one (B, K, d, h, w) array per kernel, ``normalisers`` (B, 1, D, H, W) ones
+    or None, ``weights`` the weight of each kernel's message; ``pending`` the pooled ``Q`` the
+    last update made for the next message (a weak reference to that ``Q`` and the pooled arrays).
+    """
+
+    reference: _meanfield.PairwiseSetup
+    kernels: tuple
+    offsets: np.ndarray
+    normalisers: Optional[tuple]
+    weights: tuple
+    tables: _Tables
+    size: tuple
+    nd: int
+    dtype: np.dtype
+    pending: Optional[tuple] = None
+
+    @property
+    def separate(self):
+        return self.normalisers is not None
+
+    def natural(self, a5):
+        """A (B, C, D, H, W) or (B, C, d, h, w) array in the caller's shape (drop the depth of images)."""
+        return a5.reshape(a5.shape[:2] + a5.shape[5 - self.nd:]) if self.nd < 3 else a5
+
+
+@dataclasses.dataclass
+class CoarseMessage:
+    """The message of one iteration on the coarse grid: ``m`` (one (B, C, d, h, w) per kernel).
+
+    ``pooled``: the coarse message inputs ``Pool(n_s Q)`` (caller's shapes), kept for the
+    backward pass; ``source``: the ``Q`` they came from.
+    """
+
+    setup: FastSetup
+    m: tuple
+    pooled: tuple
+    source: object
+
+
+@dataclasses.dataclass
+class MessageGradient:
+    """The gradient with respect to a message, kept factored: ``-mu^T grad_logits``; ``coarse``
+    holds ``Up^T(n_s grad_logits)`` per kernel (5-D)."""
+
+    grad_logits: object
+    compat: object
+    coarse: tuple
+    msg: CoarseMessage
+
+
+@dataclasses.dataclass
+class PixelGradient:
+    """The gradient with respect to ``Q`` of one message: ``sum_s n_s Pool^T(r_s)`` (``n = 1``
+    merged), with coarse ``r`` (5-D), already divided by the cells' pixel counts. With normalisation ``pending`` is True until
+    ``sum_c q Pool^T(r_s)`` has been added to the normaliser gradients."""
+
+    setup: FastSetup
+    r: tuple
+    q: object
+    grads: object
+    pending: bool = False
+
+
+def prepare(features, params, config):
+    """Pooled features, kernels and normalisers (see :func:`cucrf._meanfield.prepare`)."""
+    ref = _meanfield.prepare(sys.modules[__name__], features, params, config)
+    nd = features.ndim - 2
+    dt = features.dtype
+    tab = _tables(tuple(features.shape[2:]), tuple(config.blurs(nd)), dt.str)
+    kernels = tuple(_c(ref.kernels[s]).reshape(ref.kernels.shape[1:3] + tab.coarse) for s in range(len(ref.weights)))
+    normalisers = None if ref.normalisers is None else tuple(_v5(n) for n in ref.normalisers)
+    return FastSetup(ref, kernels, _offsets3(config.filter_sizes(nd), nd, config.keep_centre), normalisers,
+                     tuple(float(w) for w in ref.weights), tab, tuple(features.shape[2:]), nd, dt)
+
+
+def _pool_q(setup, q5):
+    """``Pool(n_s q)`` per kernel (5-D), ``q`` itself for a merged kernel at blur 1."""
+    tab = setup.tables
+    if not setup.separate and tab.trivial:
+        return (q5,)
+    B, C = q5.shape[:2]
+    d = _dummies(setup.dtype.str)
+    outs = [np.empty((B, C) + tab.coarse, setup.dtype) for _ in range(2 if setup.separate else 1)]
+    if setup.separate:
+        _run(_k.pool, q5, setup.normalisers[0], setup.normalisers[1], 2, *tab.starts, tab.inv, outs[0], outs[1])
+    else:
+        _run(_k.pool, q5, d["a5"], d["a5"], 0, *tab.starts, tab.inv, outs[0], d["a5"])
+    return tuple(outs)
+
+
+def full_message(setup: FastSetup, q, config=None):
+    """The message of ``q``, on the coarse grid until :func:`update` (a :class:`CoarseMessage`;
+    the full-resolution array at blur 1 with symmetric normalisation)."""
+    q5 = _v5(q)
+    pending, setup.pending = setup.pending, None
+    if pending is not None and pending[0]() is q:
+        pooled = pending[1]
+    else:
+        pooled = _pool_q(setup, q5)
+    B, C = q5.shape[:2]
+    ms = []
+    for s, weight in enumerate(setup.weights):
+        m = np.empty((B, C) + setup.tables.coarse, setup.dtype)
+        _run(_k.message, setup.kernels[s], setup.offsets, pooled[s], 1.0, m)
+        ms.append(m)
+    if setup.tables.trivial and setup.separate:
+        # Blur 1 with normalisation: the two messages are full-size, so the sum M is formed (as
+        # the reference does) and kept instead of both, and no pooled input is kept either.
+        (w0, w1), (n0, n1) = setup.weights, setup.normalisers
+        full = ms[0] * (n0 * setup.dtype.type(w0))
+        full += ms[1] * (n1 * setup.dtype.type(w1))
+        return setup.natural(full)
+    return CoarseMessage(setup, tuple(ms), tuple(setup.natural(p) for p in pooled), q)
+
+
+def _taps(tab):
+    """Upsampling taps along z and y (x is done first, by :func:`_upsample_x`)."""
+    return (tab.lo[0], tab.hi[0], tab.frac[0], tab.lo[1], tab.hi[1], tab.frac[1])
+
+
+def _upsample_x(setup, m):
+    """A coarse (B, C, d, h, w) array upsampled along its last axis: (B, C, d, h, W)."""
+    tab = setup.tables
+    if m.shape[4] == setup.size[-1]:  # blur 1 along x: already full width
+        return m
+    out = np.empty(m.shape[:4] + (setup.size[-1],), setup.dtype)
+    _run(_k.upsample_x, m, tab.lo[2], tab.hi[2], tab.frac[2], out)
+    return out
+
+
+def update(scaled_unary, msg, compat, return_logits=False, out=None):
+    """``softmax(a U - Phi)`` (or the logits) in one pass; see :func:`cucrf._numpy_backend.update`.
+
+    ``msg`` is a :class:`CoarseMessage` (or a full-resolution array). With ``out`` the message
+    itself (inference without a tape) the result overwrites the message's ``Q`` when this backend
+    made it; else a new array is returned.
+    """
+    su = _c(scaled_unary)
+    U5 = _v5(su)
+    dt = su.dtype
+    d = _dummies(dt.str)
+    if isinstance(msg, CoarseMessage):
+        setup = msg.setup
+        tab = setup.tables
+        trivial_merged = tab.trivial and not setup.separate
+        mode = 3 if trivial_merged else (2 if setup.separate else 1)
+        m0 = msg.m[0] if trivial_merged else _upsample_x(setup, msg.m[0])
+        m1 = _upsample_x(setup, msg.m[1]) if setup.separate else d["a5"]
+        n0, n1 = setup.normalisers if setup.separate else (d["a5"], d["a5"])
+        w0, w1 = (setup.weights + (0.0,))[:2]
+        taps = _taps(tab) if not trivial_merged else (d["u"], d["u"], d["f"]) * 2
+        # At blur 1 the pooled maps are full-size products: not made ahead, nor kept.
+        pool_mode = 0 if return_logits or tab.trivial else (2 if setup.separate else 1)
+        zs, ys, xs, inv = tab.starts[0], tab.starts[1], tab.starts[2], tab.inv
+    else:
+        setup = None
+        m0, m1, n0, n1, w0, w1, mode = _v5(msg.astype(dt, copy=False)), d["a5"], d["a5"], d["a5"], 1.0, 1.0, 3
+        taps = (d["u"], d["u"], d["f"]) * 2
+        pool_mode = 0
+        zs, ys = _row_tables(U5.shape[2], U5.shape[3])
+        xs, inv = d["i"], d["inv"]
+    target = None
+    if isinstance(out, CoarseMessage):
+        src = out.source
+        if (_owned.get(id(src)) is src and src.shape == su.shape and src.dtype == dt and src.flags.c_contiguous
+                and src is not su):
+            target = src
+    if target is None:
+        target = _new(su.shape, dt)
+    B, C = U5.shape[:2]
+    if pool_mode:
+        p0 = np.empty((B, C) + tab.coarse, dt)
+        p1 = np.empty((B, C) + tab.coarse, dt) if pool_mode == 2 else d["a5"]
+    else:
+        p0 = p1 = d["a5"]
+    use_compat = compat is not None
+    c = _c(np.asarray(compat, dtype=dt)) if use_compat else d["mat"]
+    _run(_k.update, U5, m0, m1, n0, n1, mode, float(w0), float(w1), c, use_compat, bool(return_logits), *taps,
+         pool_mode, zs, ys, xs, inv, p0, p1, _v5(target))
+    if pool_mode:
+        setup.pending = (weakref.ref(target), (p0, p1) if pool_mode == 2 else (p0,))
+    return target
+
+
+def softmax(x):
+    """Softmax over axis 1, in one pass per row."""
+    xc = _c(x)
+    x5 = _v5(xc)
+    d = _dummies(xc.dtype.str)
+    out = _new(xc.shape, xc.dtype)
+    zs, ys = _row_tables(x5.shape[2], x5.shape[3])
+    _run(_k.update, x5, d["a5"], d["a5"], d["a5"], d["a5"], 0, 1.0, 1.0, d["mat"], False, False,
+         *((d["u"], d["u"], d["f"]) * 2), 0, zs, ys, d["i"], d["inv"], d["a5"], d["a5"], _v5(out))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# backward
+# ---------------------------------------------------------------------------------------------
+def _upsample_backward(setup, x5, scales=None):
+    """``Up^T(x n_s)`` per scale (or ``(Up^T(x),)``), coarse 5-D arrays."""
+    tab = setup.tables
+    ns = 0 if scales is None else len(scales)
+    if tab.trivial and ns == 0:
+        return (x5,)
+    B, C = x5.shape[:2]
+    d = _dummies(setup.dtype.str)
+    outs = [np.empty((B, C) + tab.coarse, setup.dtype) for _ in range(max(ns, 1))]
+    s0 = scales[0] if ns >= 1 else d["a5"]
+    s1 = scales[1] if ns == 2 else d["a5"]
+    _run(_k.upsample_backward, x5, s0, s1, ns, tab.t_start[0], tab.t_count[0], tab.t_weight[0], tab.t_start[1],
+         tab.t_count[1], tab.t_weight[1], tab.t_start[2], tab.t_count[2], tab.t_weight[2], outs[0],
+         outs[1] if ns == 2 else d["a5"])
+    return tuple(outs)
+
+
+def _compat_transpose(x, compat):
+    """``-mu^T x`` over the class axis (Potts: ``x - sum_c x``)."""
+    if compat is None:
+        return x - x.sum(axis=1, keepdims=True)
+    B, C = x.shape[:2]
+    return np.matmul(-np.asarray(compat, dtype=x.dtype).T, x.reshape(B, C, -1)).reshape(x.shape)
+
+
+def _class_products(pairs, weights):
+    """``-sum_s w_s sum_{b, i} a_s m_s^T``: (C, C) float64 (products in the compute dtype, sums in
+    float64; the reference sums the same products over the pixels instead of the coarse cells)."""
+    C = pairs[0][0].shape[1]
+    out = np.zeros((C, C))
+    for (a, m), weight in zip(pairs, weights):
+        B = a.shape[0]
+        _run(_k.class_products, _c(a).reshape(B, C, -1), _c(m).reshape(B, C, -1), float(weight), out)
+    return out
+
+
+def softmax_backward(q, grad):
+    """vjp of the softmax given its output ``q``; ``grad`` an array or a lazy :class:`PixelGradient`."""
+    qc = _c(q)
+    q5 = _v5(qc)
+    dt = qc.dtype
+    d = _dummies(dt.str)
+    out = np.empty_like(qc)
+    if isinstance(grad, PixelGradient):
+        setup = grad.setup
+        tab = setup.tables
+        if setup.separate:
+            mode = 2
+            r0, r1 = grad.r
+            n0, n1 = setup.normalisers
+            accumulate = grad.pending and grad.q is q
+            if grad.pending and not accumulate:
+                _settle(grad)
+            if accumulate:
+                grad.pending = False
+            gn0, gn1 = (_v5(g) for g in _normaliser_gradients(setup, grad.grads, qc)) if accumulate else (d["a5"],) * 2
+        else:
+            mode, r0, r1, n0, n1, gn0, gn1, accumulate = 1, grad.r[0], d["a5"], d["a5"], d["a5"], d["a5"], d["a5"], False
+        _run(_k.softmax_backward, q5, d["a5"], r0, r1, n0, n1, gn0, gn1, mode, bool(accumulate), True,
+             *tab.cells, _v5(out))
+    else:
+        g5 = _v5(np.asarray(grad).astype(dt, copy=False))
+        _run(_k.softmax_backward, q5, g5, d["a5"], d["a5"], d["a5"], d["a5"], d["a5"], d["a5"], 0, False, True,
+             d["u"], d["u"], d["u"], _v5(out))
+    return out
+
+
+def _normaliser_gradients(setup, grads, q):
+    B = q.shape[0]
+    for s in range(2):
+        if grads.normalisers[s] is None:
+            grads.normalisers[s] = np.zeros((B, 1) + tuple(setup.size), dtype=setup.dtype)
+    return grads.normalisers
+
+
+def _settle(grad: PixelGradient):
+    """Add the pending ``sum_c q Pool^T(r_s)`` of a normalised :class:`PixelGradient`."""
+    if not grad.pending:
+        return
+    grad.pending = False
+    setup = grad.setup
+    tab = setup.tables
+    d = _dummies(setup.dtype.str)
+    gn0, gn1 = (_v5(g) for g in _normaliser_gradients(setup, grad.grads, grad.q))
+    _run(_k.softmax_backward, _v5(grad.q), d["a5"], grad.r[0], grad.r[1], setup.normalisers[0],
+         setup.normalisers[1], gn0, gn1, 2, True, False, *tab.cells, d["a5"])
+
+
+def compatibility_backward(grad, msg, compat):
+    """vjp of ``logits = a U - mu M``: ``(grad_msg, grad_compat)``, the first lazy for a :class:`CoarseMessage`."""
+    if not isinstance(msg, CoarseMessage):
+        return _reference.compatibility_backward(grad, msg, compat)
+    setup = msg.setup
+    g5 = _v5(grad.astype(setup.dtype, copy=False))
+    coarse = _upsample_backward(setup, g5, setup.normalisers)
+    gc = _class_products(list(zip(coarse, msg.m)), setup.weights)
+    return MessageGradient(grad, compat, coarse, msg), gc
+
+
+def full_message_backward(setup: FastSetup, q, grad_msg, config, grads):
+    """vjp of :func:`full_message` with respect to ``q``: a lazy :class:`PixelGradient`.
+
+    Records the coarse message gradients and inputs in ``grads`` (see
+    :func:`cucrf._meanfield.message_backward`) and, with symmetric normalisation, adds the
+    normaliser gradient's own-factor term.
+    """
+    msg = None
+    if isinstance(grad_msg, MessageGradient):
+        msg = grad_msg.msg
+        coarse = tuple(_compat_transpose(lc, grad_msg.compat) for lc in grad_msg.coarse)
+    else:
+        grad_msg = _c(np.asarray(grad_msg).astype(setup.dtype, copy=False))
+        coarse = _upsample_backward(setup, _v5(grad_msg), setup.normalisers)
+    if msg is not None and msg.source is q:
+        pooled5 = tuple(_v5(p) for p in msg.pooled)
+    else:
+        pooled5 = _pool_q(setup, _v5(q))
+    for s in range(len(setup.weights)):
+        grads.left[s].append(setup.natural(coarse[s]))
+        grads.right[s].append(setup.natural(pooled5[s]))
+    def coarse_gradients():
+        rs = []
+        for s, weight in enumerate(setup.weights):
+            r = np.empty(coarse[s].shape, setup.dtype)
+            _run(_k.message, setup.kernels[s], setup.offsets, _c(coarse[s]), weight, r)
+            r *= setup.tables.inv  # Pool^T's division by the pixel counts, on the coarse grid
+            rs.append(r)
+        return tuple(rs)
+
+    if not setup.separate:
+        return PixelGradient(setup, coarse_gradients(), q, grads)
+    # w_s sum_c grad_msg Up(K_s P_s) per pixel, as sum_c a Up(x_s): with the lazy gradient
+    # a = grad_logits and x_s = -w_s mu m_s; else a = grad_msg and x_s = w_s K_s P_s. Formed
+    # (and let go) before the gradients r_s, so that at blur 1 the four are not held at once.
+    if msg is not None:
+        a = _v5(grad_msg.grad_logits.astype(setup.dtype, copy=False))
+        xs = []
+        for m, weight in zip(msg.m, setup.weights):
+            x = _compat_transpose(m, None if grad_msg.compat is None else np.asarray(grad_msg.compat).T)
+            xs.append(_c(x * setup.dtype.type(weight)))
+    else:
+        a = _v5(grad_msg)
+        xs = []
+        for s, weight in enumerate(setup.weights):
+            x = np.empty(pooled5[s].shape, setup.dtype)
+            _run(_k.message, setup.kernels[s], setup.offsets, _c(pooled5[s]), weight, x)
+            xs.append(x)
+    gn0, gn1 = (_v5(g) for g in _normaliser_gradients(setup, grads, q))
+    _run(_k.upsampled_dot, a, _upsample_x(setup, xs[0]), _upsample_x(setup, xs[1]), *_taps(setup.tables), gn0, gn1)
+    del xs, a
+    lazy = PixelGradient(setup, coarse_gradients(), q, grads, pending=True)
+    # Only the unsettled ones are kept (settled ones would hold on to their r_s).
+    grads.fast_pending = [p for p in getattr(grads, "fast_pending", ()) if p.pending] + [lazy]
+    return lazy
+
+
+upsample_backward = _reference.upsample_backward
+pool_backward = _reference.pool_backward
+
+
+def pairwise_kernels_backward(positions, features, inv_theta_beta, inv_theta_alpha2, inv_theta_gamma2,
+                              filter_size, weights, keep_centre, left, right, scales, row_grads=None):
+    """The vjp of :func:`pairwise_kernels`, as :func:`cucrf._numpy_backend.pairwise_kernels_backward`.
+
+    Every cell gathers its own feature gradient, forming the pair products
+    ``A[s, b, o, i] = sum_c left[s][b, c, i] * right[s][b, c, i + offset_o]`` on the fly (twice:
+    as a pair's centre and as its neighbour; nothing window-sized is stored); parameter sums are float64 partial sums over fixed pieces of rows, added in
+    order (the same for any number of threads).
+    """
+    B, F = features.shape[:2]
+    spatial = tuple(features.shape[2:])
+    nd = len(spatial)
+    dt = features.dtype
+    S = len(weights)
+    offsets = _offsets3(filter_size, nd, keep_centre)
+    K = len(offsets)
+    ib = np.ascontiguousarray(inv_theta_beta, dtype=dt)
+    scaled = _c(features * ib.reshape((1, F) + (1,) * nd))
+    f5 = _v5(features)
+    s5 = _v5(scaled)
+    coarse = s5.shape[2:]
+    empty = np.zeros((B, 0) + coarse, dt)  # a kernel without message gradients: A = 0
+    lr = [(_v5(left[s]), _v5(right[s])) if left[s] is not None else (empty, empty) for s in range(S)]
+    lr += [lr[0]] * (2 - S)
+    has_rows = row_grads is not None and any(r is not None for r in row_grads)
+    rows = np.zeros((S, B, 1) + coarse, dt) if has_rows else np.zeros((S, 1, 1, 1, 1, 1), dt)
+    if has_rows:
+        for s in range(S):
+            if row_grads[s] is not None:
+                rows[s] = _v5(row_grads[s])
+    pos = [np.zeros(1)] * (3 - nd) + [np.ascontiguousarray(p, dtype=np.float64) for p in positions]
+    g_feat = np.empty_like(f5)
+    pieces = max(1, min(B * coarse[0] * coarse[1], 64))
+    partial = np.empty((pieces, 3 * S + 2 + F))
+    _run(_k.kernel_gradients, s5, f5, ib, ib * ib, np.asarray(inv_theta_beta, dtype=np.float64), pos[0], pos[1],
+         pos[2], offsets, float(inv_theta_alpha2), float(inv_theta_gamma2),
+         np.array(weights, dtype=np.float64).reshape(-1, 2), np.array(scales, dtype=np.float64), lr[0][0], lr[0][1], lr[1][0], lr[1][1], rows,
+         bool(has_rows), g_feat, partial)
+    sums = np.zeros(partial.shape[1])
+    for row in partial:  # in order: the same sums for any number of threads
+        sums += row
+    return {"features": g_feat.reshape(features.shape), "inv_theta_beta": sums[3 * S + 2:],
+            "inv_theta_alpha2": float(sums[3 * S]), "inv_theta_gamma2": float(sums[3 * S + 1]),
+            "weights": sums[S:3 * S].reshape(S, 2), "pair_dot": sums[:S]}
+
+
+def prepare_backward(setup: FastSetup, features, params, config, grads):
+    """Gradient with respect to the features and kernel parameters (see :func:`cucrf._meanfield.prepare_backward`)."""
+    pending, grads.fast_pending = getattr(grads, "fast_pending", ()), []
+    for lazy in pending:
+        _settle(lazy)
+    del pending
+    return _meanfield.prepare_backward(sys.modules[__name__], setup.reference, features, params, config, grads)
+
+
+# ---------------------------------------------------------------------------------------------
+# first use
+# ---------------------------------------------------------------------------------------------
+def warm_up(dtypes=(np.float32,)):
+    """Compile (or load from the cache) every kernel for ``dtypes`` on tiny problems.
+
+    Raises whatever compiling or running raised; checks the result against the NumPy backend.
+    Only float32 by default (most work, and half the first compilation); float64 kernels are
+    compiled on their first use.
+    """
+    from ._params import CRFParams
+
+    module = sys.modules[__name__]
+    rng = np.random.default_rng(0)
+    for dt in dtypes:
+        for normalization, compat in ((None, "potts"), ("symmetric", np.full((3, 3), 0.5))):
+            unary = rng.normal(size=(1, 3, 5, 6)).astype(dt)
+            features = rng.uniform(0, 10, size=(1, 2, 5, 6)).astype(dt)
+            params = CRFParams(theta_beta=5.0, compatibility=compat)
+            config = _meanfield.CRFConfig(3, 2, 2, normalization)
+            got = _meanfield.mean_field(module, unary, features, params, config)
+            want = _meanfield.mean_field(_reference, unary, features, params, config)
+            if not np.allclose(got, want, rtol=1e-4, atol=1e-5):
+                raise RuntimeError("the compiled kernels disagree with the NumPy backend on a test problem")
+            tape = _meanfield.Tape()
+            _meanfield.mean_field(module, unary, features, params, config, return_logits=True, tape=tape)
+            _meanfield.mean_field_backward(module, tape, np.ones_like(unary))
+            softmax(unary)

@@ -1,0 +1,940 @@
+"""Compiled CPU kernels (numba) of the fused path; see :mod:`cucrf._numba_backend` for how they are used.
+
+Every array is C-contiguous and five-dimensional: class maps ``(B, C, D, H, W)`` and coarse maps
+``(B, C, d, h, w)``; an image is a volume of depth 1 (``D = d = 1``), so one compiled kernel
+serves images and volumes. Each kernel is parallel over rows (or rows of cells) and every output
+element is written by exactly one thread in a fixed order, so results do not depend on the
+number of threads.
+
+Imported only by :mod:`cucrf._numba_backend` (it imports numba).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import warnings
+
+import numba
+import numpy as np
+from numba import prange
+
+
+def _probe(x):  # a function to try caching on
+    return x + 1
+
+
+def _cache_possible():
+    """Whether numba can cache compiled code for this file (a writable folder exists)."""
+    try:
+        numba.njit(cache=True)(_probe)
+    except Exception as exc:  # numba: "cannot cache function ...: no locator available"
+        return False, str(exc)
+    return True, None
+
+
+CACHE, _NO_CACHE_REASON = _cache_possible()
+if not CACHE:
+    warnings.warn(
+        "cucrf: the compiled CPU kernels cannot be cached on disk (no writable folder next to cucrf or in "
+        f"NUMBA_CACHE_DIR or the user cache folder: {_NO_CACHE_REASON}); each new process compiles them again. "
+        "Set NUMBA_CACHE_DIR to a writable folder to cache them", RuntimeWarning, stacklevel=2)
+
+_SERIAL = dict(cache=CACHE, nogil=True, error_model="numpy")
+_PARALLEL = dict(_SERIAL, parallel=True)
+
+# -- denormals ---------------------------------------------------------------------------------------
+# After a few iterations most marginals are tiny (1e-30 and less) and products of them underflow
+# below float32's smallest normal value; x86 processors handle each such denormal operand or
+# result in microcode, which made whole kernels 3-4x slower. Every parallel piece therefore
+# runs with denormals flushed to zero (MXCSR's FTZ and DAZ bits) and restores the previous mode
+# when it ends. The results change by less than the smallest normal value (1.2e-38 in float32).
+if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86"):
+    from llvmlite import ir as _ir
+    from numba.core import cgutils as _cgutils
+    from numba.core import types as _types
+    from numba.extending import intrinsic as _intrinsic
+
+    def _mxcsr_call(builder, name, ptr):
+        fnty = _ir.FunctionType(_ir.VoidType(), [_ir.PointerType(_ir.IntType(8))])
+        fn = _cgutils.get_or_insert_function(builder.module, fnty, name)
+        builder.call(fn, [builder.bitcast(ptr, _ir.PointerType(_ir.IntType(8)))])
+
+    @_intrinsic
+    def _mxcsr_get(typingctx):
+        def codegen(context, builder, signature, args):
+            ptr = _cgutils.alloca_once(builder, _ir.IntType(32))
+            _mxcsr_call(builder, "llvm.x86.sse.stmxcsr", ptr)
+            return builder.load(ptr)
+
+        return _types.uint32(), codegen
+
+    @_intrinsic
+    def _mxcsr_set(typingctx, value):
+        def codegen(context, builder, signature, args):
+            ptr = _cgutils.alloca_once(builder, _ir.IntType(32))
+            builder.store(args[0], ptr)
+            _mxcsr_call(builder, "llvm.x86.sse.ldmxcsr", ptr)
+            return context.get_dummy_value()
+
+        return _types.void(_types.uint32), codegen
+
+    @numba.njit(inline="always", **_SERIAL)
+    def _flush_denormals():
+        """Set FTZ and DAZ; return the previous mode for :func:`_restore`."""
+        old = _mxcsr_get()
+        _mxcsr_set(old | np.uint32(0x8040))
+        return old
+
+    @numba.njit(inline="always", **_SERIAL)
+    def _restore(old):
+        _mxcsr_set(old)
+
+else:
+    @numba.njit(inline="always", **_SERIAL)
+    def _flush_denormals():
+        return np.uint32(0)
+
+    @numba.njit(inline="always", **_SERIAL)
+    def _restore(old):
+        pass
+
+
+# -- exp: vectorisable, about 1 ulp (Cephes' expf), for float32 rows -----------------------------------
+_LOG2E = np.float32(1.4426950408889634)
+_HALF = np.float32(0.5)
+_C1 = np.float32(0.693359375)
+_C2 = np.float32(-2.12194440e-4)
+_P0 = np.float32(1.9875691500e-4)
+_P1 = np.float32(1.3981999507e-3)
+_P2 = np.float32(8.3334519073e-3)
+_P3 = np.float32(4.1665795894e-2)
+_P4 = np.float32(1.6666665459e-1)
+_P5 = np.float32(5.0000001201e-1)
+_ONE = np.float32(1.0)
+#: Below this, exp underflows below float32's smallest normal (the result is then ~1e-38, not 0).
+_LOW = np.float32(-87.33)
+_HIGH = np.float32(88.72)
+
+
+@numba.njit(inline="always", **_SERIAL)
+def _exp_f32(buf, bits):
+    """``buf[:] = exp(buf)`` for a float32 row (``bits``: int32 scratch of the same length)."""
+    n = buf.shape[0]
+    for i in range(n):
+        v = min(max(buf[i], _LOW), _HIGH)
+        t = np.floor(v * _LOG2E + _HALF)
+        r = v - t * _C1
+        r = r - t * _C2
+        p = ((((_P0 * r + _P1) * r + _P2) * r + _P3) * r + _P4) * r + _P5
+        buf[i] = p * r * r + r + _ONE
+        bits[i] = (np.int32(t) + np.int32(127)) << np.int32(23)
+    scale = bits.view(np.float32)
+    for i in range(n):
+        buf[i] *= scale[i]
+
+
+@numba.njit(inline="always", **_SERIAL)
+def _exp_any(buf, bits):
+    """``buf[:] = exp(buf)``: the vectorised float32 exp, or ``math.exp`` for float64."""
+    if buf.itemsize == 4:
+        _exp_f32(buf, bits)
+    else:
+        for i in range(buf.shape[0]):
+            buf[i] = math.exp(buf[i])
+
+
+@numba.njit(**_PARALLEL)
+def exp_rows(x, threads_hint):
+    """exp of a (N, L) array in place, rows in parallel (for measuring exp throughput)."""
+    n = x.shape[0]
+    for i in prange(n):
+        bits = np.empty(x.shape[1], np.int32)
+        _exp_any(x[i], bits)
+
+
+@numba.njit(inline="always", **_SERIAL)
+def _chunks(groups):
+    """How many pieces to split ``groups`` rows into: several per thread (buffers are made once per piece)."""
+    return max(1, min(groups, 64))
+
+
+# Inner loops run over 1-D row slices with indices from ``range(n)``: numba then knows the index
+# is not negative and the loop vectorises (an index such as ``x + dx`` costs a wraparound check
+# per element and keeps the loop scalar). Gather tables are unsigned for the same reason.
+
+# -- pooling ----------------------------------------------------------------------------------------
+@numba.njit(inline="always", **_SERIAL)
+def _reduce_cells(acc, xs, inv, out):
+    """``out[xc] = inv[xc] * sum(acc[xs[xc]:xs[xc + 1]])`` for every cell ``xc``."""
+    for xc in range(out.shape[0]):
+        seg = acc[xs[xc]:xs[xc + 1]]
+        a = seg[0] * 0
+        for i in range(seg.shape[0]):
+            a += seg[i]
+        out[xc] = a * inv[xc]
+
+
+@numba.njit(**_PARALLEL)
+def pool(x, s0, s1, nscale, zs, ys, xs, inv, out0, out1):
+    """Average pooling: ``out_k = Pool(x * s_k)`` (``nscale`` 0: ``out0 = Pool(x)``).
+
+    ``x`` (B, C, D, H, W); ``s0``, ``s1`` (B, 1, D, H, W); ``zs``, ``ys``, ``xs`` the first pixel
+    of every cell plus the end (length cells + 1); ``inv`` (d, h, w) the inverse pixel counts.
+    """
+    B, C, D, H, W = x.shape
+    d, h, w = inv.shape
+    groups = B * C * d * h
+    n_ch = _chunks(groups)
+    for ch in prange(n_ch):
+        mode_fp = _flush_denormals()
+        acc0 = np.empty(W, x.dtype)
+        acc1 = np.empty(W, x.dtype)
+        for g in range(ch * groups // n_ch, (ch + 1) * groups // n_ch):
+            yc = g % h
+            zc = (g // h) % d
+            c = (g // (h * d)) % C
+            b = g // (h * d * C)
+            acc0[:] = 0
+            acc1[:] = 0
+            for z in range(zs[zc], zs[zc + 1]):
+                for y in range(ys[yc], ys[yc + 1]):
+                    row = x[b, c, z, y]
+                    if nscale == 0:
+                        for i in range(W):
+                            acc0[i] += row[i]
+                    else:
+                        sr0 = s0[b, 0, z, y]
+                        for i in range(W):
+                            acc0[i] += row[i] * sr0[i]
+                        if nscale == 2:
+                            sr1 = s1[b, 0, z, y]
+                            for i in range(W):
+                                acc1[i] += row[i] * sr1[i]
+            _reduce_cells(acc0, xs, inv[zc, yc], out0[b, c, zc, yc])
+            if nscale == 2:
+                _reduce_cells(acc1, xs, inv[zc, yc], out1[b, c, zc, yc])
+        _restore(mode_fp)
+
+
+# -- message passing on the coarse grid --------------------------------------------------------------
+@numba.njit(**_PARALLEL)
+def message(kernels, offsets, q, weight, out):
+    """``out[b, c, i] = weight * sum_o kernels[b, o, i] * q[b, c, i + offset_o]`` (0 outside the grid).
+
+    ``kernels`` (B, K, d, h, w); ``offsets`` (K, 3) int64; ``q``, ``out`` (B, C, d, h, w).
+    """
+    B, C, d, h, w = q.shape
+    K = offsets.shape[0]
+    groups = B * d * h
+    n_ch = _chunks(groups)
+    for ch in prange(n_ch):
+        mode_fp = _flush_denormals()
+        acc = np.empty((C, w), q.dtype)
+        for g in range(ch * groups // n_ch, (ch + 1) * groups // n_ch):
+            y = g % h
+            z = (g // h) % d
+            b = g // (h * d)
+            acc[:] = 0
+            for o in range(K):
+                zz = z + offsets[o, 0]
+                yy = y + offsets[o, 1]
+                dx = offsets[o, 2]
+                if zz < 0 or zz >= d or yy < 0 or yy >= h:
+                    continue
+                x0 = max(0, -dx)
+                x1 = min(w, w - dx)
+                if x1 <= x0:
+                    continue
+                n = x1 - x0
+                krow = kernels[b, o, z, y, x0:x1]
+                for c in range(C):
+                    qrow = q[b, c, zz, yy, x0 + dx:x1 + dx]
+                    arow = acc[c, x0:x1]
+                    for i in range(n):
+                        arow[i] += krow[i] * qrow[i]
+            for c in range(C):
+                orow = out[b, c, z, y]
+                arow = acc[c]
+                for i in range(w):
+                    orow[i] = arow[i] * weight
+        _restore(mode_fp)
+
+
+@numba.njit(**_PARALLEL)
+def pairwise_kernels(scaled, pz, py, px, offsets, ia2, ig2, weights, out):
+    """Kernel values between every cell and each window offset (0 where the neighbour is outside).
+
+    ``scaled`` (B, F, d, h, w) features times ``1 / theta_beta``; ``pz``, ``py``, ``px`` float64
+    cell positions; ``weights`` (S, 2) float64 (appearance, smoothness) per output kernel;
+    ``out`` (S, B, K, d, h, w), zero on entry. Same formulas, in the same precisions, as
+    :func:`cucrf._numpy_backend.pairwise_kernels`.
+    """
+    B, F, d, h, w = scaled.shape
+    K = offsets.shape[0]
+    S = weights.shape[0]
+    dt = scaled.dtype
+    groups = B * d * h
+    n_ch = _chunks(groups)
+    for ch in prange(n_ch):
+        mode_fp = _flush_denormals()
+        app = np.empty(w, dt)
+        smo = np.empty(w, dt)
+        col = np.empty(w, dt)
+        bits = np.empty(w, np.int32)
+        for g in range(ch * groups // n_ch, (ch + 1) * groups // n_ch):
+            y = g % h
+            z = (g // h) % d
+            b = g // (h * d)
+            for o in range(K):
+                zz = z + offsets[o, 0]
+                yy = y + offsets[o, 1]
+                dx = offsets[o, 2]
+                if zz < 0 or zz >= d or yy < 0 or yy >= h:
+                    continue
+                x0 = max(0, -dx)
+                x1 = min(w, w - dx)
+                if x1 <= x0:
+                    continue
+                n = x1 - x0
+                dzy = (pz[zz] - pz[z]) ** 2 + (py[yy] - py[y]) ** 2
+                pc = px[x0:x1]
+                pn = px[x0 + dx:x1 + dx]
+                col[:n] = 0
+                for f in range(F):
+                    cen = scaled[b, f, z, y, x0:x1]
+                    nbr = scaled[b, f, zz, yy, x0 + dx:x1 + dx]
+                    for i in range(n):
+                        diff = nbr[i] - cen[i]
+                        col[i] += diff * diff
+                for i in range(n):
+                    d2 = dzy + (pn[i] - pc[i]) ** 2
+                    app[i] = dt.type(-0.5) * (col[i] + dt.type(d2 * ia2))
+                    smo[i] = dt.type(math.exp(-0.5 * d2 * ig2))
+                _exp_any(app[:n], bits[:n])
+                for s in range(S):
+                    wa = dt.type(weights[s, 0])
+                    ws = dt.type(weights[s, 1])
+                    orow = out[s, b, o, z, y, x0:x1]
+                    for i in range(n):
+                        orow[i] = wa * app[i] + ws * smo[i]
+        _restore(mode_fp)
+
+
+# -- the update: upsampling + compatibility + unary + softmax (+ pooling of the result) ---------------
+@numba.njit(**_PARALLEL)
+def upsample_x(m, xlo, xhi, xf, out):
+    """Bilinear upsampling along the last axis only: ``m`` (B, C, d, h, w) to ``out`` (B, C, d, h, W).
+
+    The first of the separable passes (the last axis first, as :func:`cucrf._numpy_backend.upsample`
+    does); the update interpolates the rows of ``out`` along the other axes.
+    """
+    B, C, d, h, w = m.shape
+    W = out.shape[4]
+    groups = B * C * d * h
+    n_ch = _chunks(groups)
+    for ch in prange(n_ch):
+        mode_fp = _flush_denormals()
+        for g in range(ch * groups // n_ch, (ch + 1) * groups // n_ch):
+            y = g % h
+            z = (g // h) % d
+            c = (g // (h * d)) % C
+            b = g // (h * d * C)
+            t = m[b, c, z, y]
+            r = out[b, c, z, y]
+            for i in range(W):
+                a = t[xlo[i]]
+                r[i] = a + xf[i] * (t[xhi[i]] - a)
+        _restore(mode_fp)
+
+
+@numba.njit(inline="always", **_SERIAL)
+def _yz_row(m, b, z0, z1, fz, y0, y1, fy, row):
+    """Interpolation of ``m`` (B, C, d, h, W), upsampled along x, between rows (z0, y0) .. (z1, y1)."""
+    C, W = row.shape
+    for c in range(C):
+        t = row[c]
+        r00 = m[b, c, z0, y0]
+        r01 = m[b, c, z0, y1]
+        for i in range(W):
+            a = r00[i]
+            t[i] = a + fy * (r01[i] - a)
+        if fz != 0:
+            r10 = m[b, c, z1, y0]
+            r11 = m[b, c, z1, y1]
+            for i in range(W):
+                a1 = r10[i]
+                t1 = a1 + fy * (r11[i] - a1)
+                t[i] = t[i] + fz * (t1 - t[i])
+
+
+@numba.njit(inline="always", **_SERIAL)
+def _exp_shift_sum(logits, top, bits, total):
+    """``logits[c] = exp(logits[c] - top)`` and ``total = sum_c logits[c]`` (row buffers (C, W)).
+
+    float32: Cephes' expf polynomial (about 1 ulp), vectorised; the power of two is built in an
+    int32 row (``bits``) and read back as float32. float64: ``math.exp``.
+    """
+    C, W = logits.shape
+    total[:] = 0
+    for c in range(C):
+        lr = logits[c]
+        if logits.itemsize == 4:
+            br = bits[c]
+            for i in range(W):
+                v = min(max(lr[i] - top[i], _LOW), _HIGH)
+                t = np.floor(v * _LOG2E + _HALF)
+                r = v - t * _C1
+                r = r - t * _C2
+                p = ((((_P0 * r + _P1) * r + _P2) * r + _P3) * r + _P4) * r + _P5
+                lr[i] = p * r * r + r + _ONE
+                br[i] = (np.int32(t) + np.int32(127)) << np.int32(23)
+            scale = br.view(np.float32)
+            for i in range(W):
+                e = lr[i] * scale[i]
+                lr[i] = e
+                total[i] += e
+        else:
+            for i in range(W):
+                e = math.exp(lr[i] - top[i])
+                lr[i] = e
+                total[i] += e
+
+
+@numba.njit(**_PARALLEL)
+def update(U, m0, m1, n0, n1, mode, w0, w1, compat, use_compat, return_logits,
+           zlo, zhi, zf, ylo, yhi, yf,
+           pool_mode, zs, ys, xs, inv, p0, p1, out):
+    """One mean-field update, fused: ``out = softmax(U - Phi(M))`` (or the logits).
+
+    ``mode`` 0: no message (a softmax of ``U``); 1: ``M = Up(m0)``; 2: ``M = w0 n0 Up(m0) +
+    w1 n1 Up(m1)`` (``n`` (B, 1, D, H, W)), with ``m`` already upsampled along x by
+    :func:`upsample_x` (B, C, d, h, W); 3: ``M = m0`` at full resolution. ``-Phi`` is
+    ``-compat @ M`` (``use_compat``), else Potts (``M - sum_c M``; the sum cancels in the
+    softmax). Upsampling taps along z and y: ``lo``, ``hi`` (unsigned), ``f``. ``pool_mode`` 1 (2)
+    also writes ``p0 = Pool(out)`` (``p_k = Pool(n_k out)``) with the cells ``zs``, ``ys``,
+    ``xs`` and ``inv`` of :func:`pool`; rows are processed by rows of cells, so each thread owns
+    its cells. Per row: the logits and their maximum in one pass, exp and sum in one, the
+    division, store and pooling in one.
+    """
+    B, C, D, H, W = U.shape
+    dt = U.dtype
+    cd = zs.shape[0] - 1
+    chh = ys.shape[0] - 1
+    groups = B * cd * chh
+    # Potts without logits: the message is interpolated straight into the logits
+    direct = mode == 1 and not use_compat and not return_logits
+    n_ch = _chunks(groups)
+    for ch in prange(n_ch):
+        mode_fp = _flush_denormals()
+        row0 = np.empty((C, W), dt)
+        row1 = np.empty((C, W), dt)
+        logits = np.empty((C, W), dt)
+        bits = np.empty((C, W), np.int32)
+        top = np.empty(W, dt)
+        total = np.empty(W, dt)
+        acc0 = np.empty((C, W), dt)
+        acc1 = np.empty((C, W), dt)
+        for g in range(ch * groups // n_ch, (ch + 1) * groups // n_ch):
+            yc = g % chh
+            zc = (g // chh) % cd
+            b = g // (chh * cd)
+            acc0[:] = 0
+            acc1[:] = 0
+            for z in range(zs[zc], zs[zc + 1]):
+                for y in range(ys[yc], ys[yc + 1]):
+                    # the message M of this row (row0), unless interpolated below
+                    z0 = zlo[z]
+                    z1 = zhi[z]
+                    fz = zf[z]
+                    y0 = ylo[y]
+                    y1 = yhi[y]
+                    fy = yf[y]
+                    if (mode == 1 and not direct) or mode == 2:
+                        _yz_row(m0, b, z0, z1, fz, y0, y1, fy, row0)
+                        if mode == 2:
+                            _yz_row(m1, b, z0, z1, fz, y0, y1, fy, row1)
+                            nr0 = n0[b, 0, z, y]
+                            nr1 = n1[b, 0, z, y]
+                            for c in range(C):
+                                r0 = row0[c]
+                                r1 = row1[c]
+                                for i in range(W):
+                                    r0[i] = r0[i] * (nr0[i] * w0) + r1[i] * (nr1[i] * w1)
+                    elif mode == 3:
+                        for c in range(C):
+                            r0 = row0[c]
+                            mr = m0[b, c, z, y]
+                            for i in range(W):
+                                r0[i] = mr[i]
+                    # the logits U - Phi
+                    if direct:
+                        for c in range(C):
+                            lr = logits[c]
+                            ur = U[b, c, z, y]
+                            r00 = m0[b, c, z0, y0]
+                            r01 = m0[b, c, z0, y1]
+                            if fz == 0:
+                                for i in range(W):
+                                    a = r00[i]
+                                    lr[i] = ur[i] + (a + fy * (r01[i] - a))
+                            else:
+                                r10 = m0[b, c, z1, y0]
+                                r11 = m0[b, c, z1, y1]
+                                for i in range(W):
+                                    a = r00[i]
+                                    t0 = a + fy * (r01[i] - a)
+                                    a1 = r10[i]
+                                    t1 = a1 + fy * (r11[i] - a1)
+                                    lr[i] = ur[i] + (t0 + fz * (t1 - t0))
+                    elif mode == 0:
+                        for c in range(C):
+                            lr = logits[c]
+                            ur = U[b, c, z, y]
+                            for i in range(W):
+                                lr[i] = ur[i]
+                    elif use_compat:
+                        for c in range(C):
+                            total[:] = 0
+                            for k in range(C):
+                                mu = compat[c, k]
+                                r0 = row0[k]
+                                for i in range(W):
+                                    total[i] += mu * r0[i]
+                            lr = logits[c]
+                            ur = U[b, c, z, y]
+                            for i in range(W):
+                                lr[i] = ur[i] + (-total[i])
+                    elif return_logits:
+                        total[:] = 0
+                        for c in range(C):
+                            r0 = row0[c]
+                            for i in range(W):
+                                total[i] += r0[i]
+                        for c in range(C):
+                            lr = logits[c]
+                            ur = U[b, c, z, y]
+                            r0 = row0[c]
+                            for i in range(W):
+                                lr[i] = ur[i] + (r0[i] - total[i])
+                    else:
+                        for c in range(C):
+                            lr = logits[c]
+                            ur = U[b, c, z, y]
+                            r0 = row0[c]
+                            for i in range(W):
+                                lr[i] = ur[i] + r0[i]
+                    if return_logits:
+                        for c in range(C):
+                            lr = logits[c]
+                            orow = out[b, c, z, y]
+                            for i in range(W):
+                                orow[i] = lr[i]
+                        continue
+                    # softmax over the classes
+                    top[:] = logits[0]
+                    for c in range(1, C):
+                        lr = logits[c]
+                        for i in range(W):
+                            top[i] = max(top[i], lr[i])
+                    _exp_shift_sum(logits, top, bits, total)
+                    # normalise, store, and pool the result for the next message
+                    nr0 = n0[b, 0, z, y] if pool_mode == 2 else total
+                    nr1 = n1[b, 0, z, y] if pool_mode == 2 else total
+                    for c in range(C):
+                        lr = logits[c]
+                        orow = out[b, c, z, y]
+                        if pool_mode == 1:
+                            ar0 = acc0[c]
+                            for i in range(W):
+                                o = lr[i] / total[i]
+                                orow[i] = o
+                                ar0[i] += o
+                        elif pool_mode == 2:
+                            ar0 = acc0[c]
+                            ar1 = acc1[c]
+                            for i in range(W):
+                                o = lr[i] / total[i]
+                                orow[i] = o
+                                ar0[i] += o * nr0[i]
+                                ar1[i] += o * nr1[i]
+                        else:
+                            for i in range(W):
+                                orow[i] = lr[i] / total[i]
+            if pool_mode >= 1 and not return_logits:
+                for c in range(C):
+                    _reduce_cells(acc0[c], xs, inv[zc, yc], p0[b, c, zc, yc])
+                    if pool_mode == 2:
+                        _reduce_cells(acc1[c], xs, inv[zc, yc], p1[b, c, zc, yc])
+        _restore(mode_fp)
+
+
+# -- backward ----------------------------------------------------------------------------------------
+@numba.njit(inline="always", **_SERIAL)
+def _pool_transpose_row(r, b, cz, cy, xcell, G):
+    """``G[c, x] = r[b, c, cz, cy, xcell[x]]`` (unsigned ``xcell``)."""
+    C, W = G.shape
+    for c in range(C):
+        rr = r[b, c, cz, cy]
+        gr = G[c]
+        for i in range(W):
+            gr[i] = rr[xcell[i]]
+
+
+@numba.njit(**_PARALLEL)
+def softmax_backward(q, g, r0, r1, n0, n1, gn0, gn1, mode, accumulate, write, zcell, ycell, xcell, out):
+    """``out = q * (G - sum_c q G)``, the vjp of the softmax given its output ``q``.
+
+    ``mode`` 0: ``G = g`` (B, C, D, H, W); 1: ``G = Pool^T(r0)``; 2: ``G = n0 Pool^T(r0) +
+    n1 Pool^T(r1)`` with coarse ``r`` (B, C, d, h, w) already divided by each cell's pixel count,
+    so that ``Pool^T(r)[p] = r[cell(p)]``. ``accumulate`` (mode 2): ``gn_k += sum_c q Pool^T(r_k)``; ``write`` False
+    skips ``out`` (only the accumulation).
+    """
+    B, C, D, H, W = q.shape
+    dt = q.dtype
+    groups = B * D * H
+    n_ch = _chunks(groups)
+    for ch in prange(n_ch):
+        mode_fp = _flush_denormals()
+        G = np.empty((C, W), dt)
+        P1 = np.empty((C, W), dt)
+        dot = np.empty(W, dt)
+        s0 = np.empty(W, dt)
+        s1 = np.empty(W, dt)
+        for g_ in range(ch * groups // n_ch, (ch + 1) * groups // n_ch):
+            y = g_ % H
+            z = (g_ // H) % D
+            b = g_ // (H * D)
+            if mode == 0:
+                for c in range(C):
+                    gr = G[c]
+                    src = g[b, c, z, y]
+                    for i in range(W):
+                        gr[i] = src[i]
+            else:
+                cz = zcell[z]
+                cy = ycell[y]
+                _pool_transpose_row(r0, b, cz, cy, xcell, G)
+                if mode == 2:
+                    _pool_transpose_row(r1, b, cz, cy, xcell, P1)
+                    if accumulate:
+                        s0[:] = 0
+                        s1[:] = 0
+                        for c in range(C):
+                            qr = q[b, c, z, y]
+                            gr = G[c]
+                            pr = P1[c]
+                            for i in range(W):
+                                s0[i] += qr[i] * gr[i]
+                                s1[i] += qr[i] * pr[i]
+                        a0 = gn0[b, 0, z, y]
+                        a1 = gn1[b, 0, z, y]
+                        for i in range(W):
+                            a0[i] += s0[i]
+                            a1[i] += s1[i]
+                    nr0 = n0[b, 0, z, y]
+                    nr1 = n1[b, 0, z, y]
+                    for c in range(C):
+                        gr = G[c]
+                        pr = P1[c]
+                        for i in range(W):
+                            gr[i] = nr0[i] * gr[i] + nr1[i] * pr[i]
+            if not write:
+                continue
+            dot[:] = 0
+            for c in range(C):
+                qr = q[b, c, z, y]
+                gr = G[c]
+                for i in range(W):
+                    dot[i] += qr[i] * gr[i]
+            for c in range(C):
+                qr = q[b, c, z, y]
+                gr = G[c]
+                orow = out[b, c, z, y]
+                for i in range(W):
+                    orow[i] = qr[i] * (gr[i] - dot[i])
+        _restore(mode_fp)
+
+
+@numba.njit(**_PARALLEL)
+def upsample_backward(x, s0, s1, nscale, zst, zct, zw, yst, yct, yw, xst, xct, xw, out0, out1):
+    """Transposed bilinear upsampling: ``out_k = Up^T(x * s_k)`` (``nscale`` 0: ``out0 = Up^T(x)``).
+
+    Cell ``c`` of an axis gathers pixels ``st[c] .. st[c] + ct[c] - 1`` with weights
+    ``wt[c, p - st[c]]`` (the bilinear taps, transposed). ``x`` (B, C, D, H, W); ``out``
+    (B, C, d, h, w).
+    """
+    B, C, D, H, W = x.shape
+    d, h, w = out0.shape[2], out0.shape[3], out0.shape[4]
+    dt = x.dtype
+    groups = B * d * h
+    n_ch = _chunks(groups)
+    for ch in prange(n_ch):
+        mode_fp = _flush_denormals()
+        t0 = np.empty((C, W), dt)
+        t1 = np.empty((C, W), dt)
+        for g in range(ch * groups // n_ch, (ch + 1) * groups // n_ch):
+            yc = g % h
+            zc = (g // h) % d
+            b = g // (h * d)
+            t0[:] = 0
+            t1[:] = 0
+            for i in range(zct[zc]):
+                z = zst[zc] + i
+                for j in range(yct[yc]):
+                    y = yst[yc] + j
+                    wgt = zw[zc, i] * yw[yc, j]
+                    if nscale == 0:
+                        for c in range(C):
+                            tr = t0[c]
+                            xr = x[b, c, z, y]
+                            for p in range(W):
+                                tr[p] += wgt * xr[p]
+                    else:
+                        sr0 = s0[b, 0, z, y]
+                        sr1 = s1[b, 0, z, y]
+                        for c in range(C):
+                            tr0 = t0[c]
+                            xr = x[b, c, z, y]
+                            for p in range(W):
+                                tr0[p] += (wgt * xr[p]) * sr0[p]
+                            if nscale == 2:
+                                tr1 = t1[c]
+                                for p in range(W):
+                                    tr1[p] += (wgt * xr[p]) * sr1[p]
+            for c in range(C):
+                o0 = out0[b, c, zc, yc]
+                o1 = out1[b, c, zc, yc] if nscale == 2 else o0
+                for xc in range(w):
+                    n = xct[xc]
+                    wr = xw[xc]
+                    seg0 = t0[c, xst[xc]:xst[xc] + n]
+                    a0 = dt.type(0)
+                    for k in range(n):
+                        a0 += wr[k] * seg0[k]
+                    o0[xc] = a0
+                    if nscale == 2:
+                        seg1 = t1[c, xst[xc]:xst[xc] + n]
+                        a1 = dt.type(0)
+                        for k in range(n):
+                            a1 += wr[k] * seg1[k]
+                        o1[xc] = a1
+        _restore(mode_fp)
+
+
+@numba.njit(**_PARALLEL)
+def upsampled_dot(a, x0, x1, zlo, zhi, zf, ylo, yhi, yf, gn0, gn1):
+    """``gn_k[b, 0, p] += sum_c a[b, c, p] * Up(x_k)[b, c, p]``; ``x_k`` upsampled along x (:func:`upsample_x`)."""
+    B, C, D, H, W = a.shape
+    dt = a.dtype
+    groups = B * D * H
+    n_ch = _chunks(groups)
+    for ch in prange(n_ch):
+        mode_fp = _flush_denormals()
+        row = np.empty((C, W), dt)
+        s = np.empty(W, dt)
+        for g in range(ch * groups // n_ch, (ch + 1) * groups // n_ch):
+            y = g % H
+            z = (g // H) % D
+            b = g // (H * D)
+            for k in range(2):
+                xk = x0 if k == 0 else x1
+                gn = gn0[b, 0, z, y] if k == 0 else gn1[b, 0, z, y]
+                _yz_row(xk, b, zlo[z], zhi[z], zf[z], ylo[y], yhi[y], yf[y], row)
+                s[:] = 0
+                for c in range(C):
+                    ar = a[b, c, z, y]
+                    rr = row[c]
+                    for i in range(W):
+                        s[i] += ar[i] * rr[i]
+                for i in range(W):
+                    gn[i] += s[i]
+        _restore(mode_fp)
+
+
+@numba.njit(fastmath={"reassoc"}, **_PARALLEL)
+def class_products(a, m, weight, out):
+    """``out[c, k] -= weight * sum_{b, i} a[b, c, i] * m[b, k, i]`` (products in the compute dtype,
+    sums in float64); ``a``, ``m`` (B, C, N), ``out`` (C, C) float64. Parallel over ``c``; the sums
+    may be reassociated (vectorised), which changes nothing between runs or thread counts."""
+    B, C, N = a.shape
+    for c in prange(C):
+        mode_fp = _flush_denormals()
+        for k in range(C):
+            total = 0.0
+            for b in range(B):
+                ar = a[b, c]
+                mr = m[b, k]
+                part = 0.0
+                for i in range(N):
+                    part += np.float64(ar[i] * mr[i])
+                total += part
+            out[c, k] -= weight * total
+        _restore(mode_fp)
+
+
+# -- kernel parameter gradients --------------------------------------------------------------------
+@numba.njit(inline="always", **_SERIAL)
+def _pair_terms(scaled, feats, b, z, y, zz, yy, x0, dx, n, pz, py, px, ia2, ig2, app, smo, d2s, col, bits):
+    """Appearance and smoothness kernels and squared distances of the pairs (i, i + offset) of a row
+    segment, as :func:`cucrf._numpy_backend._offset_kernels` computes them."""
+    F = scaled.shape[1]
+    dt = scaled.dtype
+    dzy = (pz[zz] - pz[z]) ** 2 + (py[yy] - py[y]) ** 2
+    pc = px[x0:x0 + n]
+    pn = px[x0 + dx:x0 + dx + n]
+    col[:n] = 0
+    for f in range(F):
+        cen = scaled[b, f, z, y, x0:x0 + n]
+        nbr = scaled[b, f, zz, yy, x0 + dx:x0 + dx + n]
+        for i in range(n):
+            diff = nbr[i] - cen[i]
+            col[i] += diff * diff
+    for i in range(n):
+        d2 = dzy + (pn[i] - pc[i]) ** 2
+        d2s[i] = d2
+        app[i] = dt.type(-0.5) * (col[i] + dt.type(d2 * ia2))
+        smo[i] = dt.type(math.exp(-0.5 * d2 * ig2))
+    _exp_any(app[:n], bits[:n])
+
+
+@numba.njit(**_PARALLEL)
+def kernel_gradients(scaled, feats, ib, ib2, ibf, pz, py, px, offsets, ia2, ig2, weights, scales, left0, right0,
+                     left1, right1, rows, has_rows, g_feat, partial):
+    """The vjp of :func:`pairwise_kernels` (as :func:`cucrf._numpy_backend.pairwise_kernels_backward`).
+
+    ``left_s``, ``right_s`` (B, C', d, h, w): the message gradients and inputs of kernel ``s``,
+    whose pair products ``A = sum_c left[c, i] right[c, i + o]`` are formed on the fly; ``rows``
+    (S, B, 1, d, h, w) the row-sum gradients (``has_rows``). Writes ``g_feat`` (B, F, d, h, w)
+    (each cell owns its gradient: the neighbour terms are recomputed from the pair (i - o, i)),
+    and per piece of rows the float64 sums ``partial[piece]``: ``pair_dot[s]``, ``weights[s, 0..1]``
+    (at ``S + 2 s``), ``inv_theta_alpha2``, ``inv_theta_gamma2`` and ``inv_theta_beta[f]``.
+    """
+    B, F, d, h, w = scaled.shape
+    K = offsets.shape[0]
+    S = weights.shape[0]
+    dt = scaled.dtype
+    groups = B * d * h
+    n_ch = partial.shape[0]
+    base = 3 * S
+    for ch in prange(n_ch):
+        mode_fp = _flush_denormals()
+        app = np.empty(w, dt)
+        smo = np.empty(w, dt)
+        d2s = np.empty(w, np.float64)
+        col = np.empty(w, dt)
+        bits = np.empty(w, np.int32)
+        gk = np.empty(w, dt)
+        gapp = np.empty(w, dt)
+        gsmo = np.empty(w, dt)
+        e = np.empty(w, dt)
+        ar = np.empty(w, dt)
+        acc = partial[ch]
+        acc[:] = 0
+        for g in range(ch * groups // n_ch, (ch + 1) * groups // n_ch):
+            y = g % h
+            z = (g // h) % d
+            b = g // (h * d)
+            for f in range(F):
+                g_feat[b, f, z, y, :] = 0
+            for role in range(2):
+                # role 0: this row's cells are the centres of the pairs (all sums are taken here);
+                # role 1: they are the neighbours (only their feature gradient, with a minus sign).
+                for o in range(K):
+                    if role == 0:
+                        cz = z
+                        cy = y
+                        zz = z + offsets[o, 0]
+                        yy = y + offsets[o, 1]
+                    else:
+                        cz = z - offsets[o, 0]
+                        cy = y - offsets[o, 1]
+                        zz = z
+                        yy = y
+                    dx = offsets[o, 2]
+                    if cz < 0 or cz >= d or cy < 0 or cy >= h or zz < 0 or zz >= d or yy < 0 or yy >= h:
+                        continue
+                    x0 = max(0, -dx)
+                    x1 = min(w, w - dx)
+                    if x1 <= x0:
+                        continue
+                    n = x1 - x0
+                    _pair_terms(scaled, feats, b, cz, cy, zz, yy, x0, dx, n, pz, py, px, ia2, ig2, app, smo, d2s, col,
+                                bits)
+                    gapp[:n] = 0
+                    gsmo[:n] = 0
+                    for s in range(S):
+                        wa = dt.type(weights[s, 0])
+                        ws = dt.type(weights[s, 1])
+                        sc = dt.type(scales[s])
+                        lt = left0 if s == 0 else left1
+                        rt = right0 if s == 0 else right1
+                        ar[:n] = 0
+                        for c in range(lt.shape[1]):
+                            lr = lt[b, c, cz, cy, x0:x1]
+                            rn = rt[b, c, zz, yy, x0 + dx:x1 + dx]
+                            for i in range(n):
+                                ar[i] += lr[i] * rn[i]
+                        rr = rows[s, b, 0, cz, cy, x0:x1] if has_rows else ar
+                        pd = 0.0
+                        w0 = 0.0
+                        w1 = 0.0
+                        for i in range(n):
+                            a = ar[i]
+                            v = sc * a
+                            if has_rows:
+                                v = v + rr[i]
+                            gk[i] = v
+                            if role == 0:
+                                pd += np.float64(wa * app[i] + ws * smo[i]) * np.float64(a)
+                                w0 += np.float64(v) * np.float64(app[i])
+                                w1 += np.float64(v) * np.float64(smo[i])
+                            gapp[i] += wa * v
+                            gsmo[i] += ws * v
+                        if role == 0:
+                            acc[s] += pd
+                            acc[S + 2 * s] += w0
+                            acc[S + 2 * s + 1] += w1
+                    for i in range(n):
+                        e[i] = gapp[i] * app[i]
+                    if role == 0:
+                        sa = 0.0
+                        sg = 0.0
+                        for i in range(n):
+                            sa += np.float64(e[i]) * np.float64(dt.type(d2s[i]))
+                            sg += np.float64(gsmo[i]) * np.float64(dt.type(smo[i] * d2s[i]))
+                        acc[base] += -0.5 * sa
+                        acc[base + 1] += -0.5 * sg
+                    for f in range(F):
+                        cen = feats[b, f, cz, cy, x0:x1]
+                        nbr = feats[b, f, zz, yy, x0 + dx:x1 + dx]
+                        ibf2 = ib2[f]
+                        if role == 0:
+                            out = g_feat[b, f, z, y, x0:x1]
+                            sb = 0.0
+                            for i in range(n):
+                                raw = nbr[i] - cen[i]
+                                sb += np.float64(e[i]) * np.float64(raw * raw)
+                                out[i] += e[i] * raw * ibf2
+                            acc[base + 2 + f] += -sb * ibf[f]
+                        else:
+                            out = g_feat[b, f, z, y, x0 + dx:x1 + dx]
+                            for i in range(n):
+                                raw = nbr[i] - cen[i]
+                                out[i] -= e[i] * raw * ibf2
+        _restore(mode_fp)
+
+
+def threads_available():
+    """The most threads numba can use in this process."""
+    return int(numba.config.NUMBA_NUM_THREADS)
+
+
+def set_threads(n):
+    """Use ``n`` threads (at most :func:`threads_available`) for the parallel kernels of this thread."""
+    numba.set_num_threads(max(1, min(int(n), threads_available())))
+
+
+def cache_dir_hint():
+    return os.environ.get("NUMBA_CACHE_DIR")

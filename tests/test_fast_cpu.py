@@ -1,0 +1,393 @@
+"""The fused CPU path (cucrf[fast], numba) against the NumPy backend, its specification.
+
+The same case matrices as the CUDA emulator tests (images), plus volumes with per-axis windows,
+blurs and spacings: outputs within float32 1e-5 / float64 1e-10, gradients within 1e-5 / 1e-10 of
+the largest reference value (float32 parameter gradients, sums over every pair of cells, also get
+ten times their own float32 rounding noise, as in the emulator tests). Then what must never
+crash: numba failing to import or to compile, no writable cache folder, ``CUCRF_FAST=0``, thread
+counts. Skipped when numba is not installed.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import cucrf
+from cucrf import _backends, _fast, _meanfield
+from cucrf import _numpy_backend as nb
+from cucrf._params import CRFParams
+
+numba = pytest.importorskip("numba")
+fb = pytest.importorskip("cucrf._numba_backend")
+
+from .test_cuda_backward_emulated import CASES as BACKWARD_CASES  # noqa: E402
+from .test_cuda_backward_emulated import _rounding_noise  # noqa: E402
+from .test_cuda_emulated import CASES as FORWARD_CASES  # noqa: E402
+from .test_cuda_emulated import random_problem  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TOL = {np.float32: dict(rtol=1e-5, atol=2e-6), np.float64: dict(rtol=1e-10, atol=1e-12)}
+RTOL = {np.float32: 1e-5, np.float64: 1e-10}
+#: For a gradient that is exactly 0 in the reference (a one-pixel image), rounding of a sum of
+#: terms that cancel.
+ATOL = {np.float32: 1e-9, np.float64: 1e-12}
+
+
+@pytest.fixture(autouse=True)
+def _fast_path_on(monkeypatch):
+    """Whatever the environment says, these tests are about the fused path."""
+    monkeypatch.delenv("CUCRF_FAST", raising=False)
+
+
+def _max_abs(a):
+    return float(np.max(np.abs(a))) if np.size(a) else 0.0
+
+
+def assert_close(got, want, dtype, what="", excuse=0.0):
+    """``max |got - want| <= RTOL * max |want| + ATOL + excuse``."""
+    got = np.asarray(got, dtype=np.float64)
+    want = np.asarray(want, dtype=np.float64)
+    assert got.shape == want.shape, (what, got.shape, want.shape)
+    err, scale = _max_abs(got - want), _max_abs(want)
+    allowed = RTOL[dtype] * scale + ATOL[dtype] + excuse
+    assert err <= allowed, f"{what}: max |diff| {err:.3e} > {allowed:.3e} (scale {scale:.3e})"
+
+
+def _taped(backend, unary, features, params, config, grad_output, logits):
+    tape = _meanfield.Tape()
+    out = _meanfield.mean_field(backend, unary, features, params, config, return_logits=logits, tape=tape)
+    return out, _meanfield.mean_field_backward(backend, tape, grad_output)
+
+
+def _check_backward(unary, features, params, config, go, logits, noise_excuse=True):
+    dtype = unary.dtype.type
+    want_out, (wu, wf, wp) = _taped(nb, unary, features, params, config, go, logits)
+    got_out, (gu, gf, gp) = _taped(fb, unary, features, params, config, go, logits)
+    assert_close(got_out, want_out, dtype, "output")
+    assert gu.dtype == dtype and gf.dtype == dtype
+    assert_close(gu, wu, dtype, "unary")
+    assert_close(gf, wf, dtype, "features")
+    excuse = {}
+    if dtype == np.float32 and noise_excuse:
+        u64, f64, g64 = (a.astype(np.float64) for a in (unary, features, go))
+        truth = _taped(nb, u64, f64, params, config, g64, logits)[1]
+        noise = _rounding_noise(unary, features, params, config, go, logits, truth)
+        excuse = {k: 10 * v for k, v in noise.items() if k not in ("unary", "features")}
+    assert set(gp) == set(wp)
+    for name in wp:
+        assert_close(gp[name], wp[name], dtype, name, excuse.get(name, 0.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# images: the emulator's case matrices
+# ---------------------------------------------------------------------------------------------
+def _forward_id(c):
+    B, C, H, W, F, k, blur, potts, norm, T, dt, _ = c
+    return f"B{B}C{C}_{H}x{W}F{F}_k{k}b{blur}_{'potts' if potts else 'matrix'}_{norm}_T{T}_{np.dtype(dt).name}"
+
+
+@pytest.mark.parametrize("case", FORWARD_CASES, ids=_forward_id)
+def test_forward_matches_numpy(case):
+    B, C, H, W, F, k, blur, potts, norm, T, dtype, _ = case
+    rng = np.random.default_rng(zlib.crc32(_forward_id(case).encode()))
+    unary, features, params = random_problem(rng, B, C, H, W, F, dtype, potts)
+    config = _meanfield.CRFConfig(k, blur, T, norm)
+    for logits in (False, True):
+        want = _meanfield.mean_field(nb, unary, features, params, config, return_logits=logits)
+        got = _meanfield.mean_field(fb, unary, features, params, config, return_logits=logits)
+        assert got.dtype == dtype and got.shape == unary.shape
+        np.testing.assert_allclose(got, want, **TOL[dtype])
+
+
+def _backward_id(c):
+    B, C, H, W, F, k, blur, potts, norm, T, dt, _, logits = c
+    return (f"B{B}C{C}_{H}x{W}F{F}_k{k}b{blur}_{'potts' if potts else 'matrix'}_{norm}_T{T}_"
+            f"{np.dtype(dt).name}{'_logits' if logits else ''}")
+
+
+@pytest.mark.parametrize("case", BACKWARD_CASES, ids=_backward_id)
+def test_backward_matches_numpy(case):
+    B, C, H, W, F, k, blur, potts, norm, T, dtype, _, logits = case
+    rng = np.random.default_rng(zlib.crc32(_backward_id(case).encode()))
+    unary, features, params = random_problem(rng, B, C, H, W, F, dtype, potts)
+    go = rng.normal(size=unary.shape).astype(dtype)
+    _check_backward(unary, features, params, _meanfield.CRFConfig(k, blur, T, norm), go, logits)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_keep_centre_zero_weights_and_many_classes(dtype):
+    rng = np.random.default_rng(3)
+    unary, features, params = random_problem(rng, 1, 40, 8, 9, 3, dtype, potts=False)
+    go = rng.normal(size=unary.shape).astype(dtype)
+    for p, norm in ((params.replace(appearance_weight=0.0), "symmetric"), (params.replace(smoothness_weight=0.0), None),
+                    (params.replace(appearance_weight=0.0, smoothness_weight=0.0), None)):
+        config = _meanfield.CRFConfig(5, 2, 2, norm, keep_centre=True)
+        np.testing.assert_allclose(_meanfield.mean_field(fb, unary, features, p, config),
+                                   _meanfield.mean_field(nb, unary, features, p, config), **TOL[dtype])
+        _check_backward(unary, features, p, config, go, False)
+
+
+def test_one_pixel_and_zero_iterations():
+    rng = np.random.default_rng(4)
+    unary, features, params = random_problem(rng, 1, 3, 1, 1, 3, np.float64)
+    for T in (0, 2):
+        config = _meanfield.CRFConfig(3, 1, T, "symmetric")
+        got = _meanfield.mean_field(fb, unary, features, params, config)
+        assert np.all(np.isfinite(got))
+        np.testing.assert_allclose(got, _meanfield.mean_field(nb, unary, features, params, config), **TOL[np.float64])
+        _check_backward(unary, features, params, config, np.ones_like(unary), False)
+
+
+# ---------------------------------------------------------------------------------------------
+# volumes: per-axis windows and blurs, spacing
+# ---------------------------------------------------------------------------------------------
+VOLUME_CASES = [
+    # (B, C, (D, H, W), F, filter_size, blur, spacing, potts, normalization, T, dtype, logits)
+    (1, 3, (6, 7, 9), 1, 3, 1, None, True, None, 2, np.float64, False),
+    (2, 2, (5, 9, 8), 2, 3, 2, None, False, None, 2, np.float64, True),
+    (1, 3, (7, 6, 10), 1, (3, 5, 5), (1, 2, 3), (2.5, 1.0, 0.8), True, "symmetric", 2, np.float64, False),
+    (1, 4, (4, 8, 7), 3, (1, 3, 3), (1, 2, 2), (3.0, 1.0, 1.0), False, "symmetric", 2, np.float64, True),
+    (1, 3, (6, 7, 9), 1, 3, 1, None, True, None, 2, np.float32, False),
+    (2, 2, (5, 9, 8), 2, 5, 3, (1.0, 2.0, 2.0), False, None, 3, np.float32, False),
+    (1, 3, (7, 6, 10), 1, (3, 5, 5), (1, 2, 3), (2.5, 1.0, 0.8), True, "symmetric", 2, np.float32, True),
+    (1, 5, (9, 8, 7), 2, (3, 3, 5), (2, 4, 1), None, False, "symmetric", 2, np.float32, False),
+]
+
+
+def _volume_id(c):
+    B, C, size, F, k, blur, sp, potts, norm, T, dt, logits = c
+    return (f"B{B}C{C}_{'x'.join(map(str, size))}F{F}_k{k}b{blur}_s{sp}_{'potts' if potts else 'matrix'}_{norm}_"
+            f"T{T}_{np.dtype(dt).name}{'_logits' if logits else ''}").replace(" ", "")
+
+
+def _volume_problem(case):
+    B, C, size, F, k, blur, sp, potts, norm, T, dtype, logits = case
+    rng = np.random.default_rng(zlib.crc32(_volume_id(case).encode()))
+    unary = rng.normal(scale=2.0, size=(B, C) + size).astype(dtype)
+    features = rng.uniform(0, 40, size=(B, F) + size).astype(dtype)
+    params = CRFParams(theta_alpha=float(rng.uniform(1.5, 4)), theta_beta=tuple(float(v) for v in rng.uniform(5, 30, F)),
+                       theta_gamma=float(rng.uniform(0.8, 2)), appearance_weight=float(rng.uniform(0.2, 2)),
+                       smoothness_weight=float(rng.uniform(0.2, 2)),
+                       compatibility="potts" if potts else rng.uniform(-1, 2, size=(C, C)),
+                       unary_weight=float(rng.uniform(0.5, 1.5)))
+    config = _meanfield.CRFConfig(k, blur, T, norm, spacing=sp)
+    go = rng.normal(size=unary.shape).astype(dtype)
+    return unary, features, params, config, go, logits
+
+
+@pytest.mark.parametrize("case", VOLUME_CASES, ids=_volume_id)
+def test_volumes_forward_and_backward_match_numpy(case):
+    unary, features, params, config, go, logits = _volume_problem(case)
+    dtype = unary.dtype.type
+    want = _meanfield.mean_field(nb, unary, features, params, config, return_logits=logits)
+    got = _meanfield.mean_field(fb, unary, features, params, config, return_logits=logits)
+    np.testing.assert_allclose(got, want, **TOL[dtype])
+    _check_backward(unary, features, params, config, go, logits)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    nd=st.sampled_from([2, 3]), B=st.integers(1, 2), C=st.integers(2, 5), size=st.lists(st.integers(1, 9), min_size=3,
+                                                                                         max_size=3),
+    F=st.sampled_from([1, 3]), blur=st.integers(1, 4), k=st.sampled_from([3, 5]), potts=st.booleans(),
+    norm=st.sampled_from([None, "symmetric"]), logits=st.booleans(), seed=st.integers(0, 2**31),
+)
+def test_random_shapes_match_numpy(nd, B, C, size, F, blur, k, potts, norm, logits, seed):
+    """Odd sizes down to one pixel, images and volumes, float64."""
+    rng = np.random.default_rng(seed)
+    size = tuple(size[:nd])
+    unary = rng.normal(scale=2.0, size=(B, C) + size)
+    features = rng.uniform(0, 40, size=(B, F) + size)
+    params = CRFParams(theta_alpha=2.0, theta_beta=12.0, theta_gamma=1.5,
+                       compatibility="potts" if potts else rng.uniform(-1, 2, size=(C, C)))
+    config = _meanfield.CRFConfig(k, blur, 2, norm)
+    go = rng.normal(size=unary.shape)
+    want = _meanfield.mean_field(nb, unary, features, params, config, return_logits=logits)
+    np.testing.assert_allclose(_meanfield.mean_field(fb, unary, features, params, config, return_logits=logits), want,
+                               **TOL[np.float64])
+    _check_backward(unary, features, params, config, go, logits)
+
+
+# ---------------------------------------------------------------------------------------------
+# through the public API
+# ---------------------------------------------------------------------------------------------
+def test_infer_and_infer_vjp_use_the_fused_path_and_agree_with_numpy(monkeypatch):
+    assert _backends.get_backend("numpy") is fb
+    rng = np.random.default_rng(5)
+    # float64: five iterations at the defaults amplify float32 rounding differences beyond 1e-5
+    unary = rng.normal(size=(4, 23, 31))
+    image = rng.integers(0, 256, (23, 31, 3), dtype=np.uint8)
+    given = unary.copy()
+    go = rng.normal(size=unary.shape)
+    fast = cucrf.infer(unary, image)
+    fast_vjp = cucrf.infer_vjp(unary, image, grad_output=go)
+    np.testing.assert_array_equal(unary, given)  # inputs are never written to
+    monkeypatch.setenv("CUCRF_FAST", "0")
+    assert _backends.get_backend("numpy") is nb
+    np.testing.assert_allclose(fast, cucrf.infer(unary, image), **TOL[np.float64])
+    ref_vjp = cucrf.infer_vjp(unary, image, grad_output=go)
+    assert_close(fast_vjp.unary, ref_vjp.unary, np.float64, "unary")
+    assert_close(fast_vjp.image, ref_vjp.image, np.float64, "image")
+    for name, value in ref_vjp.params.items():
+        assert_close(fast_vjp.params[name], value, np.float64, name)
+
+
+def test_read_only_and_strided_inputs():
+    rng = np.random.default_rng(6)
+    unary = rng.normal(size=(3, 12, 14, 9)).astype(np.float32)
+    image = rng.uniform(0, 255, (12, 14, 9, 1)).astype(np.float32)
+    ro = unary.copy()
+    ro.setflags(write=False)
+    want = cucrf.infer(unary, image, spatial_dims=3, blur=2, filter_size=3)
+    np.testing.assert_array_equal(cucrf.infer(ro, image, spatial_dims=3, blur=2, filter_size=3), want)
+    strided = np.ascontiguousarray(unary.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)  # same values, not C-ordered
+    np.testing.assert_array_equal(cucrf.infer(strided, image, spatial_dims=3, blur=2, filter_size=3), want)
+
+
+def test_thread_count_does_not_change_a_bit(monkeypatch):
+    rng = np.random.default_rng(8)
+    unary = rng.normal(size=(2, 5, 23, 19)).astype(np.float32)
+    image = rng.integers(0, 256, (2, 23, 19, 3), dtype=np.uint8)
+    go = rng.normal(size=unary.shape).astype(np.float32)
+    results = []
+    for threads in ("1", "3"):
+        monkeypatch.setenv("CUCRF_NUM_THREADS", threads)
+        q = cucrf.infer(unary, image, blur=2, normalization="symmetric")
+        assert numba.get_num_threads() == min(int(threads), numba.config.NUMBA_NUM_THREADS)
+        results.append((q, cucrf.infer_vjp(unary, image, grad_output=go, blur=2, normalization="symmetric")))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_array_equal(results[0][1].unary, results[1][1].unary)
+    np.testing.assert_array_equal(results[0][1].image, results[1][1].image)
+    monkeypatch.setenv("CUCRF_NUM_THREADS", "many")
+    with pytest.raises(ValueError, match="CUCRF_NUM_THREADS must be a positive integer"):
+        cucrf.infer(unary, image)
+
+
+def test_calls_from_several_threads_at_once():
+    rng = np.random.default_rng(9)
+    problems = [(rng.normal(size=(3, 40, 30)).astype(np.float32), rng.integers(0, 256, (40, 30, 3), dtype=np.uint8))
+                for _ in range(4)]
+    want = [cucrf.infer(u, im, blur=2) for u, im in problems]
+    got = [None] * len(problems)
+
+    def work(i):
+        for _ in range(3):
+            got[i] = cucrf.infer(*problems[i], blur=2)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(problems))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+
+
+def test_denormal_mode_is_restored_for_numpy():
+    rng = np.random.default_rng(10)
+    cucrf.infer(rng.normal(size=(3, 20, 20)).astype(np.float32), rng.integers(0, 256, (20, 20, 3), dtype=np.uint8))
+    tiny = np.float32(1e-38)
+    assert tiny / np.float32(10) != 0  # NumPy (this thread) still computes denormal numbers
+
+
+# ---------------------------------------------------------------------------------------------
+# loading: light import, fallbacks with one warning, the cache
+# ---------------------------------------------------------------------------------------------
+def _run_python(code, env=None, cwd=None):
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, cwd=cwd,
+                          timeout=600)
+
+
+def test_import_cucrf_does_not_import_numba():
+    r = _run_python("import sys, cucrf; print('numba' in sys.modules, 'cucrf._numba_backend' in sys.modules)",
+                    cwd=str(ROOT))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False", "False"]
+
+
+@pytest.fixture
+def fresh_state(monkeypatch):
+    """A fresh :mod:`cucrf._fast` state (the fused backend not yet loaded), restored afterwards."""
+    monkeypatch.setattr(_fast, "_state", {"loaded": False, "backend": None, "reason": None, "seconds": None,
+                                          "cached": None})
+    return _fast
+
+
+def test_a_kernel_that_fails_to_compile_falls_back_to_numpy_with_one_warning(fresh_state, monkeypatch):
+    def broken():
+        raise numba.core.errors.TypingError("no implementation for this signature")
+
+    monkeypatch.setattr(fb, "warm_up", broken)
+    with pytest.warns(_fast.FastPathWarning, match="compiling its kernels failed .*TypingError.*no implementation"):
+        assert _backends.get_backend("numpy") is nb
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _backends.get_backend("numpy") is nb  # once only
+        rng = np.random.default_rng(0)
+        cucrf.infer(rng.normal(size=(2, 8, 9)).astype(np.float32), rng.integers(0, 256, (8, 9, 3), dtype=np.uint8))
+    assert _fast.status()["reason"].startswith("compiling its kernels failed")
+
+
+def test_numba_that_fails_to_import_falls_back_to_numpy_with_one_warning(tmp_path):
+    fake = tmp_path / "numba"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('Numba needs NumPy 2.3 or less')\n")
+    code = ("import warnings, numpy as np, cucrf\n"
+            "from cucrf import _backends, _fast\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    rng = np.random.default_rng(0)\n"
+            "    u = rng.normal(size=(2, 8, 9)).astype(np.float32); im = rng.integers(0, 256, (8, 9, 3), dtype=np.uint8)\n"
+            "    cucrf.infer(u, im); cucrf.infer(u, im)\n"
+            "print(_backends.get_backend('numpy').name)\n"
+            "print(len([x for x in w if issubclass(x.category, _fast.FastPathWarning)]))\n"
+            "print([str(x.message) for x in w][0])\n")
+    r = _run_python(code, env={"PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}, cwd=str(ROOT))
+    assert r.returncode == 0, r.stderr
+    name, count, message = r.stdout.strip().split("\n")
+    assert (name, count) == ("numpy", "1")
+    assert "importing numba failed (ImportError: Numba needs NumPy 2.3 or less)" in message
+
+
+def test_fast_path_off(monkeypatch):
+    monkeypatch.setenv("CUCRF_FAST", "0")
+    assert _backends.get_backend("numpy") is nb
+    assert _fast.status()["backend"] is None
+
+
+def test_no_writable_cache_folder_warns_and_still_computes(tmp_path):
+    """A read-only installation: no cache next to the package, in NUMBA_CACHE_DIR or the user's
+    folder (each made impossible by a file where a folder should be, which stops root as well)."""
+    pkg = tmp_path / "site" / "cucrf"
+    shutil.copytree(ROOT / "cucrf", pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    (pkg / "__pycache__").write_text("not a folder")
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a folder")
+    code = ("import warnings, numpy as np\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    from cucrf import _numba_kernels as k\n"
+            "print(k.CACHE)\n"
+            "print([str(x.message) for x in w if 'cannot be cached' in str(x.message)][0])\n"
+            "x = np.zeros((2, 5), np.float32); k.exp_rows(x, 1)\n"
+            "print(float(x.sum()))\n")
+    env = {"PYTHONPATH": str(tmp_path / "site"), "NUMBA_CACHE_DIR": str(blocker / "numba"),
+           "XDG_CACHE_HOME": str(blocker / "cache"), "HOME": str(blocker / "home"), "PYTHONDONTWRITEBYTECODE": "1"}
+    r = _run_python(code, env=env, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    cached, message, total = r.stdout.strip().split("\n")
+    assert cached == "False"
+    assert "each new process compiles them again" in message
+    assert float(total) == 10.0
