@@ -93,22 +93,22 @@ def float32_excuse(unary, features, params, config, go, logits=False):
 # ---------------------------------------------------------------------------------------------
 CASES = [
     # (B, C, size, F, filter_size, blur, spacing, potts, normalization, include_self, T, dtype, order)
-    (1, 3, (6, 7, 9), 2, 3, 1, None, True, None, False, 2, np.float64, "forward"),
+    (1, 3, (6, 7, 9), 3, 3, 1, None, True, None, False, 2, np.float64, "forward"),
     (2, 3, (7, 6, 8), 1, (3, 3, 3), 2, None, False, "symmetric", False, 2, np.float64, "reverse"),
     (1, 3, (7, 8, 7), 3, (3, 3, 3), 3, (2.0, 1.0, 1.0), True, "symmetric", True, 2, np.float64, "forward"),
     (2, 4, (5, 8, 9), 1, (1, 3, 5), (1, 2, 2), (3.0, 1.0, 1.0), False, None, True, 2, np.float64, "reverse"),
-    (1, 3, (4, 9, 10), 2, (1, 3, 5), (1, 2, 2), None, True, "symmetric", False, 3, np.float64, "forward"),
+    (1, 3, (4, 9, 10), 1, (1, 3, 5), (1, 2, 2), None, True, "symmetric", False, 3, np.float64, "forward"),
     (1, 3, (9, 3, 37), 1, 3, 1, (1.5, 1.0, 1.0), False, None, False, 2, np.float64, "reverse"),  # 2 x tiles
     (1, 3, (4, 5, 6), 6, 3, 2, None, True, None, False, 2, np.float64, "forward"),   # generic feature count
     (1, 12, (4, 5, 6), 1, 3, (2, 1, 3), None, False, "symmetric", True, 2, np.float64, "reverse"),  # 16 chunk
     (1, 3, (6, 7, 9), 3, 3, 2, (1.5, 1.0, 1.0), True, None, False, 2, np.float32, "forward"),
     (2, 3, (5, 6, 7), 1, (1, 3, 5), (1, 2, 2), (2.5, 0.8, 0.8), False, "symmetric", True, 2, np.float32, "reverse"),
-    (1, 4, (6, 6, 8), 2, (3, 3, 3), 3, None, False, "symmetric", False, 2, np.float32, "forward"),
+    (1, 4, (6, 6, 8), 3, (3, 3, 3), 3, None, False, "symmetric", False, 2, np.float32, "forward"),
     (2, 3, (5, 7, 8), 1, 3, 1, None, True, None, True, 2, np.float32, "reverse"),
     # images with per-axis window, blur and spacing (the ND = 2 instances)
     (1, 3, (9, 11), 3, (3, 5), (1, 2), (1.5, 0.7), False, "symmetric", True, 2, np.float64, "forward"),
     (2, 3, (10, 8), 1, (5, 3), (2, 3), (1.0, 2.0), True, None, False, 2, np.float64, "reverse"),
-    (1, 3, (8, 12), 2, 5, 2, (2.0, 2.0), True, "symmetric", False, 2, np.float32, "forward"),
+    (1, 3, (8, 12), 1, 5, 2, (2.0, 2.0), True, "symmetric", False, 2, np.float32, "forward"),
     (2, 3, (9, 7), 3, (3, 7), (3, 1), (0.5, 1.0), False, None, True, 2, np.float32, "reverse"),
 ]
 
@@ -146,7 +146,7 @@ def test_many_classes_on_a_volume(wide_chunks, monkeypatch):
     if wide_chunks:
         monkeypatch.setattr(_cuda, "SMALL_GRID_CELLS", 0)
     rng = np.random.default_rng(40)
-    unary, features, params = volume_problem(rng, 1, 40, (3, 4, 5), 2, np.float64, potts=False)
+    unary, features, params = volume_problem(rng, 1, 40, (3, 4, 5), 3, np.float64, potts=False)
     config = _meanfield.CRFConfig((3, 3, 3), (1, 2, 2), 2, "symmetric")
     go = rng.normal(size=unary.shape)
     want_out, want = _taped_backward(nb, unary, features, params, config, go, False)
@@ -266,7 +266,7 @@ def test_kernel_gradient_and_message_loop_over_grid_z(monkeypatch):
     """More z slices (batch x kernels x class chunks) than the grid has, on a volume with several
     depth tiles; the update's grid y (the batch of volumes) loops too."""
     rng = np.random.default_rng(13)
-    unary, features, params = volume_problem(rng, 2, 5, (9, 4, 5), 2, np.float64, potts=False)
+    unary, features, params = volume_problem(rng, 2, 5, (9, 4, 5), 1, np.float64, potts=False)
     go = rng.normal(size=unary.shape)
     config = _meanfield.CRFConfig(3, (1, 2, 1), 2, "symmetric")
     want_out, want = _taped_backward(nb, unary, features, params, config, go, False)
@@ -376,7 +376,7 @@ def test_infer_vjp_and_fit_on_device_volumes(monkeypatch):
     rng = np.random.default_rng(50)
     C, size = 3, (4, 6, 7)
     unary = rng.normal(size=(C,) + size)
-    image = rng.uniform(0, 255, size=size + (2,))
+    image = rng.uniform(0, 255, size=size + (1,))
     go = rng.normal(size=unary.shape)
     params = cucrf.CRFParams(theta_alpha=3.0, theta_beta=20.0, theta_gamma=1.5)
     kw = dict(filter_size=(1, 3, 3), blur=(1, 2, 2), iterations=2, spatial_dims=3, spacing=(2.5, 1.0, 1.0),
