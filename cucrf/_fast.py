@@ -25,6 +25,8 @@ import threading
 import time
 import warnings
 
+import numpy as np
+
 __all__ = ["FastPathWarning", "backend", "enabled", "status"]
 
 
@@ -46,6 +48,12 @@ def _warn(reason):
                   "(set CUCRF_FAST=0 to silence this)", FastPathWarning, stacklevel=4)
 
 
+def warn_fallback(reason):
+    """One warning for kernels of one dtype that failed on their first use (NumPy computes them)."""
+    _state["reason"] = reason
+    _warn(reason)
+
+
 def _load():
     """Import numba and the kernels and run the tiny problem; return the backend or None."""
     if importlib.util.find_spec("numba") is None:
@@ -60,7 +68,8 @@ def _load():
     try:
         from . import _numba_backend
 
-        _numba_backend.warm_up()
+        if not _numba_backend.ready(np.float32):
+            return None  # ready() gave the warning
     except Exception as exc:  # noqa: BLE001 (any failure to compile or run means: not usable)
         _state["reason"] = f"compiling its kernels failed ({type(exc).__name__}: {exc})"
         _warn(_state["reason"])

@@ -83,6 +83,36 @@ def _new(shape, dtype):
     return out
 
 
+_ready_lock = threading.RLock()
+_ready_dtypes = {}  # dtype.str -> True (compiled and checked) or False (failed: NumPy computes)
+
+
+def ready(dtype) -> bool:
+    """Whether the kernels of ``dtype`` are usable, compiling and checking them on first use.
+
+    A failure gives one :class:`cucrf._fast.FastPathWarning` and NumPy computes that dtype from
+    then on (every function below hands it to the reference backend).
+    """
+    key = np.dtype(dtype).str
+    state = _ready_dtypes.get(key)
+    if state is None:
+        with _ready_lock:
+            state = _ready_dtypes.get(key)
+            if state is None:
+                _ready_dtypes[key] = True  # while warming up, the functions below use the kernels
+                try:
+                    warm_up((np.dtype(dtype).type,))
+                    state = True
+                except Exception as exc:  # noqa: BLE001 (any failure to compile or run)
+                    state = False
+                    from . import _fast
+
+                    _fast.warn_fallback(f"compiling its {np.dtype(dtype).name} kernels failed "
+                                        f"({type(exc).__name__}: {exc})")
+                _ready_dtypes[key] = state
+    return state
+
+
 # ---------------------------------------------------------------------------------------------
 # geometry tables
 # ---------------------------------------------------------------------------------------------
@@ -270,6 +300,8 @@ class PixelGradient:
 
 def prepare(features, params, config):
     """Pooled features, kernels and normalisers (see :func:`cucrf._meanfield.prepare`)."""
+    if not ready(features.dtype):
+        return _reference.prepare(features, params, config)
     ref = _meanfield.prepare(sys.modules[__name__], features, params, config)
     nd = features.ndim - 2
     dt = features.dtype
@@ -298,6 +330,8 @@ def _pool_q(setup, q5):
 def full_message(setup: FastSetup, q, config=None):
     """The message of ``q``, on the coarse grid until :func:`update` (a :class:`CoarseMessage`;
     the full-resolution array at blur 1 with symmetric normalisation)."""
+    if not isinstance(setup, FastSetup):
+        return _reference.full_message(setup, q, config)
     q5 = _v5(q)
     pending, setup.pending = setup.pending, None
     if pending is not None and pending[0]() is q:
@@ -342,6 +376,8 @@ def update(scaled_unary, msg, compat, return_logits=False, out=None):
     itself (inference without a tape) the result overwrites the message's ``Q`` when this backend
     made it; else a new array is returned.
     """
+    if not ready(scaled_unary.dtype):
+        return _reference.update(scaled_unary, msg, compat, return_logits, None if isinstance(out, CoarseMessage) else out)
     su = _c(scaled_unary)
     U5 = _v5(su)
     dt = su.dtype
@@ -391,6 +427,8 @@ def update(scaled_unary, msg, compat, return_logits=False, out=None):
 
 def softmax(x):
     """Softmax over axis 1, in one pass per row."""
+    if not ready(x.dtype):
+        return _reference.softmax(x)
     xc = _c(x)
     x5 = _v5(xc)
     d = _dummies(xc.dtype.str)
@@ -442,6 +480,8 @@ def _class_products(pairs, weights):
 
 def softmax_backward(q, grad):
     """vjp of the softmax given its output ``q``; ``grad`` an array or a lazy :class:`PixelGradient`."""
+    if not ready(q.dtype):
+        return _reference.softmax_backward(q, grad)
     qc = _c(q)
     q5 = _v5(qc)
     dt = qc.dtype
@@ -510,6 +550,8 @@ def full_message_backward(setup: FastSetup, q, grad_msg, config, grads):
     :func:`cucrf._meanfield.message_backward`) and, with symmetric normalisation, adds the
     normaliser gradient's own-factor term.
     """
+    if not isinstance(setup, FastSetup):
+        return _reference.full_message_backward(setup, q, grad_msg, config, grads)
     msg = None
     if isinstance(grad_msg, MessageGradient):
         msg = grad_msg.msg
@@ -612,6 +654,8 @@ def pairwise_kernels_backward(positions, features, inv_theta_beta, inv_theta_alp
 
 def prepare_backward(setup: FastSetup, features, params, config, grads):
     """Gradient with respect to the features and kernel parameters (see :func:`cucrf._meanfield.prepare_backward`)."""
+    if not isinstance(setup, FastSetup):
+        return _reference.prepare_backward(setup, features, params, config, grads)
     pending, grads.fast_pending = getattr(grads, "fast_pending", ()), []
     for lazy in pending:
         _settle(lazy)

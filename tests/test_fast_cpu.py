@@ -320,15 +320,16 @@ def fresh_state(monkeypatch):
     """A fresh :mod:`cucrf._fast` state (the fused backend not yet loaded), restored afterwards."""
     monkeypatch.setattr(_fast, "_state", {"loaded": False, "backend": None, "reason": None, "seconds": None,
                                           "cached": None})
+    monkeypatch.setattr(fb, "_ready_dtypes", {})
     return _fast
 
 
 def test_a_kernel_that_fails_to_compile_falls_back_to_numpy_with_one_warning(fresh_state, monkeypatch):
-    def broken():
+    def broken(dtypes=(np.float32,)):
         raise numba.core.errors.TypingError("no implementation for this signature")
 
     monkeypatch.setattr(fb, "warm_up", broken)
-    with pytest.warns(_fast.FastPathWarning, match="compiling its kernels failed .*TypingError.*no implementation"):
+    with pytest.warns(_fast.FastPathWarning, match="compiling its float32 kernels failed .*TypingError.*no implementation"):
         assert _backends.get_backend("numpy") is nb
     import warnings
 
@@ -337,7 +338,34 @@ def test_a_kernel_that_fails_to_compile_falls_back_to_numpy_with_one_warning(fre
         assert _backends.get_backend("numpy") is nb  # once only
         rng = np.random.default_rng(0)
         cucrf.infer(rng.normal(size=(2, 8, 9)).astype(np.float32), rng.integers(0, 256, (8, 9, 3), dtype=np.uint8))
-    assert _fast.status()["reason"].startswith("compiling its kernels failed")
+    assert _fast.status()["reason"].startswith("compiling its float32 kernels failed")
+
+
+def test_float64_kernels_that_fail_on_first_use_fall_back_to_numpy_with_one_warning(fresh_state, monkeypatch):
+    compiled = fb.warm_up
+
+    def float64_broken(dtypes=(np.float32,)):
+        if np.float64 in dtypes:
+            raise numba.core.errors.LoweringError("cannot lower this")
+        compiled(dtypes)
+
+    monkeypatch.setattr(fb, "warm_up", float64_broken)
+    assert _backends.get_backend("numpy") is fb
+    rng = np.random.default_rng(1)
+    unary = rng.normal(size=(3, 10, 12))
+    image = rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)
+    go = rng.normal(size=unary.shape)
+    with pytest.warns(_fast.FastPathWarning, match="compiling its float64 kernels failed .*LoweringError"):
+        got = cucrf.infer(unary, image, blur=2, normalization="symmetric")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got_vjp = cucrf.infer_vjp(unary, image, grad_output=go, blur=2)
+        cucrf.infer(unary.astype(np.float32), image, blur=2)  # float32 still on the fused path
+    monkeypatch.setenv("CUCRF_FAST", "0")
+    np.testing.assert_array_equal(got, cucrf.infer(unary, image, blur=2, normalization="symmetric"))
+    np.testing.assert_array_equal(got_vjp.unary, cucrf.infer_vjp(unary, image, grad_output=go, blur=2).unary)
 
 
 def test_numba_that_fails_to_import_falls_back_to_numpy_with_one_warning(tmp_path):
