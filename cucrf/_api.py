@@ -17,7 +17,7 @@ from ._params import CRFParams
 from ._spatial import axes_text, check_per_axis, check_spacing, check_spatial_dims, resolve_spatial_dims
 from ._validation import (
     ProblemTooLargeError, available_memory_bytes, check_compute_dtype, check_feature_magnitude, check_finite, check_float_array,
-    check_image, check_image_magnitude, check_int, check_result_finite, check_unary_magnitude,
+    check_image, check_image_magnitude, check_int, extremes, check_result_finite, check_unary_magnitude,
 )
 from .unary import unary_from_labels, unary_from_probabilities
 
@@ -498,15 +498,17 @@ def _prepare_inputs(unary, image, params, *, filter_size, blur, iterations, unar
 
     check_memory(B, C, size, max(F, F_out), config)
 
-    # Scanned for NaN only now: a problem refused for its size is never read.
-    check_finite("unary", unary, xp)
+    # Scanned for NaN only now: a problem refused for its size is never read. One scan of the
+    # unary's extremes serves the finiteness, the diagnostics and the magnitude checks.
+    unary_range = extremes(unary, xp) if unary.size else None
+    check_finite("unary", unary, xp, extremes=unary_range)
     check_finite("image", image4, xp)
     # With a feature transform theta_beta is in the transformed units: the image scale says nothing.
     check_inputs(given_unary, image4 if transform is None else None, unary_kind=unary_kind, params=params,
-                 stacklevel=3, spatial_dims=nd)
+                 stacklevel=3, spatial_dims=nd, unary_extremes=unary_range if given_unary is unary else None)
     # Values the compute dtype cannot carry through the kernels and the softmax are refused here,
     # naming the input, instead of coming back as NaN.
-    check_unary_magnitude(u4, xp, params.unary_weight, compute_dtype)
+    check_unary_magnitude(u4, xp, params.unary_weight, compute_dtype, unary_extremes=unary_range)
     check_image_magnitude(image4, xp, compute_dtype)
     # No copy when the dtype already fits: mean-field inference never writes to its inputs, and
     # a copy would cost a whole unary's worth of memory.

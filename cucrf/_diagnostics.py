@@ -88,9 +88,9 @@ def _warn(message, stacklevel):
     warnings.warn(message, InputWarning, stacklevel=stacklevel + 2)
 
 
-def _check_logits(unary, stacklevel, spatial_dims=2):
+def _check_logits(unary, stacklevel, spatial_dims=2, unary_extremes=None):
     xp = array_namespace(unary)
-    lo, hi = float(xp.min(unary)), float(xp.max(unary))
+    lo, hi = unary_extremes if unary_extremes is not None else (float(xp.min(unary)), float(xp.max(unary)))
     if not (np.isfinite(lo) and np.isfinite(hi)):
         return  # NaN and infinity are refused elsewhere
     class_axis = "0" if unary.ndim == spatial_dims + 1 else "1"
@@ -146,7 +146,7 @@ def _as_params(params):
     return params
 
 
-def check_inputs(unary, image, *, unary_kind, params, stacklevel=1, spatial_dims=2):
+def check_inputs(unary, image, *, unary_kind, params, stacklevel=1, spatial_dims=2, unary_extremes=None):
     """Warn about inputs that look like common mistakes; raise for a channels-last unary.
 
     Reads the unary's and the image's minimum and maximum once, and sums over the classes at up
@@ -168,6 +168,8 @@ def check_inputs(unary, image, *, unary_kind, params, stacklevel=1, spatial_dims
         Which caller the warnings point to: 1 is the caller of this function, 2 its caller, ...
     spatial_dims : {2, 3}
         2 for images, 3 for volumes ((C, D, H, W) unaries with (D, H, W, F) images).
+    unary_extremes : (float, float), optional
+        The unary's minimum and maximum when the caller already has them (not read again).
 
     Returns
     -------
@@ -206,6 +208,6 @@ def check_inputs(unary, image, *, unary_kind, params, stacklevel=1, spatial_dims
     dtype = getattr(unary, "dtype", None)
     if unary_kind == "logits" and dtype is not None and dtype.kind == "f" and unary.ndim in (nd + 1, nd + 2) \
             and unary.size and unary.shape[-nd - 1] >= 2:
-        _check_logits(unary, level, nd)
+        _check_logits(unary, level, nd, unary_extremes)
     if image is not None:
         _check_image_scale(image, params, level)

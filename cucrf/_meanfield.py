@@ -285,7 +285,9 @@ def mean_field(backend, unary, features, params, config: CRFConfig, return_logit
             tape.output = q
         return q
     setup = backend.prepare(features, params, config)
-    q = backend.softmax(scaled_unary)
+    # Without a tape every Q but the last only feeds the next message: ``transient`` lets a
+    # backend keep just what the message needs (the fused CPU path: Q pooled, never written).
+    q = backend.softmax(scaled_unary, transient=tape is None)
     if tape is not None:
         tape.setup = setup
     for t in range(config.iterations):
@@ -296,7 +298,7 @@ def mean_field(backend, unary, features, params, config: CRFConfig, return_logit
         if tape is not None:
             tape.msgs.append(msg)
         q = backend.update(scaled_unary, msg, compat, return_logits=last and return_logits,
-                           out=None if tape is not None else msg)
+                           out=None if tape is not None else msg, transient=tape is None and not last)
     if tape is not None:
         tape.output = q
     return q

@@ -275,6 +275,21 @@ class CoarseMessage:
 
 
 @dataclasses.dataclass
+class PooledQ:
+    """A ``Q`` that only feeds the next message (inference without a tape, before the last
+    update): kept as its pooled forms ``Pool(n_s Q)`` (5-D), never written at full resolution.
+
+    ``logits`` instead: ``Q`` is ``softmax(logits)`` (the first softmax), pooled by
+    :func:`full_message` once the pooling geometry is known.
+    """
+
+    shape: tuple
+    dtype: np.dtype
+    pooled: Optional[tuple] = None
+    logits: object = None
+
+
+@dataclasses.dataclass
 class MessageGradient:
     """The gradient with respect to a message, kept factored: ``-mu^T grad_logits``; ``coarse``
     holds ``Up^T(n_s grad_logits)`` per kernel (5-D)."""
@@ -332,13 +347,15 @@ def full_message(setup: FastSetup, q, config=None):
     the full-resolution array at blur 1 with symmetric normalisation)."""
     if not isinstance(setup, FastSetup):
         return _reference.full_message(setup, q, config)
-    q5 = _v5(q)
-    pending, setup.pending = setup.pending, None
-    if pending is not None and pending[0]() is q:
-        pooled = pending[1]
-    else:
-        pooled = _pool_q(setup, q5)
-    B, C = q5.shape[:2]
+    setup.pending, pending = None, setup.pending
+    if isinstance(q, PooledQ):
+        pooled = q.pooled if q.pooled is not None else _pooled_softmax(setup, q.logits)
+        if pooled is None:  # blur 1 without normalisation: the message needs Q itself
+            q = softmax(q.logits)
+    if not isinstance(q, PooledQ):
+        q5 = _v5(q)
+        pooled = pending[1] if pending is not None and pending[0]() is q else _pool_q(setup, q5)
+    B, C = q.shape[:2]
     ms = []
     for s, weight in enumerate(setup.weights):
         m = np.empty((B, C) + setup.tables.coarse, setup.dtype)
@@ -369,12 +386,14 @@ def _upsample_x(setup, m):
     return out
 
 
-def update(scaled_unary, msg, compat, return_logits=False, out=None):
+def update(scaled_unary, msg, compat, return_logits=False, out=None, transient=False):
     """``softmax(a U - Phi)`` (or the logits) in one pass; see :func:`cucrf._numpy_backend.update`.
 
     ``msg`` is a :class:`CoarseMessage` (or a full-resolution array). With ``out`` the message
     itself (inference without a tape) the result overwrites the message's ``Q`` when this backend
-    made it; else a new array is returned.
+    made it; else a new array is returned. ``transient``: the result only feeds the next
+    message, so where the update pools it a :class:`PooledQ` is returned and ``Q`` is never
+    written (two full-size passes of memory traffic less per iteration).
     """
     if not ready(scaled_unary.dtype):
         return _reference.update(scaled_unary, msg, compat, return_logits, None if isinstance(out, CoarseMessage) else out)
@@ -402,15 +421,18 @@ def update(scaled_unary, msg, compat, return_logits=False, out=None):
         pool_mode = 0
         zs, ys = _row_tables(U5.shape[2], U5.shape[3])
         xs, inv = d["i"], d["inv"]
+    B, C = U5.shape[:2]
+    store = not (transient and pool_mode)
     target = None
-    if isinstance(out, CoarseMessage):
+    if not store:
+        target = d["a5"]
+    elif isinstance(out, CoarseMessage):
         src = out.source
         if (_owned.get(id(src)) is src and src.shape == su.shape and src.dtype == dt and src.flags.c_contiguous
                 and src is not su):
             target = src
     if target is None:
         target = _new(su.shape, dt)
-    B, C = U5.shape[:2]
     if pool_mode:
         p0 = np.empty((B, C) + tab.coarse, dt)
         p1 = np.empty((B, C) + tab.coarse, dt) if pool_mode == 2 else d["a5"]
@@ -419,24 +441,51 @@ def update(scaled_unary, msg, compat, return_logits=False, out=None):
     use_compat = compat is not None
     c = _c(np.asarray(compat, dtype=dt)) if use_compat else d["mat"]
     _run(_k.update, U5, m0, m1, n0, n1, mode, float(w0), float(w1), c, use_compat, bool(return_logits), *taps,
-         pool_mode, zs, ys, xs, inv, p0, p1, _v5(target))
+         pool_mode, zs, ys, xs, inv, p0, p1, store, _v5(target))
+    pooled = (p0, p1) if pool_mode == 2 else (p0,)
+    if not store:
+        return PooledQ(su.shape, dt, pooled=pooled)
     if pool_mode:
-        setup.pending = (weakref.ref(target), (p0, p1) if pool_mode == 2 else (p0,))
+        setup.pending = (weakref.ref(target), pooled)
     return target
 
 
-def softmax(x):
-    """Softmax over axis 1, in one pass per row."""
+def softmax(x, transient=False):
+    """Softmax over axis 1, in one pass per row.
+
+    ``transient``: the result only feeds the next message; a :class:`PooledQ` is returned and
+    the softmax is computed, pooled and never written by :func:`full_message`.
+    """
     if not ready(x.dtype):
         return _reference.softmax(x)
+    if transient:
+        return PooledQ(x.shape, x.dtype, logits=x)
     xc = _c(x)
     x5 = _v5(xc)
     d = _dummies(xc.dtype.str)
     out = _new(xc.shape, xc.dtype)
     zs, ys = _row_tables(x5.shape[2], x5.shape[3])
     _run(_k.update, x5, d["a5"], d["a5"], d["a5"], d["a5"], 0, 1.0, 1.0, d["mat"], False, False,
-         *((d["u"], d["u"], d["f"]) * 2), 0, zs, ys, d["i"], d["inv"], d["a5"], d["a5"], _v5(out))
+         *((d["u"], d["u"], d["f"]) * 2), 0, zs, ys, d["i"], d["inv"], d["a5"], d["a5"], True, _v5(out))
     return out
+
+
+def _pooled_softmax(setup, logits):
+    """``Pool(n_s softmax(logits))`` per kernel (5-D) in one pass, the softmax never written; None
+    where the message needs ``Q`` itself (blur 1 on every axis without normalisation)."""
+    tab = setup.tables
+    if tab.trivial:
+        return None
+    x5 = _v5(logits)
+    B, C = x5.shape[:2]
+    d = _dummies(setup.dtype.str)
+    separate = setup.separate
+    p0 = np.empty((B, C) + tab.coarse, setup.dtype)
+    p1 = np.empty((B, C) + tab.coarse, setup.dtype) if separate else d["a5"]
+    n0, n1 = setup.normalisers if separate else (d["a5"], d["a5"])
+    _run(_k.update, x5, d["a5"], d["a5"], n0, n1, 0, 1.0, 1.0, d["mat"], False, False,
+         *((d["u"], d["u"], d["f"]) * 2), 2 if separate else 1, *tab.starts, tab.inv, p0, p1, False, d["a5"])
+    return (p0, p1) if separate else (p0,)
 
 
 # ---------------------------------------------------------------------------------------------

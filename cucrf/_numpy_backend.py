@@ -488,8 +488,12 @@ def _softmax_inplace(x):
     x /= x.sum(axis=1, keepdims=True)
 
 
-def softmax(logits, out=None):
-    """Softmax over axis 1, computed stably; ``out`` may be ``logits`` itself."""
+def softmax(logits, out=None, transient=False):
+    """Softmax over axis 1, computed stably; ``out`` may be ``logits`` itself.
+
+    ``transient`` (the result only feeds the next message) changes nothing here: it lets other
+    backends keep less (see :func:`cucrf._meanfield.mean_field`).
+    """
     if out is None:
         out = np.empty_like(logits)
     rows = logits.shape[2] if logits.ndim >= 3 else 1
@@ -530,8 +534,11 @@ def compatibility_backward(grad, msg, compat):
     return grad_msg, grad_compat
 
 
-def update(scaled_unary, msg, compat, return_logits=False, out=None):
+def update(scaled_unary, msg, compat, return_logits=False, out=None, transient=False):
     """One mean-field update: ``softmax(a * U - Phi)`` (or the logits themselves).
+
+    ``transient`` (the result only feeds the next message) changes nothing here; see
+    :func:`softmax`.
 
     Parameters
     ----------

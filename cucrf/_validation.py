@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 
+from . import _parallel
 from .interop import array_library  # noqa: F401  (re-exported: the array kinds live in cucrf.interop)
 
 __all__ = [
@@ -85,9 +86,19 @@ def check_float_array(name, arr, xp, *, ndims, allow_int=False, finite=True):
         check_finite(name, arr, xp)
 
 
-def check_finite(name, arr, xp):
-    """Reject NaN and infinite values."""
-    if arr.dtype.kind == "f" and not bool(xp.isfinite(arr).all()):
+def check_finite(name, arr, xp, extremes=None):
+    """Reject NaN and infinite values.
+
+    ``extremes``: the array's :func:`extremes`, when already known (NaN or infinity shows in
+    them, so the array is only scanned again to count the bad values for the message).
+    """
+    if arr.dtype.kind != "f":
+        return
+    if extremes is not None:
+        finite = bool(np.isfinite(extremes[0]) and np.isfinite(extremes[1]))
+    else:
+        finite = bool(xp.isfinite(arr).all())
+    if not finite:
         bad = int((~xp.isfinite(arr)).sum())
         raise ValueError(f"{name} contains {bad} NaN or infinite value(s); all values must be finite")
 
@@ -173,15 +184,42 @@ def _extremes(arr, xp, axis=None):
     return to_np(lo), to_np(hi)
 
 
-def check_unary_magnitude(unary, xp, unary_weight, dtype):
+def extremes(arr, xp):
+    """(minimum, maximum) of a non-empty array as Python floats; NaN when it holds a NaN.
+
+    One scan serves every check that reads them (finiteness, magnitudes, diagnostics); a large
+    NumPy array is scanned by ``CUCRF_NUM_THREADS`` threads (NumPy reductions release the GIL),
+    each taking whole rows of it.
+    """
+    if xp is not np or arr.size < _parallel.MIN_ELEMENTS or not arr.flags.c_contiguous:
+        lo, hi = _extremes(arr, xp)
+        return float(lo), float(hi)
+    flat = arr.reshape(-1)
+    pieces = max(1, min(_parallel.num_threads(), 16))
+    found = [None] * pieces
+
+    def scan(start, stop):
+        for i in range(start, stop):
+            part = flat[i * flat.size // pieces:(i + 1) * flat.size // pieces]
+            found[i] = (float(part.min()), float(part.max())) if part.size else (np.inf, -np.inf)
+
+    _parallel.for_chunks(pieces, scan, flat.size)
+    los, his = zip(*found)
+    if any(np.isnan(los)) or any(np.isnan(his)):
+        return float("nan"), float("nan")
+    return min(los), max(his)
+
+
+def check_unary_magnitude(unary, xp, unary_weight, dtype, unary_extremes=None):
     """Refuse a unary whose values, cast to ``dtype`` and times ``unary_weight``, exceed what ``dtype`` carries.
 
     ``unary`` is the finite unary before the cast (so values a cast would turn into infinity are
     seen); ``dtype`` the compute dtype. The limit is :func:`dtype_limit`: the softmax subtracts two
-    scaled scores, so twice the largest one must stay finite.
+    scaled scores, so twice the largest one must stay finite. ``unary_extremes``: its
+    :func:`extremes` when already known.
     """
     dtype = np.dtype(dtype)
-    lo, hi = _extremes(unary, xp)
+    lo, hi = unary_extremes if unary_extremes is not None else _extremes(unary, xp)
     peak = max(abs(float(lo)), abs(float(hi)))
     largest = float(np.finfo(dtype).max)
     if peak > largest:
@@ -296,7 +334,7 @@ def check_result_finite(name, values, dtype, hint, inputs="the unary or the imag
     if not (isinstance(values, np.ndarray) or type(values).__module__.split(".")[0] == "cupy"):
         values = np.asarray(values, dtype=np.float64)
     xp = array_namespace(values)
-    if bool(xp.isfinite(values).all()):
+    if values.size == 0 or all(np.isfinite(extremes(values, xp))):
         return
     bad = int((~xp.isfinite(values)).sum())
     dt = np.dtype(dtype)

@@ -142,14 +142,15 @@ def run_cpu(repeat=5, iterations=5, cases=CPU_CASES, print_fn=print, problem=Non
     importable; upstream ConvCRF (PyTorch CPU, ``threads`` threads) when ``convcrf`` names a
     checkout of its repository. ``problem`` is a (unary (C, H, W), image (H, W, 3) uint8) pair
     used for every case (its size replaces the case's), e.g. :func:`real_problem`.
+
+    Every cucrf case is timed before any peer runs: PyTorch's worker threads keep spinning for
+    a while after each of its calls, which would slow whatever runs next on the same cores.
     """
     from . import _parallel, _peers
 
-    have_densecrf = _peers.densecrf_available()
     fast = fast_path_active()
     threads = _parallel.num_threads() if threads is None else threads
     rows = []
-    densecrf_cache = {}
     for H, W, C, k, blur in cases:
         unary, image = make_problem(H, W, C) if problem is None else problem
         C, H, W = unary.shape
@@ -161,17 +162,22 @@ def run_cpu(repeat=5, iterations=5, cases=CPU_CASES, print_fn=print, problem=Non
         if fast:
             with _numpy_only():
                 row["numpy_s"] = time_call(run, repeat)
-        if have_densecrf:
-            key = (H, W, C, id(problem))
+        rows.append(row)
+    densecrf_cache = {}
+    for row, (H, W, C, k, blur) in zip(rows, cases):
+        unary, image = make_problem(H, W, C) if problem is None else problem
+        if _peers.densecrf_available():
+            key = (unary.shape, id(problem))
             if key not in densecrf_cache:
                 logp = unary - np.log(np.exp(unary).sum(axis=0, keepdims=True))
                 densecrf_cache[key] = time_call(
                     lambda: _peers.densecrf_infer(logp, image, iterations=iterations), repeat)
             row["densecrf_s"] = densecrf_cache[key]
+    for row, (H, W, C, k, blur) in zip(rows, cases):
+        unary, image = make_problem(H, W, C) if problem is None else problem
         if convcrf is not None:
             row["convcrf_s"] = time_call(
                 _peers.convcrf_runner(convcrf, unary, image, k, blur, iterations, threads=threads), repeat)
-        rows.append(row)
         print_fn(format_row(row))
     return rows
 
@@ -218,50 +224,81 @@ def run_backward(repeat=5, iterations=5, problem=None, filter_size=5, blur=4, pr
     return rows
 
 
-def _cpu_time_call(fn, repeat):
-    """Least CPU time (this process, all threads) of ``fn()`` over ``repeat`` runs after one warm-up."""
-    fn()
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.process_time()
-        fn()
-        best = min(best, time.process_time() - t)
-    return best
+def measure_floor(megabytes=64, threads=1):
+    """This machine's streaming bandwidth and float32 exp throughput with ``threads`` threads.
 
+    Bandwidth: bytes read + written per second by a copy of ``megabytes`` split over the threads
+    (NumPy copies release the GIL). Exp throughput: exps per second of the fused path's
+    vectorised exp (NumPy's ``exp`` without it) on rows that stay in each core's cache, so that
+    memory traffic is not counted twice. Least wall time of 7 runs each.
+    """
+    from . import _parallel
 
-def measure_floor(megabytes=64):
-    """This machine's streaming bandwidth (bytes read + written per second by one thread: a NumPy
-    copy of ``megabytes``) and float32 exp throughput (exps per second on one thread: the fused
-    path's vectorised exp, or NumPy's ``exp`` without it). Measured in CPU time, so that other
-    processes on a shared machine disturb it less than wall-clock time."""
     n = megabytes * (1 << 20) // 4
     src = np.random.default_rng(0).uniform(-20.0, 0.0, n).astype(np.float32)
     dst = np.empty_like(src)
-    bandwidth = 2 * src.nbytes / _cpu_time_call(lambda: np.copyto(dst, src), 7)
-    x = src[: n // 4].reshape(-1, 4096).copy()
+    pieces = max(1, int(threads))
+
+    def copy(start, stop):
+        for i in range(start, stop):
+            a, b = i * n // pieces, (i + 1) * n // pieces
+            np.copyto(dst[a:b], src[a:b])
+
+    def split_copy():
+        if pieces == 1:
+            copy(0, 1)
+        else:
+            _parallel.for_chunks(pieces, copy, n)
+
+    bandwidth = 2 * src.nbytes / _least_wall_time(split_copy, 7)
+    # 64 rows of 4096 per thread, exp'd 16 times in place (values stay in [-20, 0]: exp of exp
+    # would not, so the rows are refilled from a cached source each time, which is timed apart)
+    rows = np.ascontiguousarray(src[: 64 * 4096 * pieces].reshape(-1, 4096))
+    work = rows.copy()
+    repeats = 16
     if fast_path_active():
         from . import _numba_kernels
 
-        _numba_kernels.set_threads(1)
+        _numba_kernels.set_threads(pieces)
+
+        def refill():
+            for _ in range(repeats):
+                np.copyto(work, rows)
 
         def exps():
-            np.copyto(x, src[: n // 4].reshape(-1, 4096))
-            _numba_kernels.exp_rows(x, 1)
-
-        copy_time = _cpu_time_call(lambda: np.copyto(x, src[: n // 4].reshape(-1, 4096)), 7)
-        exp_rate = x.size / max(_cpu_time_call(exps, 7) - copy_time, 1e-9)
+            for _ in range(repeats):
+                np.copyto(work, rows)
+                _numba_kernels.exp_rows(work, pieces)
     else:
-        exp_rate = x.size / _cpu_time_call(lambda: np.exp(src[: n // 4].reshape(-1, 4096), out=x), 7)
-    return dict(bandwidth=bandwidth, exp_rate=exp_rate)
+        def refill():
+            for _ in range(repeats):
+                np.copyto(work, rows)
+
+        def exps():
+            for _ in range(repeats):
+                _parallel.for_chunks(work.shape[0], lambda a, b: np.exp(rows[a:b], out=work[a:b]), work.size)
+    refill_time = _least_wall_time(refill, 7) if fast_path_active() else 0.0
+    exp_rate = repeats * work.size / max(_least_wall_time(exps, 7) - refill_time, 1e-9)
+    return dict(bandwidth=bandwidth, exp_rate=exp_rate, threads=pieces)
 
 
-def floor_seconds(classes, pixels, iterations, floor, threads=1):
-    """The least time mean-field inference can take on a machine of ``floor`` (:func:`measure_floor`)
-    with ``threads`` threads scaling perfectly: every update reads the unary and writes ``Q`` once
+def _least_wall_time(fn, repeat):
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def floor_seconds(classes, pixels, iterations, floor):
+    """The least time mean-field inference can take on a machine of ``floor`` (:func:`measure_floor`,
+    with the thread count of the run): every update reads the unary and writes ``Q`` once
     (float32) and takes ``classes`` exps per pixel (``iterations`` updates and the first softmax);
     coarse-grid work, set-up and the input checks are left out."""
     elements = classes * pixels * (iterations + 1)
-    return (elements * 8 / floor["bandwidth"] + elements / floor["exp_rate"]) / threads
+    return elements * 8 / floor["bandwidth"] + elements / floor["exp_rate"]
 
 
 #: (depth, height, width, classes) of the volume benchmark, at the defaults.
@@ -414,23 +451,27 @@ def main(argv=None):
     print(f"machine: {machine_description()}")
     print(TABLE_HEADER)
     sys.stdout.flush()
-    rows = run_cpu(repeat=repeat, iterations=args.iterations, cases=cases, problem=problem, convcrf=args.convcrf)
+    # cucrf's backward pass and the floor first: the peers in run_cpu leave threads spinning
+    backward_lines, floor = [], None
+    if args.backward:
+        run_backward(repeat=repeat, iterations=args.iterations, problem=problem, print_fn=backward_lines.append)
     if args.floor:
         from . import _parallel
 
-        floor = measure_floor()
-        threads = _parallel.num_threads()
+        floor = measure_floor(threads=_parallel.num_threads())
+    rows = run_cpu(repeat=repeat, iterations=args.iterations, cases=cases, problem=problem, convcrf=args.convcrf)
+    if floor is not None:
         print(f"\nfloor: streaming {floor['bandwidth'] / 1e9:.1f} GB/s (read + write) and exp "
-              f"{floor['exp_rate'] / 1e9:.2f} G/s per thread (CPU time), {threads} thread(s)")
+              f"{floor['exp_rate'] / 1e9:.2f} G/s with {floor['threads']} thread(s) (least wall time)")
         print("| case | cucrf [s] | floor [s] | cucrf / floor |\n|---|---|---|---|")
         for row, (H, W, C, _, _) in zip(rows, cases):
             c, h, w = problem[0].shape if problem is not None else (C, H, W)
-            f = floor_seconds(c, h * w, args.iterations, floor, threads)
+            f = floor_seconds(c, h * w, args.iterations, floor)
             print(f"| {row['case']} | {row['cucrf_s']:.3f} | {f:.3f} | {row['cucrf_s'] / f:.2f} |")
     if args.backward:
         print("\n| path (filter 5, blur 4) | infer [s] | infer_vjp [s] | backward [s] | backward / forward |"
               "\n|---|---|---|---|---|")
-        run_backward(repeat=repeat, iterations=args.iterations, problem=problem)
+        print("\n".join(backward_lines))
     if args.gpu:
         from . import _bench_gpu
 

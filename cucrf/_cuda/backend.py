@@ -448,12 +448,13 @@ class CudaBackend:
         return CoarseMessage(setup, self.coarse_message(setup, pooled), pooled=(pooled,) if keep else None,
                              source=_array_key(q) if keep else None)
 
-    def update(self, scaled_unary, msg, compat, return_logits=False, out=None):
+    def update(self, scaled_unary, msg, compat, return_logits=False, out=None, transient=False):
         """``softmax(a U - Phi)`` (or the logits), with ``Phi`` from the message ``msg``.
 
         ``msg`` is a :class:`CoarseMessage` (upsampling is fused into the update) or a
         full-resolution array ``M`` (B, C, *size). ``out`` is used when it is a C-contiguous
         array of the right shape and dtype other than the inputs, else a new array is returned.
+        ``transient`` (the result only feeds the next message) changes nothing on the GPU.
         """
         xp = self.xp
         self._check_voxels(scaled_unary.shape)
@@ -495,8 +496,8 @@ class CudaBackend:
         )
         return out
 
-    def softmax(self, x):
-        """Softmax over axis 1 of (B, C, *size)."""
+    def softmax(self, x, transient=False):
+        """Softmax over axis 1 of (B, C, *size); ``transient`` changes nothing on the GPU."""
         xp = self.xp
         self._check_voxels(x.shape)
         x = self._contiguous(x)
