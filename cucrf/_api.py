@@ -14,7 +14,7 @@ from ._diagnostics import check_inputs, check_unary_layout
 from .interop import check_same_device, describe, device_scope, is_array, to_backend_array
 from ._geometry import axis_geometry
 from ._params import CRFParams
-from ._spatial import axes_text, check_per_axis, check_spacing, check_spatial_dims, resolve_spatial_dims
+from ._spatial import check_per_axis, check_spacing, check_spatial_dims, resolve_spatial_dims
 from ._validation import (
     ProblemTooLargeError, available_memory_bytes, check_compute_dtype, check_feature_magnitude, check_finite, check_float_array,
     check_image, check_image_magnitude, check_int, extremes, check_result_finite, check_unary_magnitude,

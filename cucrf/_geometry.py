@@ -79,12 +79,17 @@ def axis_geometry(size: int, blur: int) -> AxisGeometry:
     counts = np.bincount(cells, minlength=coarse).astype(np.float64)
     centres = np.bincount(cells, weights=pixels.astype(np.float64), minlength=coarse) / counts
     src = (pixels + pad + 0.5) / blur - 0.5
+    clamped = src < 0
     src = np.maximum(src, 0.0)
     lo = np.floor(src).astype(np.int64)
     lo = np.minimum(lo, coarse - 1)
     hi = np.minimum(lo + 1, coarse - 1)
-    frac = src - lo
-    frac = np.where(hi == lo, 0.0, frac)
+    # The weight of a pixel depends only on its place in its cell (its phase), computed as the
+    # NumPy backend's phases do: ``src - lo`` would round differently far from the origin, and a
+    # tile of the image would then not compute exactly what the whole image computes.
+    delta = ((pixels + pad) % blur + 0.5) / blur - 0.5
+    frac = np.where(delta < 0, 1.0 + delta, delta)
+    frac = np.where(clamped | (hi == lo), 0.0, frac)
     for a in (counts, centres, lo, hi, frac):
         a.setflags(write=False)
     return AxisGeometry(size, blur, pad, coarse, counts, centres, lo, hi, frac)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import sys
 import threading
 import weakref
@@ -30,25 +29,19 @@ from typing import Optional
 import numpy as np
 
 from . import _meanfield, _parallel
+from . import _numba_kernels as _k
 from . import _numpy_backend as _reference
 from ._geometry import axis_geometry, window_offsets
-
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    import numba
-
-    # numba's own thread pool is safe in forked processes (GNU OpenMP's is not: a forked worker
-    # would hang); it does not take concurrent launches, which _LOCK serialises.
-    numba.config.THREADING_LAYER = "workqueue"
-
-from . import _numba_kernels as _k  # noqa: E402  (after the threading layer is chosen)
 
 xp = np
 name = "numba"
 #: The (S, B, K, *coarse) kernel stack is stored, as NumPy's (for the memory estimate).
 stores_kernels = True
 
-_LOCK = threading.Lock()
 _owned = weakref.WeakValueDictionary()  # id -> class maps this backend allocated (safe to overwrite)
+
+#: Pieces of each kernel call: enough that threads starting late still share the work evenly.
+PIECES = 16
 
 
 def supports(nd, config) -> bool:
@@ -57,11 +50,12 @@ def supports(nd, config) -> bool:
 
 
 def _run(kernel, *args):
-    """Launch a parallel kernel with ``CUCRF_NUM_THREADS`` threads (one launch at a time)."""
-    threads = _parallel.num_threads()
-    with _LOCK:
-        _k.set_threads(threads)
-        kernel(*args)
+    """Run a kernel on ``CUCRF_NUM_THREADS`` threads: its pieces, taken by cucrf's threads as they
+    come free (:func:`cucrf._parallel.for_pieces`), or the whole call on one thread."""
+    if _parallel.num_threads() == 1:
+        kernel(*args, 0, 1)
+    else:
+        _parallel.for_pieces(PIECES, lambda piece: kernel(*args, piece, PIECES))
 
 
 def _c(a):
@@ -670,7 +664,7 @@ def pairwise_kernels_backward(positions, features, inv_theta_beta, inv_theta_alp
     dt = features.dtype
     S = len(weights)
     offsets = _offsets3(filter_size, nd, keep_centre)
-    K = len(offsets)
+
     ib = np.ascontiguousarray(inv_theta_beta, dtype=dt)
     scaled = _c(features * ib.reshape((1, F) + (1,) * nd))
     f5 = _v5(features)

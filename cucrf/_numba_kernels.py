@@ -2,9 +2,10 @@
 
 Every array is C-contiguous and five-dimensional: class maps ``(B, C, D, H, W)`` and coarse maps
 ``(B, C, d, h, w)``; an image is a volume of depth 1 (``D = d = 1``), so one compiled kernel
-serves images and volumes. Each kernel is parallel over rows (or rows of cells) and every output
-element is written by exactly one thread in a fixed order, so results do not depend on the
-number of threads.
+serves images and volumes. Each kernel splits its rows (or rows of cells) into chunks, computes
+the chunks of one piece per call and releases the GIL while it runs, so that several threads
+can run the pieces of one call side by side; every output element is written by exactly one
+piece in a fixed order, so results do not depend on the number of threads.
 
 Imported only by :mod:`cucrf._numba_backend` (it imports numba).
 """
@@ -18,7 +19,6 @@ import warnings
 
 import numba
 import numpy as np
-from numba import prange
 
 
 def _probe(x):  # a function to try caching on
@@ -44,7 +44,11 @@ if not CACHE:
 # "contract": a * b + c may become one fused multiply-add (rounded once instead of twice), about
 # 15 % off the update; results stay within a rounding of the NumPy backend's.
 _SERIAL = dict(cache=CACHE, nogil=True, error_model="numpy", fastmath={"contract"})
-_PARALLEL = dict(_SERIAL, parallel=True)
+# Kernels that split their work into pieces: each call computes piece ``part`` of ``parts`` (see
+# _pieces) and releases the GIL, so cucrf's own threads run the pieces side by side
+# (cucrf._numba_backend._run). Each piece is computed the same way whatever thread runs it:
+# results do not depend on the number of threads.
+_PIECES = _SERIAL
 
 # -- denormals ---------------------------------------------------------------------------------------
 # After a few iterations most marginals are tiny (1e-30 and less) and products of them underflow
@@ -147,18 +151,19 @@ def _exp_any(buf, bits):
             buf[i] = math.exp(buf[i])
 
 
-@numba.njit(**_PARALLEL)
-def exp_rows(x, threads_hint):
-    """exp of a (N, L) array in place, rows in parallel (for measuring exp throughput)."""
+@numba.njit(**_PIECES)
+def exp_rows(x, part, parts):
+    """exp of a (N, L) array in place, by pieces of rows (for measuring exp throughput)."""
     n = x.shape[0]
-    for i in prange(n):
-        bits = np.empty(x.shape[1], np.int32)
+    bits = np.empty(x.shape[1], np.int32)
+    for i in range(part * n // parts, (part + 1) * n // parts):
         _exp_any(x[i], bits)
 
 
 @numba.njit(inline="always", **_SERIAL)
 def _chunks(groups):
-    """How many pieces to split ``groups`` rows into: several per thread (buffers are made once per piece)."""
+    """How many chunks to split ``groups`` rows into (row buffers are made once per chunk; a piece
+    takes whole chunks)."""
     return max(1, min(groups, 64))
 
 
@@ -178,8 +183,8 @@ def _reduce_cells(acc, xs, inv, out):
         out[xc] = a * inv[xc]
 
 
-@numba.njit(**_PARALLEL)
-def pool(x, s0, s1, nscale, zs, ys, xs, inv, out0, out1):
+@numba.njit(**_PIECES)
+def pool(x, s0, s1, nscale, zs, ys, xs, inv, out0, out1, part, parts):
     """Average pooling: ``out_k = Pool(x * s_k)`` (``nscale`` 0: ``out0 = Pool(x)``).
 
     ``x`` (B, C, D, H, W); ``s0``, ``s1`` (B, 1, D, H, W); ``zs``, ``ys``, ``xs`` the first pixel
@@ -189,7 +194,7 @@ def pool(x, s0, s1, nscale, zs, ys, xs, inv, out0, out1):
     d, h, w = inv.shape
     groups = B * C * d * h
     n_ch = _chunks(groups)
-    for ch in prange(n_ch):
+    for ch in range(part * n_ch // parts, (part + 1) * n_ch // parts):
         mode_fp = _flush_denormals()
         acc0 = np.empty(W, x.dtype)
         acc1 = np.empty(W, x.dtype)
@@ -221,8 +226,8 @@ def pool(x, s0, s1, nscale, zs, ys, xs, inv, out0, out1):
 
 
 # -- message passing on the coarse grid --------------------------------------------------------------
-@numba.njit(**_PARALLEL)
-def message(kernels, offsets, q, weight, out):
+@numba.njit(**_PIECES)
+def message(kernels, offsets, q, weight, out, part, parts):
     """``out[b, c, i] = weight * sum_o kernels[b, o, i] * q[b, c, i + offset_o]`` (0 outside the grid).
 
     ``kernels`` (B, K, d, h, w); ``offsets`` (K, 3) int64; ``q``, ``out`` (B, C, d, h, w).
@@ -231,7 +236,7 @@ def message(kernels, offsets, q, weight, out):
     K = offsets.shape[0]
     groups = B * d * h
     n_ch = _chunks(groups)
-    for ch in prange(n_ch):
+    for ch in range(part * n_ch // parts, (part + 1) * n_ch // parts):
         mode_fp = _flush_denormals()
         acc = np.empty((C, w), q.dtype)
         for g in range(ch * groups // n_ch, (ch + 1) * groups // n_ch):
@@ -264,8 +269,8 @@ def message(kernels, offsets, q, weight, out):
         _restore(mode_fp)
 
 
-@numba.njit(**_PARALLEL)
-def pairwise_kernels(scaled, pz, py, px, offsets, ia2, ig2, weights, out):
+@numba.njit(**_PIECES)
+def pairwise_kernels(scaled, pz, py, px, offsets, ia2, ig2, weights, out, part, parts):
     """Kernel values between every cell and each window offset (0 where the neighbour is outside).
 
     ``scaled`` (B, F, d, h, w) features times ``1 / theta_beta``; ``pz``, ``py``, ``px`` float64
@@ -279,7 +284,7 @@ def pairwise_kernels(scaled, pz, py, px, offsets, ia2, ig2, weights, out):
     dt = scaled.dtype
     groups = B * d * h
     n_ch = _chunks(groups)
-    for ch in prange(n_ch):
+    for ch in range(part * n_ch // parts, (part + 1) * n_ch // parts):
         mode_fp = _flush_denormals()
         app = np.empty(w, dt)
         smo = np.empty(w, dt)
@@ -325,8 +330,8 @@ def pairwise_kernels(scaled, pz, py, px, offsets, ia2, ig2, weights, out):
 
 
 # -- the update: upsampling + compatibility + unary + softmax (+ pooling of the result) ---------------
-@numba.njit(**_PARALLEL)
-def upsample_x(m, xlo, xhi, xf, out):
+@numba.njit(**_PIECES)
+def upsample_x(m, xlo, xhi, xf, out, part, parts):
     """Bilinear upsampling along the last axis only: ``m`` (B, C, d, h, w) to ``out`` (B, C, d, h, W).
 
     The first of the separable passes (the last axis first, as :func:`cucrf._numpy_backend.upsample`
@@ -336,7 +341,7 @@ def upsample_x(m, xlo, xhi, xf, out):
     W = out.shape[4]
     groups = B * C * d * h
     n_ch = _chunks(groups)
-    for ch in prange(n_ch):
+    for ch in range(part * n_ch // parts, (part + 1) * n_ch // parts):
         mode_fp = _flush_denormals()
         for g in range(ch * groups // n_ch, (ch + 1) * groups // n_ch):
             y = g % h
@@ -404,10 +409,10 @@ def _exp_shift_sum(logits, top, bits, total):
                 total[i] += e
 
 
-@numba.njit(**_PARALLEL)
+@numba.njit(**_PIECES)
 def update(U, m0, m1, n0, n1, mode, w0, w1, compat, use_compat, return_logits,
            zlo, zhi, zf, ylo, yhi, yf,
-           pool_mode, zs, ys, xs, inv, p0, p1, store, out):
+           pool_mode, zs, ys, xs, inv, p0, p1, store, out, part, parts):
     """One mean-field update, fused: ``out = softmax(U - Phi(M))`` (or the logits).
 
     ``mode`` 0: no message (a softmax of ``U``); 1: ``M = Up(m0)``; 2: ``M = w0 n0 Up(m0) +
@@ -430,7 +435,7 @@ def update(U, m0, m1, n0, n1, mode, w0, w1, compat, use_compat, return_logits,
     # Potts without logits: the message is interpolated straight into the logits
     direct = mode == 1 and not use_compat and not return_logits
     n_ch = _chunks(groups)
-    for ch in prange(n_ch):
+    for ch in range(part * n_ch // parts, (part + 1) * n_ch // parts):
         mode_fp = _flush_denormals()
         row0 = np.empty((C, W), dt)
         row1 = np.empty((C, W), dt)
@@ -586,8 +591,8 @@ def _pool_transpose_row(r, b, cz, cy, xcell, G):
             gr[i] = rr[xcell[i]]
 
 
-@numba.njit(**_PARALLEL)
-def softmax_backward(q, g, r0, r1, n0, n1, gn0, gn1, mode, accumulate, write, zcell, ycell, xcell, out):
+@numba.njit(**_PIECES)
+def softmax_backward(q, g, r0, r1, n0, n1, gn0, gn1, mode, accumulate, write, zcell, ycell, xcell, out, part, parts):
     """``out = q * (G - sum_c q G)``, the vjp of the softmax given its output ``q``.
 
     ``mode`` 0: ``G = g`` (B, C, D, H, W); 1: ``G = Pool^T(r0)``; 2: ``G = n0 Pool^T(r0) +
@@ -599,7 +604,7 @@ def softmax_backward(q, g, r0, r1, n0, n1, gn0, gn1, mode, accumulate, write, zc
     dt = q.dtype
     groups = B * D * H
     n_ch = _chunks(groups)
-    for ch in prange(n_ch):
+    for ch in range(part * n_ch // parts, (part + 1) * n_ch // parts):
         mode_fp = _flush_denormals()
         G = np.empty((C, W), dt)
         P1 = np.empty((C, W), dt)
@@ -661,8 +666,8 @@ def softmax_backward(q, g, r0, r1, n0, n1, gn0, gn1, mode, accumulate, write, zc
         _restore(mode_fp)
 
 
-@numba.njit(**_PARALLEL)
-def upsample_backward(x, s0, s1, nscale, zst, zct, zw, yst, yct, yw, xst, xct, xw, out0, out1):
+@numba.njit(**_PIECES)
+def upsample_backward(x, s0, s1, nscale, zst, zct, zw, yst, yct, yw, xst, xct, xw, out0, out1, part, parts):
     """Transposed bilinear upsampling: ``out_k = Up^T(x * s_k)`` (``nscale`` 0: ``out0 = Up^T(x)``).
 
     Cell ``c`` of an axis gathers pixels ``st[c] .. st[c] + ct[c] - 1`` with weights
@@ -674,7 +679,7 @@ def upsample_backward(x, s0, s1, nscale, zst, zct, zw, yst, yct, yw, xst, xct, x
     dt = x.dtype
     groups = B * d * h
     n_ch = _chunks(groups)
-    for ch in prange(n_ch):
+    for ch in range(part * n_ch // parts, (part + 1) * n_ch // parts):
         mode_fp = _flush_denormals()
         t0 = np.empty((C, W), dt)
         t1 = np.empty((C, W), dt)
@@ -727,14 +732,14 @@ def upsample_backward(x, s0, s1, nscale, zst, zct, zw, yst, yct, yw, xst, xct, x
         _restore(mode_fp)
 
 
-@numba.njit(**_PARALLEL)
-def upsampled_dot(a, x0, x1, zlo, zhi, zf, ylo, yhi, yf, gn0, gn1):
+@numba.njit(**_PIECES)
+def upsampled_dot(a, x0, x1, zlo, zhi, zf, ylo, yhi, yf, gn0, gn1, part, parts):
     """``gn_k[b, 0, p] += sum_c a[b, c, p] * Up(x_k)[b, c, p]``; ``x_k`` upsampled along x (:func:`upsample_x`)."""
     B, C, D, H, W = a.shape
     dt = a.dtype
     groups = B * D * H
     n_ch = _chunks(groups)
-    for ch in prange(n_ch):
+    for ch in range(part * n_ch // parts, (part + 1) * n_ch // parts):
         mode_fp = _flush_denormals()
         row = np.empty((C, W), dt)
         s = np.empty(W, dt)
@@ -757,13 +762,13 @@ def upsampled_dot(a, x0, x1, zlo, zhi, zf, ylo, yhi, yf, gn0, gn1):
         _restore(mode_fp)
 
 
-@numba.njit(**dict(_PARALLEL, fastmath={"contract", "reassoc"}))
-def class_products(a, m, weight, out):
+@numba.njit(**dict(_PIECES, fastmath={"contract", "reassoc"}))
+def class_products(a, m, weight, out, part, parts):
     """``out[c, k] -= weight * sum_{b, i} a[b, c, i] * m[b, k, i]`` (products in the compute dtype,
     sums in float64); ``a``, ``m`` (B, C, N), ``out`` (C, C) float64. Parallel over ``c``; the sums
     may be reassociated (vectorised), which changes nothing between runs or thread counts."""
     B, C, N = a.shape
-    for c in prange(C):
+    for c in range(part * C // parts, (part + 1) * C // parts):
         mode_fp = _flush_denormals()
         for k in range(C):
             total = 0.0
@@ -803,9 +808,9 @@ def _pair_terms(scaled, feats, b, z, y, zz, yy, x0, dx, n, pz, py, px, ia2, ig2,
     _exp_any(app[:n], bits[:n])
 
 
-@numba.njit(**_PARALLEL)
+@numba.njit(**_PIECES)
 def kernel_gradients(scaled, feats, ib, ib2, ibf, pz, py, px, offsets, ia2, ig2, weights, scales, left0, right0,
-                     left1, right1, rows, has_rows, g_feat, partial):
+                     left1, right1, rows, has_rows, g_feat, partial, part, parts):
     """The vjp of :func:`pairwise_kernels` (as :func:`cucrf._numpy_backend.pairwise_kernels_backward`).
 
     ``left_s``, ``right_s`` (B, C', d, h, w): the message gradients and inputs of kernel ``s``,
@@ -822,7 +827,7 @@ def kernel_gradients(scaled, feats, ib, ib2, ibf, pz, py, px, offsets, ia2, ig2,
     groups = B * d * h
     n_ch = partial.shape[0]
     base = 3 * S
-    for ch in prange(n_ch):
+    for ch in range(part * n_ch // parts, (part + 1) * n_ch // parts):
         mode_fp = _flush_denormals()
         app = np.empty(w, dt)
         smo = np.empty(w, dt)
@@ -928,16 +933,6 @@ def kernel_gradients(scaled, feats, ib, ib2, ibf, pz, py, px, offsets, ia2, ig2,
                                 raw = nbr[i] - cen[i]
                                 out[i] -= e[i] * raw * ibf2
         _restore(mode_fp)
-
-
-def threads_available():
-    """The most threads numba can use in this process."""
-    return int(numba.config.NUMBA_NUM_THREADS)
-
-
-def set_threads(n):
-    """Use ``n`` threads (at most :func:`threads_available`) for the parallel kernels of this thread."""
-    numba.set_num_threads(max(1, min(int(n), threads_available())))
 
 
 def cache_dir_hint():

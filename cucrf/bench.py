@@ -224,8 +224,8 @@ def run_backward(repeat=5, iterations=5, problem=None, filter_size=5, blur=4, pr
     return rows
 
 
-def measure_floor(megabytes=64, threads=1):
-    """This machine's streaming bandwidth and float32 exp throughput with ``threads`` threads.
+def measure_floor(megabytes=64):
+    """This machine's streaming bandwidth and float32 exp throughput with ``CUCRF_NUM_THREADS`` threads.
 
     Bandwidth: bytes read + written per second by a copy of ``megabytes`` split over the threads
     (NumPy copies release the GIL). Exp throughput: exps per second of the fused path's
@@ -237,7 +237,7 @@ def measure_floor(megabytes=64, threads=1):
     n = megabytes * (1 << 20) // 4
     src = np.random.default_rng(0).uniform(-20.0, 0.0, n).astype(np.float32)
     dst = np.empty_like(src)
-    pieces = max(1, int(threads))
+    pieces = _parallel.num_threads()
 
     def copy(start, stop):
         for i in range(start, stop):
@@ -257,9 +257,7 @@ def measure_floor(megabytes=64, threads=1):
     work = rows.copy()
     repeats = 16
     if fast_path_active():
-        from . import _numba_kernels
-
-        _numba_kernels.set_threads(pieces)
+        from . import _numba_backend, _numba_kernels
 
         def refill():
             for _ in range(repeats):
@@ -268,7 +266,7 @@ def measure_floor(megabytes=64, threads=1):
         def exps():
             for _ in range(repeats):
                 np.copyto(work, rows)
-                _numba_kernels.exp_rows(work, pieces)
+                _numba_backend._run(_numba_kernels.exp_rows, work)
     else:
         def refill():
             for _ in range(repeats):
@@ -456,9 +454,7 @@ def main(argv=None):
     if args.backward:
         run_backward(repeat=repeat, iterations=args.iterations, problem=problem, print_fn=backward_lines.append)
     if args.floor:
-        from . import _parallel
-
-        floor = measure_floor(threads=_parallel.num_threads())
+        floor = measure_floor()
     rows = run_cpu(repeat=repeat, iterations=args.iterations, cases=cases, problem=problem, convcrf=args.convcrf)
     if floor is not None:
         print(f"\nfloor: streaming {floor['bandwidth'] / 1e9:.1f} GB/s (read + write) and exp "

@@ -106,6 +106,22 @@ def test_blur_geometry_matches_convcrf_demo():
     assert (gy.pad, gx.pad, gy.coarse, gx.coarse) == (1, 0, 86, 125)
 
 
+@pytest.mark.parametrize("size, blur", [(97, 3), (1000, 3), (83, 5), (40, 4), (9, 7)])
+def test_upsampling_weights_depend_only_on_the_place_in_the_cell(size, blur):
+    # Bit for bit, so that a tile of an image computes exactly what the whole image computes.
+    g = axis_geometry(size, blur)
+    inner = np.flatnonzero((g.hi != g.lo) & ((np.arange(size) + g.pad + 0.5) / blur - 0.5 >= 0))
+    phase = (inner + g.pad) % blur
+    for p in np.unique(phase):
+        weights = g.frac[inner[phase == p]]
+        assert np.all(weights == weights[0]), (p, np.unique(weights))
+        exact = (p + 0.5) / blur - 0.5
+        assert abs(weights[0] - (exact if exact >= 0 else 1 + exact)) < 1e-15
+    # the same interpolation the dense definition gives: src - lo, up to rounding
+    src = np.maximum((np.arange(size) + g.pad + 0.5) / blur - 0.5, 0.0)
+    np.testing.assert_allclose(g.frac, np.where(g.hi == g.lo, 0.0, src - g.lo), rtol=0, atol=1e-12)
+
+
 # ------------------------------------------------------------------------------------------
 # properties
 # ------------------------------------------------------------------------------------------

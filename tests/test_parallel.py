@@ -132,3 +132,57 @@ def test_thread_count_changing_during_calls():
         run = subprocess.run([sys.executable, "-c", _CHANGING_SCRIPT], capture_output=True, text=True,
                              timeout=120)
         assert run.returncode == 0, run.stderr
+
+
+def test_pieces_cover_every_piece_once_on_any_thread_count(monkeypatch):
+    for threads in ("1", "2", "5"):
+        monkeypatch.setenv("CUCRF_NUM_THREADS", threads)
+        hits = np.zeros(13, dtype=int)
+
+        def work(piece):
+            hits[piece] += 1
+
+        _parallel.for_pieces(13, work)
+        assert (hits == 1).all(), threads
+
+
+def test_an_error_in_a_piece_is_raised_after_every_piece_ended(monkeypatch):
+    monkeypatch.setenv("CUCRF_NUM_THREADS", "3")
+    done = []
+
+    def work(piece):
+        if piece == 4:
+            raise KeyError("piece 4")
+        done.append(piece)
+
+    with pytest.raises(KeyError, match="piece 4"):
+        _parallel.for_pieces(9, work)
+    assert sorted(done) == [0, 1, 2, 3, 5, 6, 7, 8]
+
+
+_FORK_SCRIPT = _SCRIPT_SETUP + """os.environ["CUCRF_NUM_THREADS"] = "2"
+assert np.array_equal(cucrf.infer(unary, image, filter_size=5, iterations=2), reference)  # the pool exists
+pid = os.fork()
+if pid == 0:  # the child: the parent's worker threads do not exist here
+    ok = np.array_equal(cucrf.infer(unary, image, filter_size=5, iterations=2), reference)
+    os._exit(0 if ok else 3)
+deadline = time.time() + 60
+while time.time() < deadline:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        assert os.waitstatus_to_exitcode(status) == 0, status
+        break
+    time.sleep(0.05)
+else:
+    os.kill(pid, 9)
+    raise AssertionError("the forked child hung")
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.parametrize("fast", ["0", "1"])
+def test_a_forked_child_computes_after_the_parent_used_threads(fast):
+    # multiprocessing's default start method on Linux before Python 3.14, and DataLoader workers
+    env = dict(os.environ, CUCRF_FAST=fast)
+    run = subprocess.run([sys.executable, "-c", _FORK_SCRIPT], capture_output=True, text=True, timeout=180, env=env)
+    assert run.returncode == 0, run.stderr
