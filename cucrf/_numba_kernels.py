@@ -129,7 +129,9 @@ def _exp_f32(buf, bits):
     """``buf[:] = exp(buf)`` for a float32 row (``bits``: int32 scratch of the same length)."""
     n = buf.shape[0]
     for i in range(n):
-        v = min(max(buf[i], _LOW), _HIGH)
+        v = buf[i]
+        v = _LOW if v < _LOW else v  # selects (not min/max) vectorise; NaN passes through
+        v = _HIGH if v > _HIGH else v
         t = np.floor(v * _LOG2E + _HALF)
         r = v - t * _C1
         r = r - t * _C2
@@ -390,7 +392,9 @@ def _exp_shift_sum(logits, top, bits, total):
         if logits.itemsize == 4:
             br = bits[c]
             for i in range(W):
-                v = min(max(lr[i] - top[i], _LOW), _HIGH)
+                v = lr[i] - top[i]
+                v = _LOW if v < _LOW else v
+                v = _HIGH if v > _HIGH else v
                 t = np.floor(v * _LOG2E + _HALF)
                 r = v - t * _C1
                 r = r - t * _C2
@@ -407,6 +411,24 @@ def _exp_shift_sum(logits, top, bits, total):
                 e = math.exp(lr[i] - top[i])
                 lr[i] = e
                 total[i] += e
+
+
+@numba.njit(**_SERIAL)
+def _softmax_rows(logits, top, bits, total):
+    """``logits[c] = exp(logits[c] - max_c logits)`` and ``total = 1 / sum_c`` of them, per column
+    of the (C, W) row buffers (a function of its own: compiled apart from the long update kernel,
+    its loops vectorise better)."""
+    C, W = logits.shape
+    one = logits.dtype.type(1)
+    top[:] = logits[0]
+    for c in range(1, C):
+        lr = logits[c]
+        for i in range(W):
+            v = lr[i]
+            top[i] = v if v > top[i] else top[i]  # a select vectorises, max() does not
+    _exp_shift_sum(logits, top, bits, total)
+    for i in range(W):
+        total[i] = one / total[i]  # one division per pixel
 
 
 @numba.njit(**_PIECES)
@@ -428,7 +450,6 @@ def update(U, m0, m1, n0, n1, mode, w0, w1, compat, use_compat, return_logits,
     """
     B, C, D, H, W = U.shape
     dt = U.dtype
-    one = dt.type(1)
     cd = zs.shape[0] - 1
     chh = ys.shape[0] - 1
     groups = B * cd * chh
@@ -449,8 +470,10 @@ def update(U, m0, m1, n0, n1, mode, w0, w1, compat, use_compat, return_logits,
             yc = g % chh
             zc = (g // chh) % cd
             b = g // (chh * cd)
-            acc0[:] = 0
-            acc1[:] = 0
+            if pool_mode >= 1:
+                acc0[:] = 0
+            if pool_mode == 2:
+                acc1[:] = 0
             for z in range(zs[zc], zs[zc + 1]):
                 for y in range(ys[yc], ys[yc + 1]):
                     # the message M of this row (row0), unless interpolated below
@@ -541,36 +564,38 @@ def update(U, m0, m1, n0, n1, mode, w0, w1, compat, use_compat, return_logits,
                             for i in range(W):
                                 orow[i] = lr[i]
                         continue
-                    # softmax over the classes
-                    top[:] = logits[0]
-                    for c in range(1, C):
-                        lr = logits[c]
-                        for i in range(W):
-                            top[i] = max(top[i], lr[i])
-                    _exp_shift_sum(logits, top, bits, total)
-                    # normalise (one division per pixel), store, and pool the result for the next message
-                    for i in range(W):
-                        total[i] = one / total[i]
+                    _softmax_rows(logits, top, bits, total)
+                    # normalise, store, and pool the result for the next message
                     nr0 = n0[b, 0, z, y] if pool_mode == 2 else total
                     nr1 = n1[b, 0, z, y] if pool_mode == 2 else total
                     for c in range(C):
                         lr = logits[c]
-                        for i in range(W):
-                            lr[i] = lr[i] * total[i]
+                        ar0 = acc0[c]
+                        ar1 = acc1[c]
                         if store:
                             orow = out[b, c, z, y]
+                            if pool_mode == 1:
+                                for i in range(W):
+                                    o = lr[i] * total[i]
+                                    orow[i] = o
+                                    ar0[i] += o
+                            elif pool_mode == 2:
+                                for i in range(W):
+                                    o = lr[i] * total[i]
+                                    orow[i] = o
+                                    ar0[i] += o * nr0[i]
+                                    ar1[i] += o * nr1[i]
+                            else:
+                                for i in range(W):
+                                    orow[i] = lr[i] * total[i]
+                        elif pool_mode == 1:
                             for i in range(W):
-                                orow[i] = lr[i]
-                        if pool_mode == 1:
-                            ar0 = acc0[c]
+                                ar0[i] += lr[i] * total[i]
+                        else:
                             for i in range(W):
-                                ar0[i] += lr[i]
-                        elif pool_mode == 2:
-                            ar0 = acc0[c]
-                            ar1 = acc1[c]
-                            for i in range(W):
-                                ar0[i] += lr[i] * nr0[i]
-                                ar1[i] += lr[i] * nr1[i]
+                                o = lr[i] * total[i]
+                                ar0[i] += o * nr0[i]
+                                ar1[i] += o * nr1[i]
             if pool_mode >= 1 and not return_logits:
                 for c in range(C):
                     _reduce_cells(acc0[c], xs, inv[zc, yc], p0[b, c, zc, yc])
