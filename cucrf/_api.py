@@ -501,7 +501,7 @@ def _prepare_inputs(unary, image, params, *, filter_size, blur, iterations, unar
     # Scanned for NaN only now: a problem refused for its size is never read. One scan of the
     # unary's extremes serves the finiteness, the diagnostics and the magnitude checks.
     unary_range = extremes(unary, xp) if unary.size else None
-    check_finite("unary", unary, xp, extremes=unary_range)
+    check_finite("unary", unary, xp, value_range=unary_range)
     check_finite("image", image4, xp)
     # With a feature transform theta_beta is in the transformed units: the image scale says nothing.
     check_inputs(given_unary, image4 if transform is None else None, unary_kind=unary_kind, params=params,

@@ -3,7 +3,7 @@
 A module-level view of ``cucrf._cuda.backend.make_backend(cupy, load_module)``, offering what
 :func:`cucrf._meanfield.mean_field` needs (``xp``, ``prepare``, ``full_message``, ``update``,
 ``softmax``), what :func:`cucrf._meanfield.mean_field_backward` needs (``softmax_backward``,
-``compatibility_backward``, ``full_message_backward``, ``prepare_backward``) plus
+``compatibility_backward``, ``full_message_backward``, ``prepare_backward``, ``sum_products``) plus
 ``available_memory_bytes``. Kernels are compiled on first use, per device.
 """
 
@@ -30,7 +30,8 @@ softmax_backward = backend.softmax_backward
 compatibility_backward = backend.compatibility_backward
 full_message_backward = backend.full_message_backward
 prepare_backward = backend.prepare_backward
+sum_products = backend.sum_products
 
 __all__ = ["backend", "xp", "name", "prepare", "full_message", "update", "softmax",
            "available_memory_bytes", "stores_kernels", "supports", "softmax_backward", "compatibility_backward",
-           "full_message_backward", "prepare_backward"]
+           "full_message_backward", "prepare_backward", "sum_products"]

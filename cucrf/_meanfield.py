@@ -217,7 +217,8 @@ class Tape:
 
 
 #: What a backend needs besides the inference interface to compute gradients.
-BACKWARD_METHODS = ("softmax_backward", "compatibility_backward", "full_message_backward", "prepare_backward")
+BACKWARD_METHODS = ("softmax_backward", "compatibility_backward", "full_message_backward", "prepare_backward",
+                    "sum_products")
 
 
 def check_backward_support(backend):
@@ -364,8 +365,11 @@ def mean_field_backward(backend, tape: Tape, grad_output):
                                  dtype=np.float64)
     grads = dict(kernel_grads)
     grads["compatibility"] = grad_compat
-    grads["unary_weight"] = float(xp.sum(grad_scaled * unary, dtype=xp.float64))
-    grad_unary = grad_scaled * dt.type(params.unary_weight)
+    grads["unary_weight"] = backend.sum_products(grad_scaled, unary)
+    # After iterations grad_scaled is this function's own array: with a unary weight of 1 it is the
+    # gradient itself (without iterations it may be grad_output, which is never handed back).
+    own = config.iterations > 0
+    grad_unary = grad_scaled if own and params.unary_weight == 1 else grad_scaled * dt.type(params.unary_weight)
     return grad_unary, grad_features, grads
 
 

@@ -41,9 +41,12 @@ if not CACHE:
         f"NUMBA_CACHE_DIR or the user cache folder: {_NO_CACHE_REASON}); each new process compiles them again. "
         "Set NUMBA_CACHE_DIR to a writable folder to cache them", RuntimeWarning, stacklevel=2)
 
-# "contract": a * b + c may become one fused multiply-add (rounded once instead of twice), about
-# 15 % off the update; results stay within a rounding of the NumPy backend's.
-_SERIAL = dict(cache=CACHE, nogil=True, error_model="numpy", fastmath={"contract"})
+_SERIAL = dict(cache=CACHE, nogil=True, error_model="numpy")
+# The softmax of a row alone may contract a * b + c into one fused multiply-add (rounded once
+# instead of twice): about 15 % off the update. Nowhere else: a sum like ``acc += q * n``
+# contracted in one kernel and not in another would make inference without a tape (Q pooled as
+# it is made) differ in the last bit from inference with one (Q stored, then pooled).
+_CONTRACT = dict(_SERIAL, fastmath={"contract"})
 # Kernels that split their work into pieces: each call computes piece ``part`` of ``parts`` (see
 # _pieces) and releases the GIL, so cucrf's own threads run the pieces side by side
 # (cucrf._numba_backend._run). Each piece is computed the same way whatever thread runs it:
@@ -153,13 +156,16 @@ def _exp_any(buf, bits):
             buf[i] = math.exp(buf[i])
 
 
-@numba.njit(**_PIECES)
-def exp_rows(x, part, parts):
-    """exp of a (N, L) array in place, by pieces of rows (for measuring exp throughput)."""
+@numba.njit(**dict(_PIECES, fastmath={"contract"}))
+def exp_rows(x, repeats, part, parts):
+    """``repeats`` times exp of a (N, L) array in place, by pieces of rows (for measuring exp
+    throughput, compiled as the update's exp is: the values settle at the clamp, where exp
+    costs what it costs anywhere)."""
     n = x.shape[0]
     bits = np.empty(x.shape[1], np.int32)
     for i in range(part * n // parts, (part + 1) * n // parts):
-        _exp_any(x[i], bits)
+        for _ in range(repeats):
+            _exp_any(x[i], bits)
 
 
 @numba.njit(inline="always", **_SERIAL)
@@ -413,7 +419,7 @@ def _exp_shift_sum(logits, top, bits, total):
                 total[i] += e
 
 
-@numba.njit(**_SERIAL)
+@numba.njit(**_CONTRACT)
 def _softmax_rows(logits, top, bits, total):
     """``logits[c] = exp(logits[c] - max_c logits)`` and ``total = 1 / sum_c`` of them, per column
     of the (C, W) row buffers (a function of its own: compiled apart from the long update kernel,
@@ -787,7 +793,7 @@ def upsampled_dot(a, x0, x1, zlo, zhi, zf, ylo, yhi, yf, gn0, gn1, part, parts):
         _restore(mode_fp)
 
 
-@numba.njit(**dict(_PIECES, fastmath={"contract", "reassoc"}))
+@numba.njit(**dict(_PIECES, fastmath={"reassoc"}))
 def class_products(a, m, weight, out, part, parts):
     """``out[c, k] -= weight * sum_{b, i} a[b, c, i] * m[b, k, i]`` (products in the compute dtype,
     sums in float64); ``a``, ``m`` (B, C, N), ``out`` (C, C) float64. Parallel over ``c``; the sums
@@ -805,6 +811,22 @@ def class_products(a, m, weight, out, part, parts):
                     part += np.float64(ar[i] * mr[i])
                 total += part
             out[c, k] -= weight * total
+        _restore(mode_fp)
+
+
+@numba.njit(**dict(_PIECES, fastmath={"reassoc"}))
+def row_dots(a, b, out, part, parts):
+    """``out[r] = sum_i a[r, i] * b[r, i]`` (products in the dtype of ``a``, sums in float64) for
+    (R, L) arrays; each row's sum may be reassociated (vectorised), the same on every run."""
+    R = a.shape[0]
+    for r in range(part * R // parts, (part + 1) * R // parts):
+        mode_fp = _flush_denormals()
+        ar = a[r]
+        br = b[r]
+        total = 0.0
+        for i in range(ar.shape[0]):
+            total += np.float64(ar[i] * br[i])
+        out[r] = total
         _restore(mode_fp)
 
 

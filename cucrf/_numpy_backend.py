@@ -514,6 +514,11 @@ def softmax_backward(q, grad):
     return q * (grad - inner)
 
 
+def sum_products(a, b):
+    """``sum(a * b)`` over every element of two arrays of one shape, summed in float64 (a float)."""
+    return float(np.sum(a * b, dtype=np.float64))
+
+
 def compatibility_backward(grad, msg, compat):
     """Vector-Jacobian product of :func:`compatibility_transform`.
 

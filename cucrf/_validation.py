@@ -86,18 +86,17 @@ def check_float_array(name, arr, xp, *, ndims, allow_int=False, finite=True):
         check_finite(name, arr, xp)
 
 
-def check_finite(name, arr, xp, extremes=None):
+def check_finite(name, arr, xp, value_range=None):
     """Reject NaN and infinite values.
 
-    ``extremes``: the array's :func:`extremes`, when already known (NaN or infinity shows in
-    them, so the array is only scanned again to count the bad values for the message).
+    ``value_range``: the array's :func:`extremes`, when already known. NaN or infinity shows in
+    the minimum or maximum, so the array is scanned once (by :func:`extremes`, threaded, without
+    a temporary) and again only to count the bad values for the message.
     """
-    if arr.dtype.kind != "f":
+    if arr.dtype.kind != "f" or arr.size == 0:
         return
-    if extremes is not None:
-        finite = bool(np.isfinite(extremes[0]) and np.isfinite(extremes[1]))
-    else:
-        finite = bool(xp.isfinite(arr).all())
+    lo, hi = value_range if value_range is not None else extremes(arr, xp)
+    finite = bool(np.isfinite(lo) and np.isfinite(hi))
     if not finite:
         bad = int((~xp.isfinite(arr)).sum())
         raise ValueError(f"{name} contains {bad} NaN or infinite value(s); all values must be finite")

@@ -414,7 +414,7 @@ def test_no_writable_cache_folder_warns_and_still_computes(tmp_path):
             "    from cucrf import _numba_kernels as k\n"
             "print(k.CACHE)\n"
             "print([str(x.message) for x in w if 'cannot be cached' in str(x.message)][0])\n"
-            "x = np.zeros((2, 5), np.float32); k.exp_rows(x, 0, 1)\n"
+            "x = np.zeros((2, 5), np.float32); k.exp_rows(x, 1, 0, 1)\n"
             "print(float(x.sum()))\n")
     env = {"PYTHONPATH": str(tmp_path / "site"), "NUMBA_CACHE_DIR": str(blocker / "numba"),
            "XDG_CACHE_HOME": str(blocker / "cache"), "HOME": str(blocker / "home"), "PYTHONDONTWRITEBYTECODE": "1"}

@@ -666,6 +666,10 @@ class CudaBackend:
         )
         return out
 
+    def sum_products(self, a, b):
+        """``sum(a * b)`` over every element, summed in float64 (a float)."""
+        return float(self.xp.sum(a * b, dtype=self.xp.float64))
+
     def compatibility_backward(self, grad, msg, compat):
         """Vector-Jacobian product of ``logits = a U - mu M``: ``(grad_msg, grad_compat)``.
 
