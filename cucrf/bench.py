@@ -8,6 +8,7 @@ runs after a warm-up; "extra peak memory" is the peak of NumPy allocations durin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import platform
@@ -47,7 +48,7 @@ def make_problem(height, width, classes, seed=0):
 CPU_TIME = False
 
 
-def time_call(fn, repeat, warmup=1):
+def time_call(fn, repeat, warmup=2):
     """Median wall time of ``fn()`` in seconds over ``repeat`` runs after ``warmup`` runs (the least
     CPU time of this process, all threads, with :data:`CPU_TIME`)."""
     for _ in range(warmup):
@@ -213,11 +214,9 @@ def run_backward(repeat=5, iterations=5, problem=None, filter_size=5, blur=4, pr
     paths = [("fused", None)] if fast_path_active() else []
     paths.append(("NumPy", _numpy_only))
     for name, ctx in paths:
-        if ctx is None:
+        with ctx() if ctx is not None else contextlib.nullcontext():
+            vjp()  # both warm before either is timed (the allocator settles on the larger one)
             f, v = time_call(fwd, repeat), time_call(vjp, repeat)
-        else:
-            with ctx():
-                f, v = time_call(fwd, repeat), time_call(vjp, repeat)
         row = dict(path=name, forward_s=f, vjp_s=v, backward_s=v - f)
         rows.append(row)
         print_fn(f"| {name} | {f:.3f} | {v:.3f} | {v - f:.3f} | {(v - f) / f:.2f} |")
