@@ -404,7 +404,8 @@ def test_no_writable_cache_folder_warns_and_still_computes(tmp_path):
     """A read-only installation: no cache next to the package, in NUMBA_CACHE_DIR or the user's
     folder (each made impossible by a file where a folder should be, which stops root as well)."""
     pkg = tmp_path / "site" / "cucrf"
-    shutil.copytree(ROOT / "cucrf", pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    # the package this suite tests (a checkout's, or an installed wheel's)
+    shutil.copytree(Path(cucrf.__file__).parent, pkg, ignore=shutil.ignore_patterns("__pycache__"))
     (pkg / "__pycache__").write_text("not a folder")
     blocker = tmp_path / "blocker"
     blocker.write_text("not a folder")
