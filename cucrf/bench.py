@@ -204,23 +204,43 @@ TABLE_HEADER = ("| case (5 iterations) | cucrf [s] | cucrf NumPy [s] | upstream 
 
 
 def run_backward(repeat=5, iterations=5, problem=None, filter_size=5, blur=4, print_fn=print):
-    """Forward (:func:`cucrf.infer`) and forward + backward (:func:`cucrf.infer_vjp`) times, fused and NumPy."""
+    """Forward and backward times at the defaults, fused and NumPy; return rows of dicts.
+
+    ``infer``: :func:`cucrf.infer`. ``taped forward``: the forward pass of
+    :func:`cucrf.infer_vjp` alone (the same input checks, then mean-field inference recording
+    every iteration's marginals and messages for the backward pass, which inference alone does
+    not keep). ``backward``: :func:`cucrf.infer_vjp` minus the taped forward; the last column is
+    infer_vjp minus infer, over infer.
+    """
+    from . import _api, _meanfield
+
     unary, image = make_problem(500, 500, 21) if problem is None else problem
     g = np.random.default_rng(0).normal(size=unary.shape).astype(np.float32)
+    settings = dict(filter_size=filter_size, blur=blur, iterations=iterations)
     rows = []
-    fwd = lambda: cucrf.infer(unary, image, filter_size=filter_size, blur=blur, iterations=iterations)  # noqa: E731
-    vjp = lambda: cucrf.infer_vjp(unary, image, grad_output=g, filter_size=filter_size, blur=blur,  # noqa: E731
-                                  iterations=iterations)
+    fwd = lambda: cucrf.infer(unary, image, **settings)  # noqa: E731
+    vjp = lambda: cucrf.infer_vjp(unary, image, grad_output=g, **settings)  # noqa: E731
+
+    def taped():
+        p = _api._prepare_inputs(unary, image, None, unary_kind="logits", num_classes=None, confidence=None,
+                                 unknown_label=None, clip=1e-5, normalization=None, output="probabilities",
+                                 dtype=None, device=None, feature_transform=None, training=True, **settings)
+        _meanfield.mean_field(p.backend, p.unary, p.features, p.params, p.config, tape=_meanfield.Tape())
+
     paths = [("fused", None)] if fast_path_active() else []
     paths.append(("NumPy", _numpy_only))
     for name, ctx in paths:
         with ctx() if ctx is not None else contextlib.nullcontext():
-            vjp()  # both warm before either is timed (the allocator settles on the larger one)
-            f, v = time_call(fwd, repeat), time_call(vjp, repeat)
-        row = dict(path=name, forward_s=f, vjp_s=v, backward_s=v - f)
+            vjp()  # every call warm before any is timed (the allocator settles on the largest)
+            f, t, v = time_call(fwd, repeat), time_call(taped, repeat), time_call(vjp, repeat)
+        row = dict(path=name, forward_s=f, taped_forward_s=t, vjp_s=v, backward_s=v - t)
         rows.append(row)
-        print_fn(f"| {name} | {f:.3f} | {v:.3f} | {v - f:.3f} | {(v - f) / f:.2f} |")
+        print_fn(f"| {name} | {f:.3f} | {t:.3f} | {v:.3f} | {v - t:.3f} | {(v - t) / t:.2f} | {(v - f) / f:.2f} |")
     return rows
+
+
+BACKWARD_HEADER = ("| path (filter 5, blur 4) | infer [s] | taped forward [s] | infer_vjp [s] | backward [s] "
+                   "| backward / taped forward | (infer_vjp - infer) / infer |\n|---|---|---|---|---|---|---|")
 
 
 def measure_floor(megabytes=64):
@@ -453,8 +473,7 @@ def main(argv=None):
             f = floor_seconds(c, h * w, args.iterations, floor)
             print(f"| {row['case']} | {row['cucrf_s']:.3f} | {f:.3f} | {row['cucrf_s'] / f:.2f} |")
     if args.backward:
-        print("\n| path (filter 5, blur 4) | infer [s] | infer_vjp [s] | backward [s] | backward / forward |"
-              "\n|---|---|---|---|---|")
+        print("\n" + BACKWARD_HEADER)
         print("\n".join(backward_lines))
     if args.gpu:
         from . import _bench_gpu

@@ -72,3 +72,15 @@ def test_gpu_benchmark_module_without_a_gpu_is_one_line(monkeypatch, capsys):
     assert _bench_gpu.main([]) == 1
     err = capsys.readouterr().err
     assert err.strip() == "python -m cucrf._bench_gpu: error: CuPy is not installed"
+
+
+def test_run_backward_small_problem_reports_every_column():
+    lines = []
+    problem = bench.make_problem(20, 24, 3)
+    rows = bench.run_backward(repeat=1, iterations=2, problem=problem, filter_size=3, blur=2, print_fn=lines.append)
+    assert [r["path"] for r in rows][-1] == "NumPy" and len(lines) == len(rows)
+    for row, line in zip(rows, lines):
+        assert 0 < row["taped_forward_s"] < row["vjp_s"] and row["forward_s"] > 0
+        assert abs(row["backward_s"] - (row["vjp_s"] - row["taped_forward_s"])) < 1e-12
+        assert line.startswith(f"| {row['path']} |") and line.count("|") == 8
+    assert bench.BACKWARD_HEADER.splitlines()[0].count("|") == 8
