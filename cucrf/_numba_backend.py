@@ -676,7 +676,6 @@ def pairwise_kernels_backward(positions, features, inv_theta_beta, inv_theta_alp
     dt = features.dtype
     S = len(weights)
     offsets = _offsets3(filter_size, nd, keep_centre)
-
     ib = np.ascontiguousarray(inv_theta_beta, dtype=dt)
     scaled = _c(features * ib.reshape((1, F) + (1,) * nd))
     f5 = _v5(features)
