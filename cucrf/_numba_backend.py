@@ -178,6 +178,12 @@ def _dummies(dtype_str):
                 u=np.zeros(1, np.uintp), f=np.zeros(1, dt), inv=np.ones((1, 1, 1), dt))
 
 
+def _no_upsampling(dtype):
+    """The arguments of :func:`cucrf._numba_kernels.message` that turn its upsampling off."""
+    d = _dummies(np.dtype(dtype).str)
+    return False, d["u"], d["u"], d["f"], d["a5"]
+
+
 def _offsets3(filter_size, nd, keep_centre):
     sizes = filter_size if isinstance(filter_size, tuple) else (int(filter_size),) * nd
     offs = np.array(window_offsets(sizes, keep_centre), dtype=np.int64).reshape(-1, nd)
@@ -266,6 +272,8 @@ class CoarseMessage:
     m: tuple
     pooled: tuple
     source: object
+    #: ``m`` upsampled along x (B, C, d, h, W) by the message kernel, until the update uses it
+    upsampled: Optional[tuple] = None
 
 
 @dataclasses.dataclass
@@ -350,11 +358,19 @@ def full_message(setup: FastSetup, q, config=None):
         q5 = _v5(q)
         pooled = pending[1] if pending is not None and pending[0]() is q else _pool_q(setup, q5)
     B, C = q.shape[:2]
-    ms = []
+    tab = setup.tables
+    # the update reads the message upsampled along x: made row by row by the message kernel
+    # (unless blur 1 along x, or the two messages are summed at full resolution below)
+    upsample = tab.coarse[2] != setup.size[-1] and not (tab.trivial and setup.separate)
+    d = _dummies(setup.dtype.str)
+    ms, ups = [], []
     for s, weight in enumerate(setup.weights):
-        m = np.empty((B, C) + setup.tables.coarse, setup.dtype)
-        _run(_k.message, setup.kernels[s], setup.offsets, pooled[s], 1.0, m)
+        m = np.empty((B, C) + tab.coarse, setup.dtype)
+        up = np.empty((B, C) + tab.coarse[:2] + (setup.size[-1],), setup.dtype) if upsample else d["a5"]
+        _run(_k.message, setup.kernels[s], setup.offsets, pooled[s], 1.0, m, upsample, tab.lo[2], tab.hi[2],
+             tab.frac[2], up)
         ms.append(m)
+        ups.append(up)
     if setup.tables.trivial and setup.separate:
         # Blur 1 with normalisation: the two messages are full-size, so the sum M is formed (as
         # the reference does) and kept instead of both, and no pooled input is kept either.
@@ -362,7 +378,8 @@ def full_message(setup: FastSetup, q, config=None):
         full = ms[0] * (n0 * setup.dtype.type(w0))
         full += ms[1] * (n1 * setup.dtype.type(w1))
         return setup.natural(full)
-    return CoarseMessage(setup, tuple(ms), tuple(setup.natural(p) for p in pooled), q)
+    return CoarseMessage(setup, tuple(ms), tuple(setup.natural(p) for p in pooled), q,
+                         tuple(ups) if upsample else None)
 
 
 def _taps(tab):
@@ -400,8 +417,9 @@ def update(scaled_unary, msg, compat, return_logits=False, out=None, transient=F
         tab = setup.tables
         trivial_merged = tab.trivial and not setup.separate
         mode = 3 if trivial_merged else (2 if setup.separate else 1)
-        m0 = msg.m[0] if trivial_merged else _upsample_x(setup, msg.m[0])
-        m1 = _upsample_x(setup, msg.m[1]) if setup.separate else d["a5"]
+        ups, msg.upsampled = msg.upsampled, None  # used once: a tape keeps only the coarse m
+        m0 = msg.m[0] if trivial_merged else (ups[0] if ups else _upsample_x(setup, msg.m[0]))
+        m1 = (ups[1] if ups else _upsample_x(setup, msg.m[1])) if setup.separate else d["a5"]
         n0, n1 = setup.normalisers if setup.separate else (d["a5"], d["a5"])
         w0, w1 = (setup.weights + (0.0,))[:2]
         taps = _taps(tab) if not trivial_merged else (d["u"], d["u"], d["f"]) * 2
@@ -625,7 +643,7 @@ def full_message_backward(setup: FastSetup, q, grad_msg, config, grads):
         rs = []
         for s, weight in enumerate(setup.weights):
             r = np.empty(coarse[s].shape, setup.dtype)
-            _run(_k.message, setup.kernels[s], setup.offsets, _c(coarse[s]), weight, r)
+            _run(_k.message, setup.kernels[s], setup.offsets, _c(coarse[s]), weight, r, *_no_upsampling(setup.dtype))
             r *= setup.tables.inv  # Pool^T's division by the pixel counts, on the coarse grid
             rs.append(r)
         return tuple(rs)
@@ -646,7 +664,7 @@ def full_message_backward(setup: FastSetup, q, grad_msg, config, grads):
         xs = []
         for s, weight in enumerate(setup.weights):
             x = np.empty(pooled5[s].shape, setup.dtype)
-            _run(_k.message, setup.kernels[s], setup.offsets, _c(pooled5[s]), weight, x)
+            _run(_k.message, setup.kernels[s], setup.offsets, _c(pooled5[s]), weight, x, *_no_upsampling(setup.dtype))
             xs.append(x)
     gn0, gn1 = (_v5(g) for g in _normaliser_gradients(setup, grads, q))
     _run(_k.upsampled_dot, a, _upsample_x(setup, xs[0]), _upsample_x(setup, xs[1]), *_taps(setup.tables), gn0, gn1)

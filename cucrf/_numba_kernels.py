@@ -235,10 +235,12 @@ def pool(x, s0, s1, nscale, zs, ys, xs, inv, out0, out1, part, parts):
 
 # -- message passing on the coarse grid --------------------------------------------------------------
 @numba.njit(**_PIECES)
-def message(kernels, offsets, q, weight, out, part, parts):
+def message(kernels, offsets, q, weight, out, upsample, xlo, xhi, xf, up, part, parts):
     """``out[b, c, i] = weight * sum_o kernels[b, o, i] * q[b, c, i + offset_o]`` (0 outside the grid).
 
     ``kernels`` (B, K, d, h, w); ``offsets`` (K, 3) int64; ``q``, ``out`` (B, C, d, h, w).
+    ``upsample``: each row of ``out`` is also upsampled along x into ``up`` (B, C, d, h, W), as
+    :func:`upsample_x` does (taps ``xlo``, ``xhi``, ``xf``), while it is in the cache.
     """
     B, C, d, h, w = q.shape
     K = offsets.shape[0]
@@ -274,6 +276,8 @@ def message(kernels, offsets, q, weight, out, part, parts):
                 arow = acc[c]
                 for i in range(w):
                     orow[i] = arow[i] * weight
+                if upsample:
+                    _upsample_row(orow, xlo, xhi, xf, up[b, c, z, y])
         _restore(mode_fp)
 
 
@@ -356,12 +360,16 @@ def upsample_x(m, xlo, xhi, xf, out, part, parts):
             z = (g // h) % d
             c = (g // (h * d)) % C
             b = g // (h * d * C)
-            t = m[b, c, z, y]
-            r = out[b, c, z, y]
-            for i in range(W):
-                a = t[xlo[i]]
-                r[i] = a + xf[i] * (t[xhi[i]] - a)
+            _upsample_row(m[b, c, z, y], xlo, xhi, xf, out[b, c, z, y])
         _restore(mode_fp)
+
+
+@numba.njit(inline="always", **_SERIAL)
+def _upsample_row(t, xlo, xhi, xf, r):
+    """``r[i] = t[lo] + f (t[hi] - t[lo])``: one coarse row ``t`` upsampled along x into ``r``."""
+    for i in range(r.shape[0]):
+        a = t[xlo[i]]
+        r[i] = a + xf[i] * (t[xhi[i]] - a)
 
 
 @numba.njit(inline="always", **_SERIAL)
