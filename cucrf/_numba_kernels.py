@@ -42,15 +42,16 @@ if not CACHE:
         "Set NUMBA_CACHE_DIR to a writable folder to cache them", RuntimeWarning, stacklevel=2)
 
 _SERIAL = dict(cache=CACHE, nogil=True, error_model="numpy")
-# The softmax of a row alone may contract a * b + c into one fused multiply-add (rounded once
-# instead of twice): about 15 % off the update. Nowhere else: a sum like ``acc += q * n``
-# contracted in one kernel and not in another would make inference without a tape (Q pooled as
-# it is made) differ in the last bit from inference with one (Q stored, then pooled).
+# Only the softmax of a row (and the exp throughput measurement, which times the same exp) may
+# contract a * b + c into one fused multiply-add, rounded once instead of twice. Nowhere else:
+# a sum like ``acc += q * n`` contracted in one kernel and not in another would make inference
+# without a tape (Q pooled as it is made) differ in the last bit from inference with one (Q
+# stored, then pooled).
 _CONTRACT = dict(_SERIAL, fastmath={"contract"})
-# Kernels that split their work into pieces: each call computes piece ``part`` of ``parts`` (see
-# _pieces) and releases the GIL, so cucrf's own threads run the pieces side by side
-# (cucrf._numba_backend._run). Each piece is computed the same way whatever thread runs it:
-# results do not depend on the number of threads.
+# Kernels that split their work into pieces: each call computes piece ``part`` of ``parts``
+# (whole chunks of rows, see _chunks) and releases the GIL, so cucrf's own threads run the
+# pieces side by side (cucrf._numba_backend._run). Each piece is computed the same way whatever
+# thread runs it: results do not depend on the number of threads.
 _PIECES = _SERIAL
 
 # -- denormals ---------------------------------------------------------------------------------------
@@ -156,7 +157,7 @@ def _exp_any(buf, bits):
             buf[i] = math.exp(buf[i])
 
 
-@numba.njit(**dict(_PIECES, fastmath={"contract"}))
+@numba.njit(**_CONTRACT)  # a kernel of pieces, compiled as the softmax's exp is
 def exp_rows(x, repeats, part, parts):
     """``repeats`` times exp of a (N, L) array in place, by pieces of rows (for measuring exp
     throughput, compiled as the update's exp is: the values settle at the clamp, where exp
@@ -234,6 +235,19 @@ def pool(x, s0, s1, nscale, zs, ys, xs, inv, out0, out1, part, parts):
 
 
 # -- message passing on the coarse grid --------------------------------------------------------------
+@numba.njit(inline="always", **_SERIAL)
+def _neighbour_segment(offsets, o, z, y, d, h, w):
+    """The cells ``x0 .. x1 - 1`` of row (z, y) whose neighbour at window offset ``o`` lies inside
+    the (d, h, w) grid, in row (zz, yy) shifted by ``dx``: ``(zz, yy, dx, x0, x1)``, with
+    ``x1 <= x0`` when there is none."""
+    zz = z + offsets[o, 0]
+    yy = y + offsets[o, 1]
+    dx = offsets[o, 2]
+    if zz < 0 or zz >= d or yy < 0 or yy >= h:
+        return zz, yy, dx, 0, 0
+    return zz, yy, dx, max(0, -dx), min(w, w - dx)
+
+
 @numba.njit(**_PIECES)
 def message(kernels, offsets, q, weight, out, upsample, xlo, xhi, xf, up, part, parts):
     """``out[b, c, i] = weight * sum_o kernels[b, o, i] * q[b, c, i + offset_o]`` (0 outside the grid).
@@ -255,13 +269,7 @@ def message(kernels, offsets, q, weight, out, upsample, xlo, xhi, xf, up, part, 
             b = g // (h * d)
             acc[:] = 0
             for o in range(K):
-                zz = z + offsets[o, 0]
-                yy = y + offsets[o, 1]
-                dx = offsets[o, 2]
-                if zz < 0 or zz >= d or yy < 0 or yy >= h:
-                    continue
-                x0 = max(0, -dx)
-                x1 = min(w, w - dx)
+                zz, yy, dx, x0, x1 = _neighbour_segment(offsets, o, z, y, d, h, w)
                 if x1 <= x0:
                     continue
                 n = x1 - x0
@@ -307,13 +315,7 @@ def pairwise_kernels(scaled, pz, py, px, offsets, ia2, ig2, weights, out, part, 
             z = (g // h) % d
             b = g // (h * d)
             for o in range(K):
-                zz = z + offsets[o, 0]
-                yy = y + offsets[o, 1]
-                dx = offsets[o, 2]
-                if zz < 0 or zz >= d or yy < 0 or yy >= h:
-                    continue
-                x0 = max(0, -dx)
-                x1 = min(w, w - dx)
+                zz, yy, dx, x0, x1 = _neighbour_segment(offsets, o, z, y, d, h, w)
                 if x1 <= x0:
                     continue
                 n = x1 - x0
@@ -350,7 +352,6 @@ def upsample_x(m, xlo, xhi, xf, out, part, parts):
     does); the update interpolates the rows of ``out`` along the other axes.
     """
     B, C, d, h, w = m.shape
-    W = out.shape[4]
     groups = B * C * d * h
     n_ch = _chunks(groups)
     for ch in range(part * n_ch // parts, (part + 1) * n_ch // parts):
@@ -430,8 +431,7 @@ def _exp_shift_sum(logits, top, bits, total):
 @numba.njit(**_CONTRACT)
 def _softmax_rows(logits, top, bits, total):
     """``logits[c] = exp(logits[c] - max_c logits)`` and ``total = 1 / sum_c`` of them, per column
-    of the (C, W) row buffers (a function of its own: compiled apart from the long update kernel,
-    its loops vectorise better)."""
+    of the (C, W) row buffers (a function of its own, the one compiled with contraction)."""
     C, W = logits.shape
     one = logits.dtype.type(1)
     top[:] = logits[0]

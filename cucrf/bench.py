@@ -152,8 +152,8 @@ def run_cpu(repeat=5, iterations=5, cases=CPU_CASES, print_fn=print, problem=Non
     fast = fast_path_active()
     threads = _parallel.num_threads() if threads is None else threads
     rows = []
-    for H, W, C, k, blur in cases:
-        unary, image = make_problem(H, W, C) if problem is None else problem
+    problems = [make_problem(H, W, C) if problem is None else problem for H, W, C, _, _ in cases]
+    for (unary, image), (_, _, _, k, blur) in zip(problems, cases):
         C, H, W = unary.shape
         run = lambda: cucrf.infer(unary, image, filter_size=k, blur=blur, iterations=iterations)  # noqa: E731
         seconds = time_call(run, repeat)
@@ -165,17 +165,16 @@ def run_cpu(repeat=5, iterations=5, cases=CPU_CASES, print_fn=print, problem=Non
                 row["numpy_s"] = time_call(run, repeat)
         rows.append(row)
     densecrf_cache = {}
-    for row, (H, W, C, k, blur) in zip(rows, cases):
-        unary, image = make_problem(H, W, C) if problem is None else problem
-        if _peers.densecrf_available():
+    have_densecrf = _peers.densecrf_available()
+    for row, (unary, image) in zip(rows, problems):
+        if have_densecrf:
             key = (unary.shape, id(problem))
             if key not in densecrf_cache:
                 logp = unary - np.log(np.exp(unary).sum(axis=0, keepdims=True))
                 densecrf_cache[key] = time_call(
                     lambda: _peers.densecrf_infer(logp, image, iterations=iterations), repeat)
             row["densecrf_s"] = densecrf_cache[key]
-    for row, (H, W, C, k, blur) in zip(rows, cases):
-        unary, image = make_problem(H, W, C) if problem is None else problem
+    for row, (unary, image), (_, _, _, k, blur) in zip(rows, problems, cases):
         if convcrf is not None:
             row["convcrf_s"] = time_call(
                 _peers.convcrf_runner(convcrf, unary, image, k, blur, iterations, threads=threads), repeat)
@@ -263,13 +262,7 @@ def measure_floor(megabytes=64):
             a, b = i * n // pieces, (i + 1) * n // pieces
             np.copyto(dst[a:b], src[a:b])
 
-    def split_copy():
-        if pieces == 1:
-            copy(0, 1)
-        else:
-            _parallel.for_chunks(pieces, copy, n)
-
-    bandwidth = 2 * src.nbytes / _least_wall_time(split_copy, 7)
+    bandwidth = 2 * src.nbytes / _least_wall_time(lambda: _parallel.for_chunks(pieces, copy, n), 7)
     # 64 rows of 4096 per thread (1 MB: they stay in the core's cache), exp'd 64 times in place
     # by one call (with NumPy, 64 calls of np.exp over the rows, split over the threads)
     rows = np.ascontiguousarray(src[: 64 * 4096 * pieces].reshape(-1, 4096))
