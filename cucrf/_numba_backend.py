@@ -178,6 +178,22 @@ def _dummies(dtype_str):
                 u=np.zeros(1, np.uintp), f=np.zeros(1, dt), inv=np.ones((1, 1, 1), dt))
 
 
+def _message(setup, s, q5, weight, out, upsample=False, xlo=None, xhi=None, xf=None, up=None):
+    """``out = weight * K_s q5`` on the coarse grid (B, C, d, h, w), by
+    :func:`cucrf._numba_kernels.message` (``q5`` copied once into its zero-padded rows); with
+    ``upsample`` each row also upsampled along x into ``up``."""
+    B, C, d, h, w = q5.shape
+    ry = int(np.abs(setup.offsets[:, 1]).max())
+    rx = int(np.abs(setup.offsets[:, 2]).max())
+    qpad = np.zeros((B, C, d, (h + 2 * ry) * w + 2 * rx), setup.dtype)
+    qpad[..., rx + ry * w:rx + (ry + h) * w] = q5.reshape(B, C, d, h * w)
+    kernels = setup.kernels[s]
+    if not upsample:
+        upsample, xlo, xhi, xf, up = _no_upsampling(setup.dtype)
+    _run(_k.message, kernels.reshape(kernels.shape[:3] + (h * w,)), setup.offsets, qpad, w, ry, rx, float(weight),
+         out.reshape(B, C, d, h * w), upsample, xlo, xhi, xf, up)
+
+
 def _no_upsampling(dtype):
     """The arguments of :func:`cucrf._numba_kernels.message` that turn its upsampling off."""
     d = _dummies(np.dtype(dtype).str)
@@ -367,8 +383,7 @@ def full_message(setup: FastSetup, q, config=None):
     for s, weight in enumerate(setup.weights):
         m = np.empty((B, C) + tab.coarse, setup.dtype)
         up = np.empty((B, C) + tab.coarse[:2] + (setup.size[-1],), setup.dtype) if upsample else d["a5"]
-        _run(_k.message, setup.kernels[s], setup.offsets, pooled[s], 1.0, m, upsample, tab.lo[2], tab.hi[2],
-             tab.frac[2], up)
+        _message(setup, s, pooled[s], 1.0, m, upsample, tab.lo[2], tab.hi[2], tab.frac[2], up)
         ms.append(m)
         ups.append(up)
     if setup.tables.trivial and setup.separate:
@@ -643,7 +658,7 @@ def full_message_backward(setup: FastSetup, q, grad_msg, config, grads):
         rs = []
         for s, weight in enumerate(setup.weights):
             r = np.empty(coarse[s].shape, setup.dtype)
-            _run(_k.message, setup.kernels[s], setup.offsets, _c(coarse[s]), weight, r, *_no_upsampling(setup.dtype))
+            _message(setup, s, coarse[s], weight, r)
             r *= setup.tables.inv  # Pool^T's division by the pixel counts, on the coarse grid
             rs.append(r)
         return tuple(rs)
@@ -664,7 +679,7 @@ def full_message_backward(setup: FastSetup, q, grad_msg, config, grads):
         xs = []
         for s, weight in enumerate(setup.weights):
             x = np.empty(pooled5[s].shape, setup.dtype)
-            _run(_k.message, setup.kernels[s], setup.offsets, _c(pooled5[s]), weight, x, *_no_upsampling(setup.dtype))
+            _message(setup, s, pooled5[s], weight, x)
             xs.append(x)
     gn0, gn1 = (_v5(g) for g in _normaliser_gradients(setup, grads, q))
     _run(_k.upsampled_dot, a, _upsample_x(setup, xs[0]), _upsample_x(setup, xs[1]), *_taps(setup.tables), gn0, gn1)

@@ -19,6 +19,10 @@ import warnings
 
 import numba
 import numpy as np
+from llvmlite import ir as _ir
+from numba.core import cgutils as _cgutils
+from numba.core import types as _types
+from numba.extending import intrinsic as _intrinsic
 
 
 def _probe(x):  # a function to try caching on
@@ -61,11 +65,6 @@ _PIECES = _SERIAL
 # runs with denormals flushed to zero (MXCSR's FTZ and DAZ bits) and restores the previous mode
 # when it ends. The results change by less than the smallest normal value (1.2e-38 in float32).
 if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86"):
-    from llvmlite import ir as _ir
-    from numba.core import cgutils as _cgutils
-    from numba.core import types as _types
-    from numba.extending import intrinsic as _intrinsic
-
     def _mxcsr_call(builder, name, ptr):
         fnty = _ir.FunctionType(_ir.VoidType(), [_ir.PointerType(_ir.IntType(8))])
         fn = _cgutils.get_or_insert_function(builder.module, fnty, name)
@@ -128,30 +127,33 @@ _LOW = np.float32(-87.33)
 _HIGH = np.float32(88.72)
 
 
-@numba.njit(inline="always", **_SERIAL)
-def _exp_f32(buf, bits):
-    """``buf[:] = exp(buf)`` for a float32 row (``bits``: int32 scratch of the same length)."""
-    n = buf.shape[0]
-    for i in range(n):
-        v = buf[i]
-        v = _LOW if v < _LOW else v  # selects (not min/max) vectorise; NaN passes through
-        v = _HIGH if v > _HIGH else v
-        t = np.floor(v * _LOG2E + _HALF)
-        r = v - t * _C1
-        r = r - t * _C2
-        p = ((((_P0 * r + _P1) * r + _P2) * r + _P3) * r + _P4) * r + _P5
-        buf[i] = p * r * r + r + _ONE
-        bits[i] = (np.int32(t) + np.int32(127)) << np.int32(23)
-    scale = bits.view(np.float32)
-    for i in range(n):
-        buf[i] *= scale[i]
+@_intrinsic
+def _float32_from_bits(typingctx, bits):
+    """The float32 whose bit pattern is the int32 ``bits`` (a register move: loops vectorise)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], _ir.FloatType())
+
+    return _types.float32(_types.int32), codegen
 
 
 @numba.njit(inline="always", **_SERIAL)
-def _exp_any(buf, bits):
+def _expf(v):
+    """exp of a float32 ``v`` (Cephes' expf polynomial, about 1 ulp), in registers."""
+    v = _LOW if v < _LOW else v  # selects (not min/max) vectorise; NaN passes through
+    v = _HIGH if v > _HIGH else v
+    t = np.floor(v * _LOG2E + _HALF)
+    r = v - t * _C1
+    r = r - t * _C2
+    p = ((((_P0 * r + _P1) * r + _P2) * r + _P3) * r + _P4) * r + _P5
+    return (p * r * r + r + _ONE) * _float32_from_bits((np.int32(t) + np.int32(127)) << np.int32(23))
+
+
+@numba.njit(inline="always", **_SERIAL)
+def _exp_any(buf):
     """``buf[:] = exp(buf)``: the vectorised float32 exp, or ``math.exp`` for float64."""
     if buf.itemsize == 4:
-        _exp_f32(buf, bits)
+        for i in range(buf.shape[0]):
+            buf[i] = _expf(buf[i])
     else:
         for i in range(buf.shape[0]):
             buf[i] = math.exp(buf[i])
@@ -163,10 +165,9 @@ def exp_rows(x, repeats, part, parts):
     throughput, compiled as the update's exp is: the values settle at the clamp, where exp
     costs what it costs anywhere)."""
     n = x.shape[0]
-    bits = np.empty(x.shape[1], np.int32)
     for i in range(part * n // parts, (part + 1) * n // parts):
         for _ in range(repeats):
-            _exp_any(x[i], bits)
+            _exp_any(x[i])
 
 
 @numba.njit(inline="always", **_SERIAL)
@@ -183,12 +184,15 @@ def _chunks(groups):
 # -- pooling ----------------------------------------------------------------------------------------
 @numba.njit(inline="always", **_SERIAL)
 def _reduce_cells(acc, xs, inv, out):
-    """``out[xc] = inv[xc] * sum(acc[xs[xc]:xs[xc + 1]])`` for every cell ``xc``."""
+    """``out[xc] = inv[xc] * sum(acc[xs[xc]:xs[xc + 1]])`` for every cell ``xc`` (cells are not
+    empty). Unsigned indices and no slices: this runs once per class and row of cells, on a few
+    values each time, and a slice's bounds handling cost more than the sums."""
     for xc in range(out.shape[0]):
-        seg = acc[xs[xc]:xs[xc + 1]]
-        a = seg[0] * 0
-        for i in range(seg.shape[0]):
-            a += seg[i]
+        a0 = np.uint64(xs[xc])
+        a1 = np.uint64(xs[xc + 1])
+        a = acc[a0]
+        for i in range(a0 + np.uint64(1), a1):
+            a += acc[i]
         out[xc] = a * inv[xc]
 
 
@@ -248,44 +252,64 @@ def _neighbour_segment(offsets, o, z, y, d, h, w):
     return zz, yy, dx, max(0, -dx), min(w, w - dx)
 
 
+@numba.njit(inline="always", **_SERIAL)
+def message_block_rows(w):
+    """Rows of cells per block of :func:`message`: about 1024 cells, so that a class's sums stay in
+    the nearest cache while every window offset is added."""
+    return max(1, 1024 // w)
+
+
 @numba.njit(**_PIECES)
-def message(kernels, offsets, q, weight, out, upsample, xlo, xhi, xf, up, part, parts):
+def message(kernels, offsets, qpad, w, ry, rx, weight, out, upsample, xlo, xhi, xf, up, part, parts):
     """``out[b, c, i] = weight * sum_o kernels[b, o, i] * q[b, c, i + offset_o]`` (0 outside the grid).
 
-    ``kernels`` (B, K, d, h, w); ``offsets`` (K, 3) int64; ``q``, ``out`` (B, C, d, h, w).
-    ``upsample``: each row of ``out`` is also upsampled along x into ``up`` (B, C, d, h, W), as
-    :func:`upsample_x` does (taps ``xlo``, ``xhi``, ``xf``), while it is in the cache.
+    Rows are flattened: ``kernels`` (B, K, d, h*w), zero where the neighbour lies outside the
+    grid (as :func:`pairwise_kernels` makes them); ``offsets`` (K, 3) int64; ``out`` (B, C, d, h*w);
+    ``qpad`` (B, C, d, (h + 2 ry) * w + 2 rx): each (b, c, z) plane of ``q`` after ``ry`` rows
+    and ``rx`` values of zeros, before as many (``ry``, ``rx`` at least the largest y and x
+    offset). An offset is then one loop over a block of whole rows: a neighbour outside the grid
+    along y reads a zero, and along x one of the next row, times a kernel value of zero. The sum
+    over the offsets is in the same order, and gives the same values, as a loop over each row's
+    valid neighbours. ``upsample``: each row of ``out`` is also upsampled along x into ``up``
+    (B, C, d, h, W), as :func:`upsample_x` does (taps ``xlo``, ``xhi``, ``xf``), while it is in
+    the cache.
     """
-    B, C, d, h, w = q.shape
+    B, C, d, hw = out.shape
+    h = hw // w
     K = offsets.shape[0]
-    groups = B * d * h
+    rows = message_block_rows(w)
+    blocks = (h + rows - 1) // rows
+    groups = B * d * blocks
     n_ch = _chunks(groups)
     for ch in range(part * n_ch // parts, (part + 1) * n_ch // parts):
         mode_fp = _flush_denormals()
-        acc = np.empty((C, w), q.dtype)
+        acc = np.empty(rows * w, qpad.dtype)
         for g in range(ch * groups // n_ch, (ch + 1) * groups // n_ch):
-            y = g % h
-            z = (g // h) % d
-            b = g // (h * d)
-            acc[:] = 0
-            for o in range(K):
-                zz, yy, dx, x0, x1 = _neighbour_segment(offsets, o, z, y, d, h, w)
-                if x1 <= x0:
-                    continue
-                n = x1 - x0
-                krow = kernels[b, o, z, y, x0:x1]
-                for c in range(C):
-                    qrow = q[b, c, zz, yy, x0 + dx:x1 + dx]
-                    arow = acc[c, x0:x1]
-                    for i in range(n):
-                        arow[i] += krow[i] * qrow[i]
+            blk = g % blocks
+            z = (g // blocks) % d
+            b = g // (blocks * d)
+            y0 = blk * rows
+            y1 = min(h, y0 + rows)
+            n = (y1 - y0) * w
+            first = y0 * w
             for c in range(C):
-                orow = out[b, c, z, y]
-                arow = acc[c]
-                for i in range(w):
-                    orow[i] = arow[i] * weight
+                a = acc[:n]
+                a[:] = 0
+                for o in range(K):
+                    zz = z + offsets[o, 0]
+                    if zz < 0 or zz >= d:
+                        continue
+                    start = rx + (y0 + offsets[o, 1] + ry) * w + offsets[o, 2]
+                    qs = qpad[b, c, zz, start:start + n]
+                    ks = kernels[b, o, z, first:first + n]
+                    for i in range(n):
+                        a[i] += ks[i] * qs[i]
+                orow = out[b, c, z, first:first + n]
+                for i in range(n):
+                    orow[i] = a[i] * weight
                 if upsample:
-                    _upsample_row(orow, xlo, xhi, xf, up[b, c, z, y])
+                    for r in range(y1 - y0):
+                        _upsample_row(orow[r * w:(r + 1) * w], xlo, xhi, xf, up[b, c, z, y0 + r])
         _restore(mode_fp)
 
 
@@ -309,7 +333,6 @@ def pairwise_kernels(scaled, pz, py, px, offsets, ia2, ig2, weights, out, part, 
         app = np.empty(w, dt)
         smo = np.empty(w, dt)
         col = np.empty(w, dt)
-        bits = np.empty(w, np.int32)
         for g in range(ch * groups // n_ch, (ch + 1) * groups // n_ch):
             y = g % h
             z = (g // h) % d
@@ -333,7 +356,7 @@ def pairwise_kernels(scaled, pz, py, px, offsets, ia2, ig2, weights, out, part, 
                     d2 = dzy + (pn[i] - pc[i]) ** 2
                     app[i] = dt.type(-0.5) * (col[i] + dt.type(d2 * ia2))
                     smo[i] = dt.type(math.exp(-0.5 * d2 * ig2))
-                _exp_any(app[:n], bits[:n])
+                _exp_any(app[:n])
                 for s in range(S):
                     wa = dt.type(weights[s, 0])
                     ws = dt.type(weights[s, 1])
@@ -394,31 +417,38 @@ def _yz_row(m, b, z0, z1, fz, y0, y1, fy, row):
 
 
 @numba.njit(inline="always", **_SERIAL)
-def _exp_shift_sum(logits, top, bits, total):
-    """``logits[c] = exp(logits[c] - top)`` and ``total = sum_c logits[c]`` (row buffers (C, W)).
+def _padded(n):
+    """``n`` rounded up to whole 512-bit vectors of float32."""
+    return (n + 15) // 16 * 16
 
-    float32: Cephes' expf polynomial (about 1 ulp), vectorised; the power of two is built in an
-    int32 row (``bits``) and read back as float32. float64: ``math.exp``.
-    """
+
+@numba.njit(inline="always", **_SERIAL)
+def _logits_row_done(top, row, first, n):
+    """After a logits row's first ``n`` values are written: ``top = max(top, row)`` (``top =
+    row`` when ``first``), the running class maximum, taken while the row is in the nearest cache,
+    and the row's padding set to 0 (padded lanes then compute exp(0), not whatever they held)."""
+    if first:
+        top[:n] = row[:n]
+    else:
+        for i in range(n):
+            v = row[i]
+            top[i] = v if v > top[i] else top[i]  # a select vectorises, max() does not
+    row[n:] = 0
+
+
+@numba.njit(**_CONTRACT)
+def _softmax_rows(logits, top, total):
+    """``logits[c] = exp(logits[c] - top)`` and ``total = 1 / sum_c`` of them, per column of the
+    (C, W) row buffers, ``top`` the class maximum (a function of its own, the one compiled with
+    contraction). float32: :func:`_expf`; float64: ``math.exp``."""
     C, W = logits.shape
+    one = logits.dtype.type(1)
     total[:] = 0
     for c in range(C):
         lr = logits[c]
         if logits.itemsize == 4:
-            br = bits[c]
             for i in range(W):
-                v = lr[i] - top[i]
-                v = _LOW if v < _LOW else v
-                v = _HIGH if v > _HIGH else v
-                t = np.floor(v * _LOG2E + _HALF)
-                r = v - t * _C1
-                r = r - t * _C2
-                p = ((((_P0 * r + _P1) * r + _P2) * r + _P3) * r + _P4) * r + _P5
-                lr[i] = p * r * r + r + _ONE
-                br[i] = (np.int32(t) + np.int32(127)) << np.int32(23)
-            scale = br.view(np.float32)
-            for i in range(W):
-                e = lr[i] * scale[i]
+                e = _expf(lr[i] - top[i])
                 lr[i] = e
                 total[i] += e
         else:
@@ -426,21 +456,6 @@ def _exp_shift_sum(logits, top, bits, total):
                 e = math.exp(lr[i] - top[i])
                 lr[i] = e
                 total[i] += e
-
-
-@numba.njit(**_CONTRACT)
-def _softmax_rows(logits, top, bits, total):
-    """``logits[c] = exp(logits[c] - max_c logits)`` and ``total = 1 / sum_c`` of them, per column
-    of the (C, W) row buffers (a function of its own, the one compiled with contraction)."""
-    C, W = logits.shape
-    one = logits.dtype.type(1)
-    top[:] = logits[0]
-    for c in range(1, C):
-        lr = logits[c]
-        for i in range(W):
-            v = lr[i]
-            top[i] = v if v > top[i] else top[i]  # a select vectorises, max() does not
-    _exp_shift_sum(logits, top, bits, total)
     for i in range(W):
         total[i] = one / total[i]  # one division per pixel
 
@@ -469,17 +484,19 @@ def update(U, m0, m1, n0, n1, mode, w0, w1, compat, use_compat, return_logits,
     groups = B * cd * chh
     # Potts without logits: the message is interpolated straight into the logits
     direct = mode == 1 and not use_compat and not return_logits
+    Wp = _padded(W)
     n_ch = _chunks(groups)
     for ch in range(part * n_ch // parts, (part + 1) * n_ch // parts):
         mode_fp = _flush_denormals()
         row0 = np.empty((C, W), dt)
         row1 = np.empty((C, W), dt)
-        logits = np.empty((C, W), dt)
-        bits = np.empty((C, W), np.int32)
-        top = np.empty(W, dt)
-        total = np.empty(W, dt)
-        acc0 = np.empty((C, W), dt)
-        acc1 = np.empty((C, W), dt)
+        # The softmax and pooling buffers are padded to whole vectors: their loops then have no
+        # scalar remainder (an exp in scalar code costs as much as a vector of eight)
+        logits = np.zeros((C, Wp), dt)
+        top = np.zeros(Wp, dt)
+        total = np.empty(Wp, dt)
+        acc0 = np.empty((C, Wp), dt)
+        acc1 = np.empty((C, Wp), dt)
         for g in range(ch * groups // n_ch, (ch + 1) * groups // n_ch):
             yc = g % chh
             zc = (g // chh) % cd
@@ -534,12 +551,14 @@ def update(U, m0, m1, n0, n1, mode, w0, w1, compat, use_compat, return_logits,
                                     a1 = r10[i]
                                     t1 = a1 + fy * (r11[i] - a1)
                                     lr[i] = ur[i] + (t0 + fz * (t1 - t0))
+                            _logits_row_done(top, lr, c == 0, W)
                     elif mode == 0:
                         for c in range(C):
                             lr = logits[c]
                             ur = U[b, c, z, y]
                             for i in range(W):
                                 lr[i] = ur[i]
+                            _logits_row_done(top, lr, c == 0, W)
                     elif use_compat:
                         for c in range(C):
                             total[:] = 0
@@ -552,6 +571,7 @@ def update(U, m0, m1, n0, n1, mode, w0, w1, compat, use_compat, return_logits,
                             ur = U[b, c, z, y]
                             for i in range(W):
                                 lr[i] = ur[i] + (-total[i])
+                            _logits_row_done(top, lr, c == 0, W)
                     elif return_logits:
                         total[:] = 0
                         for c in range(C):
@@ -571,6 +591,7 @@ def update(U, m0, m1, n0, n1, mode, w0, w1, compat, use_compat, return_logits,
                             r0 = row0[c]
                             for i in range(W):
                                 lr[i] = ur[i] + r0[i]
+                            _logits_row_done(top, lr, c == 0, W)
                     if return_logits:
                         for c in range(C):
                             lr = logits[c]
@@ -578,7 +599,7 @@ def update(U, m0, m1, n0, n1, mode, w0, w1, compat, use_compat, return_logits,
                             for i in range(W):
                                 orow[i] = lr[i]
                         continue
-                    _softmax_rows(logits, top, bits, total)
+                    _softmax_rows(logits, top, total)
                     # normalise, store, and pool the result for the next message
                     nr0 = n0[b, 0, z, y] if pool_mode == 2 else total
                     nr1 = n1[b, 0, z, y] if pool_mode == 2 else total
@@ -603,10 +624,10 @@ def update(U, m0, m1, n0, n1, mode, w0, w1, compat, use_compat, return_logits,
                                 for i in range(W):
                                     orow[i] = lr[i] * total[i]
                         elif pool_mode == 1:
-                            for i in range(W):
+                            for i in range(Wp):
                                 ar0[i] += lr[i] * total[i]
                         else:
-                            for i in range(W):
+                            for i in range(Wp):
                                 o = lr[i] * total[i]
                                 ar0[i] += o * nr0[i]
                                 ar1[i] += o * nr1[i]
@@ -840,7 +861,7 @@ def row_dots(a, b, out, part, parts):
 
 # -- kernel parameter gradients --------------------------------------------------------------------
 @numba.njit(inline="always", **_SERIAL)
-def _pair_terms(scaled, feats, b, z, y, zz, yy, x0, dx, n, pz, py, px, ia2, ig2, app, smo, d2s, col, bits):
+def _pair_terms(scaled, feats, b, z, y, zz, yy, x0, dx, n, pz, py, px, ia2, ig2, app, smo, d2s, col):
     """Appearance and smoothness kernels and squared distances of the pairs (i, i + offset) of a row
     segment, as :func:`cucrf._numpy_backend._offset_kernels` computes them."""
     F = scaled.shape[1]
@@ -860,7 +881,7 @@ def _pair_terms(scaled, feats, b, z, y, zz, yy, x0, dx, n, pz, py, px, ia2, ig2,
         d2s[i] = d2
         app[i] = dt.type(-0.5) * (col[i] + dt.type(d2 * ia2))
         smo[i] = dt.type(math.exp(-0.5 * d2 * ig2))
-    _exp_any(app[:n], bits[:n])
+    _exp_any(app[:n])
 
 
 @numba.njit(**_PIECES)
@@ -888,7 +909,6 @@ def kernel_gradients(scaled, feats, ib, ib2, ibf, pz, py, px, offsets, ia2, ig2,
         smo = np.empty(w, dt)
         d2s = np.empty(w, np.float64)
         col = np.empty(w, dt)
-        bits = np.empty(w, np.int32)
         gk = np.empty(w, dt)
         gapp = np.empty(w, dt)
         gsmo = np.empty(w, dt)
@@ -924,8 +944,7 @@ def kernel_gradients(scaled, feats, ib, ib2, ibf, pz, py, px, offsets, ia2, ig2,
                     if x1 <= x0:
                         continue
                     n = x1 - x0
-                    _pair_terms(scaled, feats, b, cz, cy, zz, yy, x0, dx, n, pz, py, px, ia2, ig2, app, smo, d2s, col,
-                                bits)
+                    _pair_terms(scaled, feats, b, cz, cy, zz, yy, x0, dx, n, pz, py, px, ia2, ig2, app, smo, d2s, col)
                     gapp[:n] = 0
                     gsmo[:n] = 0
                     for s in range(S):
