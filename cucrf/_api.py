@@ -276,10 +276,17 @@ def infer(unary, image, params=None, *, filter_size=DEFAULT_FILTER_SIZE, blur=DE
         )
         result = _meanfield.mean_field(prepared.backend, prepared.unary, prepared.features, prepared.params,
                                        prepared.config, return_logits=output == "logits")
-        check_result_finite("the output of cucrf.infer", result, prepared.unary.dtype,
-                            lambda: _magnitudes(prepared))
+        if not _known_finite(prepared.backend, result):
+            check_result_finite("the output of cucrf.infer", result, prepared.unary.dtype,
+                                lambda: _magnitudes(prepared))
         result = result if prepared.batched else result[0]
         return result if reference is None else _to_like(result, reference[0])
+
+
+def _known_finite(backend, value):
+    """Whether ``backend`` found every value of ``value`` finite as it made it (no scan needed)."""
+    known = getattr(backend, "known_finite", None)
+    return known is not None and known(value)
 
 
 def _magnitudes(prepared, grad_output=None):
@@ -674,6 +681,8 @@ def infer_vjp(unary, image, params=None, *, grad_output, filter_size=DEFAULT_FIL
         computed += [(f"the gradient with respect to {k}", v) for k, v in param_grads.items()]
         computed += [(f"the gradient with respect to feature_transform {k}", v) for k, v in (g_transform or {}).items()]
         for what, value in computed:
+            if value is result and _known_finite(backend, result):
+                continue
             check_result_finite(f"{what} (cucrf.infer_vjp)", value, prepared.unary.dtype,
                                 lambda: _magnitudes(prepared, g4),
                                 inputs="grad_output, the unary or the image (with theta_beta)")

@@ -39,6 +39,7 @@ name = "numba"
 stores_kernels = True
 
 _owned = weakref.WeakValueDictionary()  # id -> class maps this backend allocated (safe to overwrite)
+_finite = weakref.WeakValueDictionary()  # id -> outputs whose every value the update found finite
 
 #: Pieces of each kernel call: enough that threads starting late still share the work evenly.
 PIECES = 16
@@ -56,6 +57,12 @@ def _run(kernel, *args):
         kernel(*args, 0, 1)
     else:
         _parallel.for_pieces(PIECES, lambda piece: kernel(*args, piece, PIECES))
+
+
+def known_finite(a) -> bool:
+    """Whether ``a`` is an output of :func:`update` that found every value it stored finite (then
+    the output needs no scan of its own). Answers once per array."""
+    return _finite.pop(id(a), None) is a
 
 
 def _c(a):
@@ -467,8 +474,11 @@ def update(scaled_unary, msg, compat, return_logits=False, out=None, transient=F
         p0 = p1 = d["a5"]
     use_compat = compat is not None
     c = _c(np.asarray(compat, dtype=dt)) if use_compat else d["mat"]
+    checks = np.zeros(PIECES, dt)
     _run(_k.update, U5, m0, m1, n0, n1, mode, float(w0), float(w1), c, use_compat, bool(return_logits), *taps,
-         pool_mode, zs, ys, xs, inv, p0, p1, store, _v5(target))
+         pool_mode, zs, ys, xs, inv, p0, p1, store, _v5(target), checks)
+    if store and not np.isnan(checks).any():
+        _finite[id(target)] = target
     pooled = (p0, p1) if pool_mode == 2 else (p0,)
     if not store:
         return PooledQ(su.shape, dt, pooled=pooled)
@@ -492,8 +502,11 @@ def softmax(x, transient=False):
     d = _dummies(xc.dtype.str)
     out = _new(xc.shape, xc.dtype)
     zs, ys = _row_tables(x5.shape[2], x5.shape[3])
+    checks = np.zeros(PIECES, xc.dtype)
     _run(_k.update, x5, d["a5"], d["a5"], d["a5"], d["a5"], 0, 1.0, 1.0, d["mat"], False, False,
-         *((d["u"], d["u"], d["f"]) * 2), 0, zs, ys, d["i"], d["inv"], d["a5"], d["a5"], True, _v5(out))
+         *((d["u"], d["u"], d["f"]) * 2), 0, zs, ys, d["i"], d["inv"], d["a5"], d["a5"], True, _v5(out), checks)
+    if not np.isnan(checks).any():
+        _finite[id(out)] = out
     return out
 
 
@@ -511,7 +524,8 @@ def _pooled_softmax(setup, logits):
     p1 = np.empty((B, C) + tab.coarse, setup.dtype) if separate else d["a5"]
     n0, n1 = setup.normalisers if separate else (d["a5"], d["a5"])
     _run(_k.update, x5, d["a5"], d["a5"], n0, n1, 0, 1.0, 1.0, d["mat"], False, False,
-         *((d["u"], d["u"], d["f"]) * 2), 2 if separate else 1, *tab.starts, tab.inv, p0, p1, False, d["a5"])
+         *((d["u"], d["u"], d["f"]) * 2), 2 if separate else 1, *tab.starts, tab.inv, p0, p1, False, d["a5"],
+         np.zeros(PIECES, setup.dtype))
     return (p0, p1) if separate else (p0,)
 
 

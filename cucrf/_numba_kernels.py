@@ -463,7 +463,7 @@ def _softmax_rows(logits, top, total):
 @numba.njit(**_PIECES)
 def update(U, m0, m1, n0, n1, mode, w0, w1, compat, use_compat, return_logits,
            zlo, zhi, zf, ylo, yhi, yf,
-           pool_mode, zs, ys, xs, inv, p0, p1, store, out, part, parts):
+           pool_mode, zs, ys, xs, inv, p0, p1, store, out, checks, part, parts):
     """One mean-field update, fused: ``out = softmax(U - Phi(M))`` (or the logits).
 
     ``mode`` 0: no message (a softmax of ``U``); 1: ``M = Up(m0)``; 2: ``M = w0 n0 Up(m0) +
@@ -475,7 +475,9 @@ def update(U, m0, m1, n0, n1, mode, w0, w1, compat, use_compat, return_logits,
     ``xs`` and ``inv`` of :func:`pool`; rows are processed by rows of cells, so each thread owns
     its cells. ``store`` False: ``out`` is not written (a ``Q`` that only feeds the next message
     needs just its pooled forms), only with ``pool_mode`` 1 or 2. Per row: the logits, their
-    maximum, exp and sum, then the normalisation, store and pooling.
+    maximum, exp and sum, then the normalisation, store and pooling. ``checks`` (parts,): each
+    piece writes 0 there when every value it stored is finite, else NaN (the output then needs
+    no scan of its own).
     """
     B, C, D, H, W = U.shape
     dt = U.dtype
@@ -497,6 +499,7 @@ def update(U, m0, m1, n0, n1, mode, w0, w1, compat, use_compat, return_logits,
         total = np.empty(Wp, dt)
         acc0 = np.empty((C, Wp), dt)
         acc1 = np.empty((C, Wp), dt)
+        fin = np.zeros(Wp, dt)  # x - x: 0 for a finite x, NaN for NaN or infinity
         for g in range(ch * groups // n_ch, (ch + 1) * groups // n_ch):
             yc = g % chh
             zc = (g // chh) % cd
@@ -597,7 +600,9 @@ def update(U, m0, m1, n0, n1, mode, w0, w1, compat, use_compat, return_logits,
                             lr = logits[c]
                             orow = out[b, c, z, y]
                             for i in range(W):
-                                orow[i] = lr[i]
+                                v = lr[i]
+                                orow[i] = v
+                                fin[i] += v - v
                         continue
                     _softmax_rows(logits, top, total)
                     # normalise, store, and pool the result for the next message
@@ -614,15 +619,19 @@ def update(U, m0, m1, n0, n1, mode, w0, w1, compat, use_compat, return_logits,
                                     o = lr[i] * total[i]
                                     orow[i] = o
                                     ar0[i] += o
+                                    fin[i] += o - o
                             elif pool_mode == 2:
                                 for i in range(W):
                                     o = lr[i] * total[i]
                                     orow[i] = o
                                     ar0[i] += o * nr0[i]
                                     ar1[i] += o * nr1[i]
+                                    fin[i] += o - o
                             else:
                                 for i in range(W):
-                                    orow[i] = lr[i] * total[i]
+                                    o = lr[i] * total[i]
+                                    orow[i] = o
+                                    fin[i] += o - o
                         elif pool_mode == 1:
                             for i in range(Wp):
                                 ar0[i] += lr[i] * total[i]
@@ -637,6 +646,10 @@ def update(U, m0, m1, n0, n1, mode, w0, w1, compat, use_compat, return_logits,
                     if pool_mode == 2:
                         _reduce_cells(acc1[c], xs, inv[zc, yc], p1[b, c, zc, yc])
         _restore(mode_fp)
+        flag = fin[0]
+        for i in range(Wp):
+            flag += fin[i]
+        checks[part] += flag
 
 
 # -- backward ----------------------------------------------------------------------------------------

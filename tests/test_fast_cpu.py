@@ -147,6 +147,28 @@ def test_one_pixel_and_zero_iterations():
         _check_backward(unary, features, params, config, np.ones_like(unary), False)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("blur,normalization,logits", [(2, None, False), (1, None, False), (3, "symmetric", False),
+                                                       (2, None, True)])
+def test_update_reports_whether_every_output_value_is_finite(dtype, blur, normalization, logits):
+    """The final update vouches for a finite output (cucrf.infer then skips its own scan); one NaN
+    anywhere in the output withdraws it."""
+    rng = np.random.default_rng(11)
+    unary, features, params = random_problem(rng, 2, 3, 9, 11, 3, dtype)
+    config = _meanfield.CRFConfig(3, blur, 2, normalization)
+    out = _meanfield.mean_field(fb, unary, features, params, config, return_logits=logits)
+    assert np.isfinite(out).all()
+    assert fb.known_finite(out)
+    assert not fb.known_finite(out)  # answered once
+    assert not fb.known_finite(out.copy())
+    for where in [(0, 0, 0, 0), (1, 2, 8, 10), (1, 1, 4, 5)]:
+        poisoned = unary.copy()
+        poisoned[where] = np.nan  # past every input check: only the kernel can notice
+        out = _meanfield.mean_field(fb, poisoned, features, params, config, return_logits=logits)
+        assert not np.isfinite(out).all()
+        assert not fb.known_finite(out)
+
+
 # ---------------------------------------------------------------------------------------------
 # volumes: per-axis windows and blurs, spacing
 # ---------------------------------------------------------------------------------------------
