@@ -507,7 +507,7 @@ def _prepare_inputs(unary, image, params, *, filter_size, blur, iterations, unar
 
     # Scanned for NaN only now: a problem refused for its size is never read. One scan of the
     # unary's extremes serves the finiteness, the diagnostics and the magnitude checks.
-    unary_range = extremes(unary, xp) if unary.size else None
+    unary_range = extremes(unary, xp, scan=getattr(backend, "extremes", None)) if unary.size else None
     check_finite("unary", unary, xp, value_range=unary_range)
     check_finite("image", image4, xp)
     # With a feature transform theta_beta is in the transformed units: the image scale says nothing.
@@ -520,13 +520,16 @@ def _prepare_inputs(unary, image, params, *, filter_size, blur, iterations, unar
     # No copy when the dtype already fits: mean-field inference never writes to its inputs, and
     # a copy would cost a whole unary's worth of memory.
     u = u4.astype(compute_dtype, copy=False)
-    image_features = xp.ascontiguousarray(xp.moveaxis(image4, -1, 1).astype(compute_dtype))
+    image_features = xp.empty(image4.shape[:1] + image4.shape[-1:] + image4.shape[1:-1], dtype=compute_dtype)
+    image_features[...] = xp.moveaxis(image4, -1, 1)  # cast and made channels-first in one pass
     if not config.plain or nd != 2:
         check_backend_geometry(backend, nd, config)
     features = apply_feature_transform(xp, image_features, transform)
     if config.iterations > 0:  # without an iteration the features are never used
+        integer = transform is None and image4.dtype.kind in "ui"
         check_feature_magnitude(features, xp, params.theta_beta_vector(F_out), config.blur, training,
-                                transformed=transform is not None)
+                                transformed=transform is not None,
+                                bounds=(np.iinfo(image4.dtype).min, np.iinfo(image4.dtype).max) if integer else None)
     return _Prepared(backend, u, image_features, features, params, config, batched, transform, library)
 
 

@@ -65,6 +65,19 @@ def known_finite(a) -> bool:
     return _finite.pop(id(a), None) is a
 
 
+def extremes(a):
+    """(minimum, maximum) of a C-contiguous float32 or float64 array of finite values, in one
+    threaded pass; None for any other array, or one holding a NaN or an infinity (see
+    :func:`cucrf._validation.extremes`)."""
+    if a.dtype not in (np.float32, np.float64) or not a.flags.c_contiguous or not a.size or not ready(a.dtype):
+        return None
+    out = np.zeros((PIECES, 3))
+    _run(_k.extremes, a.reshape(-1), out)
+    if np.isnan(out[:, 2]).any():
+        return None
+    return float(out[:, 0].min()), float(out[:, 1].max())
+
+
 def _c(a):
     """C-contiguous and writeable (a read-only array would compile another kernel signature)."""
     if a.flags.c_contiguous and a.flags.writeable:
@@ -792,3 +805,5 @@ def warm_up(dtypes=(np.float32,)):
             _meanfield.mean_field(module, unary, features, params, config, return_logits=True, tape=tape)
             _meanfield.mean_field_backward(module, tape, np.ones_like(unary))
             softmax(unary)
+            if extremes(unary) != (float(unary.min()), float(unary.max())):
+                raise RuntimeError("the compiled scan of extremes disagrees with NumPy on a test array")

@@ -181,6 +181,38 @@ def _chunks(groups):
 # is not negative and the loop vectorises (an index such as ``x + dx`` costs a wraparound check
 # per element and keeps the loop scalar). Gather tables are unsigned for the same reason.
 
+# -- input scans ------------------------------------------------------------------------------------
+@numba.njit(**_PIECES)
+def extremes(x, out, part, parts):
+    """``out[part] = (min, max, s)`` of piece ``part`` of the flat array ``x``, in one pass; ``s``
+    is a sum of ``v - v``: 0 when every value is finite, NaN otherwise (min and max are then
+    meaningless). Lanes of 64 independent running values, so that the loop vectorises."""
+    n = x.shape[0]
+    a = part * n // parts
+    e = (part + 1) * n // parts
+    lanes = 64
+    lo = np.full(lanes, np.inf, x.dtype)
+    hi = np.full(lanes, -np.inf, x.dtype)
+    fin = np.zeros(lanes, x.dtype)
+    j = a
+    while j + lanes <= e:
+        seg = x[j:j + lanes]
+        for k in range(lanes):
+            v = seg[k]
+            lo[k] = v if v < lo[k] else lo[k]
+            hi[k] = v if v > hi[k] else hi[k]
+            fin[k] += v - v
+        j += lanes
+    for i in range(j, e):
+        v = x[i]
+        lo[0] = v if v < lo[0] else lo[0]
+        hi[0] = v if v > hi[0] else hi[0]
+        fin[0] += v - v
+    out[part, 0] = lo.min()
+    out[part, 1] = hi.max()
+    out[part, 2] = fin.sum()
+
+
 # -- pooling ----------------------------------------------------------------------------------------
 @numba.njit(inline="always", **_SERIAL)
 def _reduce_cells(acc, xs, inv, out):

@@ -183,13 +183,18 @@ def _extremes(arr, xp, axis=None):
     return to_np(lo), to_np(hi)
 
 
-def extremes(arr, xp):
+def extremes(arr, xp, scan=None):
     """(minimum, maximum) of a non-empty array as Python floats; NaN when it holds a NaN.
 
     One scan serves every check that reads them (finiteness, magnitudes, diagnostics); a large
     NumPy array is scanned by ``CUCRF_NUM_THREADS`` threads (NumPy reductions release the GIL),
-    each taking whole rows of it.
+    each taking whole rows of it. ``scan``: a backend's one-pass scan of a NumPy array, giving
+    (minimum, maximum) of an array of finite values and None otherwise (NumPy then rescans it).
     """
+    if scan is not None and xp is np and arr.size >= _parallel.MIN_ELEMENTS:
+        found = scan(arr)
+        if found is not None:
+            return found
     if xp is not np or arr.size < _parallel.MIN_ELEMENTS or not arr.flags.c_contiguous:
         lo, hi = _extremes(arr, xp)
         return float(lo), float(hi)
@@ -251,7 +256,7 @@ def check_image_magnitude(image, xp, dtype):
         )
 
 
-def check_feature_magnitude(features, xp, theta_beta, blur, training, transformed=False):
+def check_feature_magnitude(features, xp, theta_beta, blur, training, transformed=False, bounds=None):
     """Refuse features whose kernel arithmetic would leave the range of their dtype.
 
     Parameters
@@ -267,6 +272,9 @@ def check_feature_magnitude(features, xp, theta_beta, blur, training, transforme
         The gradient also squares raw (unscaled) feature differences.
     transformed : bool
         The features come from a feature transform (named in the messages).
+    bounds : (float, float), optional
+        Bounds known to hold every feature value (an integer image's dtype range): when they pass
+        every check, the features are not scanned.
 
     Notes
     -----
@@ -275,10 +283,23 @@ def check_feature_magnitude(features, xp, theta_beta, blur, training, transforme
     within :func:`dtype_limit`; the gradient also needs ``max_f r_f^2``. Overflowing to infinity
     there turns into NaN (``inf - inf``, ``0 * inf``), never into a usable result.
     """
+    if bounds is not None:
+        F = features.shape[1]
+        try:
+            _check_feature_ranges(np.full(F, float(bounds[0])), np.full(F, float(bounds[1])), features, theta_beta,
+                                  blur, training, transformed)
+            return
+        except ValueError:
+            pass  # the bounds are too wide to tell: scan the values
+    lo, hi = _extremes(features, xp, axis=(0,) + tuple(range(2, features.ndim)))
+    _check_feature_ranges(lo, hi, features, theta_beta, blur, training, transformed)
+
+
+def _check_feature_ranges(lo, hi, features, theta_beta, blur, training, transformed):
+    """:func:`check_feature_magnitude` given each channel's minimum ``lo`` and maximum ``hi`` (F,)."""
     dt = np.dtype(features.dtype)
     limit = dtype_limit(dt)
     name = "image (after feature_transform)" if transformed else "image"
-    lo, hi = _extremes(features, xp, axis=(0,) + tuple(range(2, features.ndim)))
     nd = features.ndim - 2
     cell = int(np.prod(blur)) if isinstance(blur, tuple) else int(blur) ** nd
     if not (np.isfinite(lo).all() and np.isfinite(hi).all()):

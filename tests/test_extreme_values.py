@@ -74,6 +74,30 @@ def test_squared_colour_differences_beyond_float32_are_refused():
     assert np.isfinite(cucrf.infer(UNARY, IMAGE * np.float32(1e4), params)).all()
 
 
+def test_integer_images_are_scanned_only_when_their_dtype_range_is_too_wide(monkeypatch):
+    """A uint8 image cannot hold values the kernels cannot carry: its range is not scanned. An
+    int64 one can: it is scanned and refused, with the same message as a float image."""
+    from cucrf import _validation
+
+    scanned = []
+    real = _validation._extremes
+    def spy(arr, xp, axis=None):
+        if axis is not None:  # per channel: the features (the unary is scanned whole)
+            scanned.append(arr.shape)
+        return real(arr, xp, axis)
+
+    monkeypatch.setattr(_validation, "_extremes", spy)
+    for dtype in (np.uint8, np.int16, np.uint16):
+        assert np.isfinite(cucrf.infer(UNARY, IMAGE.astype(dtype))).all()
+    assert scanned == []
+    image = (IMAGE.astype(np.int64) * 10**16)
+    with pytest.raises(ValueError, match=rf"^image spans 2.55e\+18 in channel \d .*theta_beta=1e-05.*float32.*{FIX}"):
+        quiet(cucrf.infer, UNARY, image, cucrf.CRFParams(theta_beta=1e-5))
+    assert scanned
+    # within range: scanned, accepted
+    assert np.isfinite(cucrf.infer(UNARY, IMAGE.astype(np.int64))).all()
+
+
 def test_transformed_features_beyond_float32_are_refused():
     with pytest.raises(ValueError, match=r"^image \(after feature_transform\) spans"):
         quiet(cucrf.infer, UNARY, IMAGE, feature_transform=np.eye(3) * 1e30)

@@ -148,6 +148,23 @@ def test_one_pixel_and_zero_iterations():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_one_pass_extremes_match_numpy_and_hand_non_finite_arrays_back(dtype):
+    rng = np.random.default_rng(12)
+    for n in (1, 63, 64, 1000, 300_001):
+        a = rng.normal(scale=1e3, size=n).astype(dtype)
+        assert fb.extremes(a) == (float(a.min()), float(a.max()))
+        for bad in (np.nan, np.inf, -np.inf):
+            for where in {0, n // 2, n - 1}:
+                b = a.copy()
+                b[where] = bad
+                assert fb.extremes(b) is None  # NumPy rescans it
+    a = rng.normal(size=(3, 50, 70)).astype(dtype)
+    assert fb.extremes(a) == (float(a.min()), float(a.max()))
+    assert fb.extremes(a[:, ::2]) is None  # not contiguous
+    assert fb.extremes(a.astype(np.float16)) is None and fb.extremes(np.arange(10)) is None
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("blur,normalization,logits", [(2, None, False), (1, None, False), (3, "symmetric", False),
                                                        (2, None, True)])
 def test_update_reports_whether_every_output_value_is_finite(dtype, blur, normalization, logits):
