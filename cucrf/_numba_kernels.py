@@ -520,18 +520,19 @@ def update(U, m0, m1, n0, n1, mode, w0, w1, compat, use_compat, return_logits,
     direct = mode == 1 and not use_compat and not return_logits
     Wp = _padded(W)
     n_ch = _chunks(groups)
+    # Row buffers, made once per piece. The softmax and pooling buffers are padded to whole
+    # vectors: their loops then have no scalar remainder (an exp in scalar code costs as much as
+    # a vector of eight).
+    row0 = np.empty((C, W), dt)
+    row1 = np.empty((C, W), dt)
+    logits = np.zeros((C, Wp), dt)
+    top = np.zeros(Wp, dt)
+    total = np.empty(Wp, dt)
+    acc0 = np.empty((C, Wp), dt)
+    acc1 = np.empty((C, Wp), dt)
+    fin = np.zeros(Wp, dt)  # x - x: 0 for a finite x, NaN for NaN or infinity
     for ch in range(part * n_ch // parts, (part + 1) * n_ch // parts):
         mode_fp = _flush_denormals()
-        row0 = np.empty((C, W), dt)
-        row1 = np.empty((C, W), dt)
-        # The softmax and pooling buffers are padded to whole vectors: their loops then have no
-        # scalar remainder (an exp in scalar code costs as much as a vector of eight)
-        logits = np.zeros((C, Wp), dt)
-        top = np.zeros(Wp, dt)
-        total = np.empty(Wp, dt)
-        acc0 = np.empty((C, Wp), dt)
-        acc1 = np.empty((C, Wp), dt)
-        fin = np.zeros(Wp, dt)  # x - x: 0 for a finite x, NaN for NaN or infinity
         for g in range(ch * groups // n_ch, (ch + 1) * groups // n_ch):
             yc = g % chh
             zc = (g // chh) % cd
@@ -678,10 +679,10 @@ def update(U, m0, m1, n0, n1, mode, w0, w1, compat, use_compat, return_logits,
                     if pool_mode == 2:
                         _reduce_cells(acc1[c], xs, inv[zc, yc], p1[b, c, zc, yc])
         _restore(mode_fp)
-        flag = fin[0]
-        for i in range(Wp):
-            flag += fin[i]
-        checks[part] += flag
+    flag = fin[0]
+    for i in range(Wp):
+        flag += fin[i]
+    checks[part] = flag
 
 
 # -- backward ----------------------------------------------------------------------------------------
