@@ -41,7 +41,8 @@ stores_kernels = True
 _owned = weakref.WeakValueDictionary()  # id -> class maps this backend allocated (safe to overwrite)
 _finite = weakref.WeakValueDictionary()  # id -> outputs whose every value the update found finite
 
-#: Pieces of each kernel call: enough that threads starting late still share the work evenly.
+#: The most pieces a kernel call is split into: two per thread, so that a thread starting late
+#: still gets a share (each piece costs a few microseconds of dispatch under the GIL).
 PIECES = 16
 
 
@@ -53,10 +54,12 @@ def supports(nd, config) -> bool:
 def _run(kernel, *args):
     """Run a kernel on ``CUCRF_NUM_THREADS`` threads: its pieces, taken by cucrf's threads as they
     come free (:func:`cucrf._parallel.for_pieces`), or the whole call on one thread."""
-    if _parallel.num_threads() == 1:
+    threads = _parallel.num_threads()
+    if threads == 1:
         kernel(*args, 0, 1)
     else:
-        _parallel.for_pieces(PIECES, lambda piece: kernel(*args, piece, PIECES))
+        pieces = min(PIECES, 2 * threads)
+        _parallel.for_pieces(pieces, lambda piece: kernel(*args, piece, pieces))
 
 
 def known_finite(a) -> bool:
@@ -72,6 +75,7 @@ def extremes(a):
     if a.dtype not in (np.float32, np.float64) or not a.flags.c_contiguous or not a.size or not ready(a.dtype):
         return None
     out = np.zeros((PIECES, 3))
+    out[:, 0], out[:, 1] = np.inf, -np.inf  # pieces a call does not use
     _run(_k.extremes, a.reshape(-1), out)
     if np.isnan(out[:, 2]).any():
         return None
@@ -200,18 +204,13 @@ def _dummies(dtype_str):
 
 def _message(setup, s, q5, weight, out, upsample=False, xlo=None, xhi=None, xf=None, up=None):
     """``out = weight * K_s q5`` on the coarse grid (B, C, d, h, w), by
-    :func:`cucrf._numba_kernels.message` (``q5`` copied once into its zero-padded rows); with
-    ``upsample`` each row also upsampled along x into ``up``."""
-    B, C, d, h, w = q5.shape
-    ry = int(np.abs(setup.offsets[:, 1]).max())
-    rx = int(np.abs(setup.offsets[:, 2]).max())
-    qpad = np.zeros((B, C, d, (h + 2 * ry) * w + 2 * rx), setup.dtype)
-    qpad[..., rx + ry * w:rx + (ry + h) * w] = q5.reshape(B, C, d, h * w)
+    :func:`cucrf._numba_kernels.message`; with ``upsample`` each row also upsampled along x into
+    ``up``."""
     kernels = setup.kernels[s]
     if not upsample:
         upsample, xlo, xhi, xf, up = _no_upsampling(setup.dtype)
-    _run(_k.message, kernels.reshape(kernels.shape[:3] + (h * w,)), setup.offsets, qpad, w, ry, rx, float(weight),
-         out.reshape(B, C, d, h * w), upsample, xlo, xhi, xf, up)
+    _run(_k.message, kernels.reshape(kernels.shape[:3] + (-1,)), setup.offsets, _c(q5), float(weight), out, upsample,
+         xlo, xhi, xf, up)
 
 
 def _no_upsampling(dtype):

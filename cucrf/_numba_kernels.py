@@ -284,38 +284,39 @@ def _neighbour_segment(offsets, o, z, y, d, h, w):
     return zz, yy, dx, max(0, -dx), min(w, w - dx)
 
 
-@numba.njit(inline="always", **_SERIAL)
-def message_block_rows(w):
-    """Rows of cells per block of :func:`message`: about 1024 cells, so that a class's sums stay in
-    the nearest cache while every window offset is added."""
-    return max(1, 1024 // w)
-
-
 @numba.njit(**_PIECES)
-def message(kernels, offsets, qpad, w, ry, rx, weight, out, upsample, xlo, xhi, xf, up, part, parts):
+def message(kernels, offsets, q, weight, out, upsample, xlo, xhi, xf, up, part, parts):
     """``out[b, c, i] = weight * sum_o kernels[b, o, i] * q[b, c, i + offset_o]`` (0 outside the grid).
 
-    Rows are flattened: ``kernels`` (B, K, d, h*w), zero where the neighbour lies outside the
-    grid (as :func:`pairwise_kernels` makes them); ``offsets`` (K, 3) int64; ``out`` (B, C, d, h*w);
-    ``qpad`` (B, C, d, (h + 2 ry) * w + 2 rx): each (b, c, z) plane of ``q`` after ``ry`` rows
-    and ``rx`` values of zeros, before as many (``ry``, ``rx`` at least the largest y and x
-    offset). An offset is then one loop over a block of whole rows: a neighbour outside the grid
-    along y reads a zero, and along x one of the next row, times a kernel value of zero. The sum
-    over the offsets is in the same order, and gives the same values, as a loop over each row's
-    valid neighbours. ``upsample``: each row of ``out`` is also upsampled along x into ``up``
-    (B, C, d, h, W), as :func:`upsample_x` does (taps ``xlo``, ``xhi``, ``xf``), while it is in
-    the cache.
+    ``kernels`` (B, K, d, h * w) (rows flattened), zero where the neighbour lies outside the grid
+    (as :func:`pairwise_kernels` makes them); ``offsets`` (K, 3) int64; ``q``, ``out`` (B, C, d, h, w).
+    Work goes by blocks of whole rows: each class's rows within reach of a block are copied into
+    a buffer with zero rows around them, after which a window offset is one loop over the block
+    (a neighbour outside the grid along y or z reads a zero, along x one of the next row, times a
+    kernel value of zero; the sums are in the same order as a loop over each row's valid
+    neighbours, and equal to it). ``upsample``: each row of ``out`` is also upsampled along x
+    into ``up`` (B, C, d, h, W), as :func:`upsample_x` does (taps ``xlo``, ``xhi``, ``xf``), while
+    it is in the cache.
     """
-    B, C, d, hw = out.shape
-    h = hw // w
+    B, C, d, h, w = q.shape
     K = offsets.shape[0]
-    rows = message_block_rows(w)
+    rz = 0
+    ry = 0
+    rx = 0
+    for o in range(K):
+        rz = max(rz, abs(offsets[o, 0]))
+        ry = max(ry, abs(offsets[o, 1]))
+        rx = max(rx, abs(offsets[o, 2]))
+    # about 32 blocks per plane (work for every thread), each at most 1024 cells
+    rows = max(1, min(1024 // w, (h + 31) // 32))
     blocks = (h + rows - 1) // rows
+    span = (rows + 2 * ry) * w + 2 * rx  # one slice's rows within reach, and room for x offsets
     groups = B * d * blocks
     n_ch = _chunks(groups)
+    acc = np.empty(rows * w, q.dtype)
+    near = np.zeros((2 * rz + 1) * span, q.dtype)
     for ch in range(part * n_ch // parts, (part + 1) * n_ch // parts):
         mode_fp = _flush_denormals()
-        acc = np.empty(rows * w, qpad.dtype)
         for g in range(ch * groups // n_ch, (ch + 1) * groups // n_ch):
             blk = g % blocks
             z = (g // blocks) % d
@@ -323,25 +324,37 @@ def message(kernels, offsets, qpad, w, ry, rx, weight, out, upsample, xlo, xhi, 
             y0 = blk * rows
             y1 = min(h, y0 + rows)
             n = (y1 - y0) * w
-            first = y0 * w
             for c in range(C):
+                # rows y0 - ry .. y1 + ry of slices z - rz .. z + rz; zeros outside the grid
+                near[:] = 0
+                for dz in range(-rz, rz + 1):
+                    zz = z + dz
+                    if zz < 0 or zz >= d:
+                        continue
+                    ya = max(0, y0 - ry)
+                    yb = min(h, y1 + ry)
+                    base = (dz + rz) * span + rx + (ya - (y0 - ry)) * w
+                    src = q[b, c, zz]
+                    for yy in range(ya, yb):
+                        dst = near[base + (yy - ya) * w:base + (yy - ya + 1) * w]
+                        srow = src[yy]
+                        for i in range(w):
+                            dst[i] = srow[i]
                 a = acc[:n]
                 a[:] = 0
                 for o in range(K):
-                    zz = z + offsets[o, 0]
-                    if zz < 0 or zz >= d:
-                        continue
-                    start = rx + (y0 + offsets[o, 1] + ry) * w + offsets[o, 2]
-                    qs = qpad[b, c, zz, start:start + n]
-                    ks = kernels[b, o, z, first:first + n]
+                    start = (offsets[o, 0] + rz) * span + rx + (offsets[o, 1] + ry) * w + offsets[o, 2]
+                    qs = near[start:start + n]
+                    ks = kernels[b, o, z, y0 * w:y0 * w + n]
                     for i in range(n):
                         a[i] += ks[i] * qs[i]
-                orow = out[b, c, z, first:first + n]
-                for i in range(n):
-                    orow[i] = a[i] * weight
-                if upsample:
-                    for r in range(y1 - y0):
-                        _upsample_row(orow[r * w:(r + 1) * w], xlo, xhi, xf, up[b, c, z, y0 + r])
+                for r in range(y1 - y0):
+                    orow = out[b, c, z, y0 + r]
+                    ar = a[r * w:(r + 1) * w]
+                    for i in range(w):
+                        orow[i] = ar[i] * weight
+                    if upsample:
+                        _upsample_row(orow, xlo, xhi, xf, up[b, c, z, y0 + r])
         _restore(mode_fp)
 
 
@@ -881,10 +894,10 @@ def class_products(a, m, weight, out, part, parts):
             for b in range(B):
                 ar = a[b, c]
                 mr = m[b, k]
-                part = 0.0
+                row_sum = 0.0
                 for i in range(N):
-                    part += np.float64(ar[i] * mr[i])
-                total += part
+                    row_sum += np.float64(ar[i] * mr[i])
+                total += row_sum
             out[c, k] -= weight * total
         _restore(mode_fp)
 
