@@ -313,6 +313,7 @@ def message(kernels, offsets, q, weight, out, upsample, xlo, xhi, xf, up, part, 
     span = (rows + 2 * ry) * w + 2 * rx  # one slice's rows within reach, and room for x offsets
     groups = B * d * blocks
     n_ch = _chunks(groups)
+    i0, n4 = _fours(xlo, xhi, xf) if upsample else (0, 0)
     acc = np.empty(rows * w, q.dtype)
     near = np.zeros((2 * rz + 1) * span, q.dtype)
     for ch in range(part * n_ch // parts, (part + 1) * n_ch // parts):
@@ -354,7 +355,7 @@ def message(kernels, offsets, q, weight, out, upsample, xlo, xhi, xf, up, part, 
                     for i in range(w):
                         orow[i] = ar[i] * weight
                     if upsample:
-                        _upsample_row(orow, xlo, xhi, xf, up[b, c, z, y0 + r])
+                        _upsample_row_fours(orow, xlo, xhi, xf, up[b, c, z, y0 + r], i0, n4)
         _restore(mode_fp)
 
 
@@ -422,6 +423,7 @@ def upsample_x(m, xlo, xhi, xf, out, part, parts):
     B, C, d, h, w = m.shape
     groups = B * C * d * h
     n_ch = _chunks(groups)
+    i0, n4 = _fours(xlo, xhi, xf)
     for ch in range(part * n_ch // parts, (part + 1) * n_ch // parts):
         mode_fp = _flush_denormals()
         for g in range(ch * groups // n_ch, (ch + 1) * groups // n_ch):
@@ -429,7 +431,7 @@ def upsample_x(m, xlo, xhi, xf, out, part, parts):
             z = (g // h) % d
             c = (g // (h * d)) % C
             b = g // (h * d * C)
-            _upsample_row(m[b, c, z, y], xlo, xhi, xf, out[b, c, z, y])
+            _upsample_row_fours(m[b, c, z, y], xlo, xhi, xf, out[b, c, z, y], i0, n4)
         _restore(mode_fp)
 
 
@@ -437,6 +439,58 @@ def upsample_x(m, xlo, xhi, xf, out, part, parts):
 def _upsample_row(t, xlo, xhi, xf, r):
     """``r[i] = t[lo] + f (t[hi] - t[lo])``: one coarse row ``t`` upsampled along x into ``r``."""
     for i in range(r.shape[0]):
+        a = t[xlo[i]]
+        r[i] = a + xf[i] * (t[xhi[i]] - a)
+
+
+@numba.njit(**_SERIAL)
+def _fours(xlo, xhi, xf):
+    """``(i0, n)``: the longest run of pixels ``i0 .. i0 + 4 n - 1`` whose upsampling taps come in
+    fours (blur 4): ``lo = xlo[i0] + j``, ``hi = lo + 1`` and ``f = xf[i0 + p]`` for pixel
+    ``i0 + 4 j + p``; ``n = 0`` when there is none."""
+    W = xlo.shape[0]
+    best, best_n = 0, 0
+    for s in range(min(4, W)):
+        n = 0
+        while s + 4 * (n + 1) <= W:
+            ok = True
+            for p in range(4):
+                i = s + 4 * n + p
+                if xlo[i] != xlo[s] + n or xhi[i] != xlo[i] + 1 or xf[i] != xf[s + p]:
+                    ok = False
+            if not ok:
+                break
+            n += 1
+        if n > best_n:
+            best, best_n = s, n
+    return best, best_n
+
+
+@numba.njit(inline="always", **_SERIAL)
+def _upsample_row_fours(t, xlo, xhi, xf, r, i0, n4):
+    """:func:`_upsample_row` with the run of :func:`_fours` ``(i0, n4)`` done four pixels per
+    coarse value: no gathers, the same arithmetic."""
+    if n4 == 0:
+        _upsample_row(t, xlo, xhi, xf, r)
+        return
+    i1 = i0 + 4 * n4
+    for i in range(i0):
+        a = t[xlo[i]]
+        r[i] = a + xf[i] * (t[xhi[i]] - a)
+    f0 = xf[i0]
+    f1 = xf[i0 + 1]
+    f2 = xf[i0 + 2]
+    f3 = xf[i0 + 3]
+    run = r[i0:i1]
+    src = t[xlo[i0]:xlo[i0] + n4 + 1]
+    for j in range(n4):
+        a = src[j]
+        d = src[j + 1] - a
+        run[4 * j] = a + f0 * d
+        run[4 * j + 1] = a + f1 * d
+        run[4 * j + 2] = a + f2 * d
+        run[4 * j + 3] = a + f3 * d
+    for i in range(i1, r.shape[0]):
         a = t[xlo[i]]
         r[i] = a + xf[i] * (t[xhi[i]] - a)
 

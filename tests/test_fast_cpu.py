@@ -148,6 +148,31 @@ def test_one_pixel_and_zero_iterations():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_upsampling_by_fours_equals_the_gathers_bit_for_bit(dtype):
+    """The message kernel upsamples blur-4 rows four pixels per coarse value; every row length,
+    blur and tile phase must give exactly what the per-pixel gathers give."""
+    from cucrf import _numba_kernels as k
+
+    rng = np.random.default_rng(13)
+    runs = 0
+    for blur in range(1, 7):
+        for W in range(1, 45):
+            tab = fb._tables((1, 1, W), (1, 1, blur), np.dtype(dtype).str)
+            lo, hi, f = tab.lo[2], tab.hi[2], tab.frac[2]
+            i0, n4 = k._fours(lo, hi, f)
+            runs += n4 > 0
+            t = rng.normal(size=tab.coarse[2]).astype(dtype)
+            want = np.empty(W, dtype)
+            got = np.full(W, np.nan, dtype)
+            k._upsample_row(t, lo, hi, f, want)
+            k._upsample_row_fours(t, lo, hi, f, got, i0, n4)
+            assert np.array_equal(got, want), (blur, W, i0, n4)
+            if blur == 4 and W >= 16:
+                assert n4 >= (W - 8) // 4  # all but the edges
+    assert runs > 0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_one_pass_extremes_match_numpy_and_hand_non_finite_arrays_back(dtype):
     rng = np.random.default_rng(12)
     for n in (1, 63, 64, 1000, 300_001):
