@@ -359,6 +359,21 @@ def message(kernels, offsets, q, weight, out, upsample, xlo, xhi, xf, up, part, 
         _restore(mode_fp)
 
 
+@numba.njit(inline="always", **_SERIAL)
+def _smoothness_row(d2s, ig2, smo, n):
+    """``smo[i] = exp(-d2s[i] ig2 / 2)`` in float64, rounded to ``smo``'s dtype. Along a row the
+    squared distance to a neighbour at one offset changes only at the edges of the grid (cells
+    cut by the border): each distinct value is exponentiated once."""
+    last = -1.0  # no squared distance is negative
+    value = smo.dtype.type(0)
+    for i in range(n):
+        d2 = d2s[i]
+        if d2 != last:
+            last = d2
+            value = smo.dtype.type(math.exp(-0.5 * d2 * ig2))
+        smo[i] = value
+
+
 @numba.njit(**_PIECES)
 def pairwise_kernels(scaled, pz, py, px, offsets, ia2, ig2, weights, out, part, parts):
     """Kernel values between every cell and each window offset (0 where the neighbour is outside).
@@ -379,6 +394,7 @@ def pairwise_kernels(scaled, pz, py, px, offsets, ia2, ig2, weights, out, part, 
         app = np.empty(w, dt)
         smo = np.empty(w, dt)
         col = np.empty(w, dt)
+        d2s = np.empty(w, np.float64)
         for g in range(ch * groups // n_ch, (ch + 1) * groups // n_ch):
             y = g % h
             z = (g // h) % d
@@ -400,9 +416,10 @@ def pairwise_kernels(scaled, pz, py, px, offsets, ia2, ig2, weights, out, part, 
                         col[i] += diff * diff
                 for i in range(n):
                     d2 = dzy + (pn[i] - pc[i]) ** 2
+                    d2s[i] = d2
                     app[i] = dt.type(-0.5) * (col[i] + dt.type(d2 * ia2))
-                    smo[i] = dt.type(math.exp(-0.5 * d2 * ig2))
                 _exp_any(app[:n])
+                _smoothness_row(d2s, ig2, smo, n)
                 for s in range(S):
                     wa = dt.type(weights[s, 0])
                     ws = dt.type(weights[s, 1])
@@ -993,8 +1010,8 @@ def _pair_terms(scaled, feats, b, z, y, zz, yy, x0, dx, n, pz, py, px, ia2, ig2,
         d2 = dzy + (pn[i] - pc[i]) ** 2
         d2s[i] = d2
         app[i] = dt.type(-0.5) * (col[i] + dt.type(d2 * ia2))
-        smo[i] = dt.type(math.exp(-0.5 * d2 * ig2))
     _exp_any(app[:n])
+    _smoothness_row(d2s, ig2, smo, n)
 
 
 @numba.njit(**_PIECES)
