@@ -652,25 +652,30 @@ def update(U, m0, m1, n0, n1, mode, w0, w1, compat, use_compat, return_logits,
                             for i in range(W):
                                 r0[i] = mr[i]
                     # the logits U - Phi
-                    if direct:
+                    if direct and fz == 0:  # between two rows (images; volumes on a cell's centre plane)
                         for c in range(C):
                             lr = logits[c]
                             ur = U[b, c, z, y]
                             r00 = m0[b, c, z0, y0]
                             r01 = m0[b, c, z0, y1]
-                            if fz == 0:
-                                for i in range(W):
-                                    a = r00[i]
-                                    lr[i] = ur[i] + (a + fy * (r01[i] - a))
-                            else:
-                                r10 = m0[b, c, z1, y0]
-                                r11 = m0[b, c, z1, y1]
-                                for i in range(W):
-                                    a = r00[i]
-                                    t0 = a + fy * (r01[i] - a)
-                                    a1 = r10[i]
-                                    t1 = a1 + fy * (r11[i] - a1)
-                                    lr[i] = ur[i] + (t0 + fz * (t1 - t0))
+                            for i in range(W):
+                                a = r00[i]
+                                lr[i] = ur[i] + (a + fy * (r01[i] - a))
+                            _logits_row_done(top, lr, c == 0, W)
+                    elif direct:  # between four rows
+                        for c in range(C):
+                            lr = logits[c]
+                            ur = U[b, c, z, y]
+                            r00 = m0[b, c, z0, y0]
+                            r01 = m0[b, c, z0, y1]
+                            r10 = m0[b, c, z1, y0]
+                            r11 = m0[b, c, z1, y1]
+                            for i in range(W):
+                                a = r00[i]
+                                t0 = a + fy * (r01[i] - a)
+                                a1 = r10[i]
+                                t1 = a1 + fy * (r11[i] - a1)
+                                lr[i] = ur[i] + (t0 + fz * (t1 - t0))
                             _logits_row_done(top, lr, c == 0, W)
                     elif mode == 0:
                         for c in range(C):
