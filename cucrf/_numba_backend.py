@@ -71,8 +71,10 @@ def known_finite(a) -> bool:
 def extremes(a):
     """(minimum, maximum) of a C-contiguous float32 or float64 array of finite values, in one
     threaded pass; None for any other array, or one holding a NaN or an infinity (see
-    :func:`cucrf._validation.extremes`)."""
-    if a.dtype not in (np.float32, np.float64) or not a.flags.c_contiguous or not a.size or not ready(a.dtype):
+    :func:`cucrf._validation.extremes`), and while the kernels of its dtype are not compiled yet
+    (a float64 unary computed in float32 would compile the float64 kernels for its scan alone)."""
+    if (a.dtype not in (np.float32, np.float64) or not a.flags.c_contiguous or not a.size
+            or _ready_dtypes.get(a.dtype.str) is not True):
         return None
     out = np.zeros((PIECES, 3))
     out[:, 0], out[:, 1] = np.inf, -np.inf  # pieces a call does not use

@@ -174,6 +174,7 @@ def test_upsampling_by_fours_equals_the_gathers_bit_for_bit(dtype):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_one_pass_extremes_match_numpy_and_hand_non_finite_arrays_back(dtype):
+    assert fb.ready(dtype)
     rng = np.random.default_rng(12)
     for n in (1, 63, 64, 1000, 300_001):
         a = rng.normal(scale=1e3, size=n).astype(dtype)
@@ -382,6 +383,18 @@ def test_import_cucrf_does_not_import_numba():
                     cwd=str(ROOT))
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["False", "False"]
+
+
+def test_a_float64_unary_computed_in_float32_does_not_compile_the_float64_kernels():
+    code = ("import numpy as np, cucrf\n"
+            "from cucrf import _numba_backend as fb\n"
+            "rng = np.random.default_rng(0)\n"
+            "u = rng.normal(size=(3, 300, 400))\n"  # above the size at which the scan is compiled
+            "q = cucrf.infer(u, rng.uniform(0, 255, (300, 400, 3)).astype(np.uint8), dtype=np.float32)\n"
+            "print(q.dtype, sorted(fb._ready_dtypes))\n")
+    r = _run_python(code, cwd=str(ROOT))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["float32", "['<f4']"]
 
 
 @pytest.fixture
