@@ -314,6 +314,17 @@ class CoarseMessage:
 
 
 @dataclasses.dataclass
+class DeferredMessage:
+    """The message of a pooled ``Q`` (inference without a tape), not made yet: the update that
+    reads it makes it too, in one kernel call (:func:`cucrf._numba_kernels.iterate`), where it
+    can; else :func:`_coarse_message` makes it first. ``pooled``: the pooled ``Q`` (5-D)."""
+
+    setup: FastSetup
+    pooled: tuple
+    source: object = None
+
+
+@dataclasses.dataclass
 class PooledQ:
     """A ``Q`` that only feeds the next message (inference without a tape, before the last
     update): kept as its pooled forms ``Pool(n_s Q)`` (5-D), never written at full resolution.
@@ -383,7 +394,8 @@ def _pool_q(setup, q5):
 
 def full_message(setup: FastSetup, q, config=None):
     """The message of ``q``, on the coarse grid until :func:`update` (a :class:`CoarseMessage`;
-    the full-resolution array at blur 1 with symmetric normalisation)."""
+    the full-resolution array at blur 1 with symmetric normalisation); for a pooled ``q`` on an
+    image with one kernel, a :class:`DeferredMessage` that the update makes itself."""
     if not isinstance(setup, FastSetup):
         return _reference.full_message(setup, q, config)
     setup.pending, pending = None, setup.pending
@@ -394,6 +406,21 @@ def full_message(setup: FastSetup, q, config=None):
     if not isinstance(q, PooledQ):
         q5 = _v5(q)
         pooled = pending[1] if pending is not None and pending[0]() is q else _pool_q(setup, q5)
+    if isinstance(q, PooledQ) and _one_call_per_iteration(setup):
+        return DeferredMessage(setup, tuple(pooled))
+    return _coarse_message(setup, pooled, q)
+
+
+def _one_call_per_iteration(setup):
+    """Whether :func:`cucrf._numba_kernels.iterate` serves this setup: images, one (merged)
+    kernel, pooling along both axes."""
+    tab = setup.tables
+    return (setup.nd == 2 and not setup.separate and len(setup.kernels) == 1
+            and tab.coarse[1] != setup.size[-2] and tab.coarse[2] != setup.size[-1])
+
+
+def _coarse_message(setup, pooled, q):
+    """The :class:`CoarseMessage` of the pooled ``Q`` (5-D, one per kernel) of ``q``."""
     B, C = q.shape[:2]
     tab = setup.tables
     # the update reads the message upsampled along x: made row by row by the message kernel
@@ -448,6 +475,10 @@ def update(scaled_unary, msg, compat, return_logits=False, out=None, transient=F
     U5 = _v5(su)
     dt = su.dtype
     d = _dummies(dt.str)
+    if isinstance(msg, DeferredMessage):
+        if compat is None and not return_logits:
+            return _iterate(U5, su, msg, transient)
+        msg = _coarse_message(msg.setup, msg.pooled, PooledQ(su.shape, dt, pooled=msg.pooled))
     if isinstance(msg, CoarseMessage):
         setup = msg.setup
         tab = setup.tables
@@ -498,6 +529,29 @@ def update(scaled_unary, msg, compat, return_logits=False, out=None, transient=F
         return PooledQ(su.shape, dt, pooled=pooled)
     if pool_mode:
         setup.pending = (weakref.ref(target), pooled)
+    return target
+
+
+def _iterate(U5, su, msg, transient):
+    """The message of ``msg`` and the Potts update it feeds, in one kernel call (see
+    :func:`update`, which this returns what it would)."""
+    setup = msg.setup
+    tab = setup.tables
+    dt = su.dtype
+    B, C = U5.shape[:2]
+    p0 = np.empty((B, C) + tab.coarse, dt)
+    store = not transient
+    target = _new(su.shape, dt) if store else _dummies(dt.str)["a5"]
+    checks = np.zeros(PIECES, dt)
+    kernels = setup.kernels[0]
+    _run(_k.iterate, kernels.reshape(kernels.shape[:3] + (-1,)), setup.offsets, _c(msg.pooled[0]), 1.0, U5,
+         tab.lo[2], tab.hi[2], tab.frac[2], tab.lo[1], tab.hi[1], tab.frac[1], tab.starts[1], tab.starts[2], tab.inv,
+         p0, store, _v5(target), checks)
+    if not store:
+        return PooledQ(su.shape, dt, pooled=(p0,))
+    if not np.isnan(checks).any():
+        _finite[id(target)] = target
+    setup.pending = (weakref.ref(target), (p0,))
     return target
 
 

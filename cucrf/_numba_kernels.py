@@ -774,6 +774,133 @@ def update(U, m0, m1, n0, n1, mode, w0, w1, compat, use_compat, return_logits,
     checks[part] = flag
 
 
+# -- one whole iteration: message and update in one call ----------------------------------------
+#: Rows of cells per block of :func:`iterate`: its message rows are made once per block, plus the
+#: one or two beyond it that the next block makes again (about 6 % more message work at 16).
+ITERATE_BLOCK = 16
+
+
+@numba.njit(**_PIECES)
+def iterate(kernels, offsets, q, weight, U, xlo, xhi, xf, ylo, yhi, yf, ys, xs, inv, p0, store, out, checks,
+            part, parts):
+    """One mean-field iteration on images, fused: the message of the pooled ``q`` (as
+    :func:`message`, upsampled along x), then the update (as :func:`update` with ``mode`` 1,
+    Potts, ``pool_mode`` 1: the message interpolated straight into the logits, the result
+    pooled into ``p0``; ``store``: also written into ``out``, with ``checks`` as there).
+
+    Each piece makes, block by block, the message rows its own rows of pixels read, while they
+    are in the cache, so that no message is written whole and read back; the values are those
+    of :func:`message` (the same sums in the same order). ``kernels`` (B, K, 1, h * w) (rows
+    flattened, zero where the neighbour lies outside the grid); ``q``, ``p0`` (B, C, 1, h, w);
+    ``U``, ``out`` (B, C, 1, H, W); taps along x and y, cells ``ys``, ``xs`` and ``inv`` as in
+    :func:`update`.
+    """
+    B, C, _, H, W = U.shape
+    h = q.shape[3]
+    w = q.shape[4]
+    K = offsets.shape[0]
+    dt = U.dtype
+    ry = 0
+    rx = 0
+    for o in range(K):
+        ry = max(ry, abs(offsets[o, 1]))
+        rx = max(rx, abs(offsets[o, 2]))
+    chh = ys.shape[0] - 1
+    blocks = (chh + ITERATE_BLOCK - 1) // ITERATE_BLOCK
+    most = 1  # the most message rows a block reads
+    for blk in range(blocks):
+        ya = ys[blk * ITERATE_BLOCK]
+        yb = ys[min(chh, (blk + 1) * ITERATE_BLOCK)]
+        most = max(most, np.int64(yhi[yb - 1]) - np.int64(ylo[ya]) + 1)
+    span = (most + 2 * ry) * w + 2 * rx
+    groups = B * blocks
+    n_ch = _chunks(groups)
+    i0, n4 = _fours(xlo, xhi, xf)
+    Wp = _padded(W)
+    near = np.zeros(span, dt)
+    macc = np.empty(most * w, dt)
+    crow = np.empty(w, dt)
+    mup = np.empty((C, most, W), dt)
+    logits = np.zeros((C, Wp), dt)
+    top = np.zeros(Wp, dt)
+    total = np.empty(Wp, dt)
+    acc0 = np.empty((C, Wp), dt)
+    fin = np.zeros(Wp, dt)
+    for ch in range(part * n_ch // parts, (part + 1) * n_ch // parts):
+        mode_fp = _flush_denormals()
+        for g in range(ch * groups // n_ch, (ch + 1) * groups // n_ch):
+            blk = g % blocks
+            b = g // blocks
+            yc_a = blk * ITERATE_BLOCK
+            yc_b = min(chh, yc_a + ITERATE_BLOCK)
+            r0 = np.int64(ylo[ys[yc_a]])
+            r1 = np.int64(yhi[ys[yc_b] - 1])
+            R = r1 - r0 + 1
+            n = R * w
+            # the message rows r0 .. r1 of every class, upsampled along x
+            for c in range(C):
+                near[:] = 0
+                ya = max(0, r0 - ry)
+                yb = min(h, r1 + 1 + ry)
+                base = rx + (ya - (r0 - ry)) * w
+                src = q[b, c, 0]
+                for yy in range(ya, yb):
+                    dst = near[base + (yy - ya) * w:base + (yy - ya + 1) * w]
+                    srow = src[yy]
+                    for i in range(w):
+                        dst[i] = srow[i]
+                a = macc[:n]
+                a[:] = 0
+                for o in range(K):
+                    start = rx + (offsets[o, 1] + ry) * w + offsets[o, 2]
+                    qs = near[start:start + n]
+                    ks = kernels[b, o, 0, r0 * w:r0 * w + n]
+                    for i in range(n):
+                        a[i] += ks[i] * qs[i]
+                for r in range(R):
+                    ar = a[r * w:(r + 1) * w]
+                    for i in range(w):
+                        crow[i] = ar[i] * weight
+                    _upsample_row_fours(crow, xlo, xhi, xf, mup[c, r], i0, n4)
+            # the update of the block's rows of pixels
+            for yc in range(yc_a, yc_b):
+                acc0[:] = 0
+                for y in range(ys[yc], ys[yc + 1]):
+                    fy = yf[y]
+                    y0 = np.int64(ylo[y]) - r0
+                    y1 = np.int64(yhi[y]) - r0
+                    for c in range(C):
+                        lr = logits[c]
+                        ur = U[b, c, 0, y]
+                        r00 = mup[c, y0]
+                        r01 = mup[c, y1]
+                        for i in range(W):
+                            av = r00[i]
+                            lr[i] = ur[i] + (av + fy * (r01[i] - av))
+                        _logits_row_done(top, lr, c == 0, W)
+                    _softmax_rows(logits, top, total)
+                    for c in range(C):
+                        lr = logits[c]
+                        ar0 = acc0[c]
+                        if store:
+                            orow = out[b, c, 0, y]
+                            for i in range(W):
+                                qv = lr[i] * total[i]
+                                orow[i] = qv
+                                ar0[i] += qv
+                                fin[i] += qv - qv
+                        else:
+                            for i in range(Wp):
+                                ar0[i] += lr[i] * total[i]
+                for c in range(C):
+                    _reduce_cells(acc0[c], xs, inv[0, yc], p0[b, c, 0, yc])
+        _restore(mode_fp)
+    flag = fin[0]
+    for i in range(Wp):
+        flag += fin[i]
+    checks[part] = flag
+
+
 # -- backward ----------------------------------------------------------------------------------------
 @numba.njit(inline="always", **_SERIAL)
 def _pool_transpose_row(r, b, cz, cy, xcell, G):

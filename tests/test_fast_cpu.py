@@ -148,6 +148,30 @@ def test_one_pixel_and_zero_iterations():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("size,blur,k", [((150, 37), 2, 5), ((70, 90), 3, 3), ((33, 200), 4, 7), ((9, 5), 4, 5)])
+def test_one_kernel_call_per_iteration_equals_two_bit_for_bit(monkeypatch, dtype, size, blur, k):
+    """Inference without a tape makes each iteration's message inside its update, block by block
+    of rows (many blocks, several pieces, a batch of two); with a tape the message is made whole
+    first. The outputs must agree to the last bit, and with NumPy to rounding."""
+    rng = np.random.default_rng(14)
+    unary, features, params = random_problem(rng, 2, 4, size[0], size[1], 3, dtype)
+    config = _meanfield.CRFConfig(k, blur, 3)
+    assert fb.ready(dtype)  # compiled and checked before the calls are counted
+    calls = []
+    real = fb._iterate
+    monkeypatch.setattr(fb, "_iterate", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setenv("CUCRF_NUM_THREADS", "2")
+    fused = _meanfield.mean_field(fb, unary, features, params, config)
+    assert len(calls) == 3
+    taped = _meanfield.mean_field(fb, unary, features, params, config, tape=_meanfield.Tape())
+    assert len(calls) == 3
+    assert np.array_equal(fused, taped)
+    np.testing.assert_allclose(fused, _meanfield.mean_field(nb, unary, features, params, config), **TOL[dtype])
+    monkeypatch.setenv("CUCRF_NUM_THREADS", "1")
+    assert np.array_equal(_meanfield.mean_field(fb, unary, features, params, config), fused)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_upsampling_by_fours_equals_the_gathers_bit_for_bit(dtype):
     """The message kernel upsamples blur-4 rows four pixels per coarse value; every row length,
     blur and tile phase must give exactly what the per-pixel gathers give."""
