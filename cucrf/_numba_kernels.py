@@ -284,6 +284,39 @@ def _neighbour_segment(offsets, o, z, y, d, h, w):
     return zz, yy, dx, max(0, -dx), min(w, w - dx)
 
 
+@numba.njit(inline="always", **_SERIAL)
+def _message_rows(kernels, offsets, q, b, c, z, y0, y1, rz, ry, rx, span, near, a):
+    """``a = sum_o kernels[b, o, z, rows y0 .. y1 - 1] * q[b, c, their neighbours at offset o]``
+    (flat, ``(y1 - y0) * w`` values) for one class. The rows within reach (``ry`` rows around the
+    block in slices ``z - rz .. z + rz``) are copied into ``near`` (``span`` values per slice)
+    with zeros around them; then each window offset is one loop over the block."""
+    d = q.shape[2]
+    h = q.shape[3]
+    w = q.shape[4]
+    near[:] = 0
+    for dz in range(-rz, rz + 1):
+        zz = z + dz
+        if zz < 0 or zz >= d:
+            continue
+        ya = max(0, y0 - ry)
+        yb = min(h, y1 + ry)
+        base = (dz + rz) * span + rx + (ya - (y0 - ry)) * w
+        src = q[b, c, zz]
+        for yy in range(ya, yb):
+            dst = near[base + (yy - ya) * w:base + (yy - ya + 1) * w]
+            srow = src[yy]
+            for i in range(w):
+                dst[i] = srow[i]
+    n = a.shape[0]
+    a[:] = 0
+    for o in range(offsets.shape[0]):
+        start = (offsets[o, 0] + rz) * span + rx + (offsets[o, 1] + ry) * w + offsets[o, 2]
+        qs = near[start:start + n]
+        ks = kernels[b, o, z, y0 * w:y0 * w + n]
+        for i in range(n):
+            a[i] += ks[i] * qs[i]
+
+
 @numba.njit(**_PIECES)
 def message(kernels, offsets, q, weight, out, upsample, xlo, xhi, xf, up, part, parts):
     """``out[b, c, i] = weight * sum_o kernels[b, o, i] * q[b, c, i + offset_o]`` (0 outside the grid).
@@ -326,29 +359,8 @@ def message(kernels, offsets, q, weight, out, upsample, xlo, xhi, xf, up, part, 
             y1 = min(h, y0 + rows)
             n = (y1 - y0) * w
             for c in range(C):
-                # rows y0 - ry .. y1 + ry of slices z - rz .. z + rz; zeros outside the grid
-                near[:] = 0
-                for dz in range(-rz, rz + 1):
-                    zz = z + dz
-                    if zz < 0 or zz >= d:
-                        continue
-                    ya = max(0, y0 - ry)
-                    yb = min(h, y1 + ry)
-                    base = (dz + rz) * span + rx + (ya - (y0 - ry)) * w
-                    src = q[b, c, zz]
-                    for yy in range(ya, yb):
-                        dst = near[base + (yy - ya) * w:base + (yy - ya + 1) * w]
-                        srow = src[yy]
-                        for i in range(w):
-                            dst[i] = srow[i]
                 a = acc[:n]
-                a[:] = 0
-                for o in range(K):
-                    start = (offsets[o, 0] + rz) * span + rx + (offsets[o, 1] + ry) * w + offsets[o, 2]
-                    qs = near[start:start + n]
-                    ks = kernels[b, o, z, y0 * w:y0 * w + n]
-                    for i in range(n):
-                        a[i] += ks[i] * qs[i]
+                _message_rows(kernels, offsets, q, b, c, z, y0, y1, rz, ry, rx, span, near, a)
                 for r in range(y1 - y0):
                     orow = out[b, c, z, y0 + r]
                     ar = a[r * w:(r + 1) * w]
@@ -796,7 +808,6 @@ def iterate(kernels, offsets, q, weight, U, xlo, xhi, xf, ylo, yhi, yf, ys, xs, 
     :func:`update`.
     """
     B, C, _, H, W = U.shape
-    h = q.shape[3]
     w = q.shape[4]
     K = offsets.shape[0]
     dt = U.dtype
@@ -839,24 +850,8 @@ def iterate(kernels, offsets, q, weight, U, xlo, xhi, xf, ylo, yhi, yf, ys, xs, 
             n = R * w
             # the message rows r0 .. r1 of every class, upsampled along x
             for c in range(C):
-                near[:] = 0
-                ya = max(0, r0 - ry)
-                yb = min(h, r1 + 1 + ry)
-                base = rx + (ya - (r0 - ry)) * w
-                src = q[b, c, 0]
-                for yy in range(ya, yb):
-                    dst = near[base + (yy - ya) * w:base + (yy - ya + 1) * w]
-                    srow = src[yy]
-                    for i in range(w):
-                        dst[i] = srow[i]
                 a = macc[:n]
-                a[:] = 0
-                for o in range(K):
-                    start = rx + (offsets[o, 1] + ry) * w + offsets[o, 2]
-                    qs = near[start:start + n]
-                    ks = kernels[b, o, 0, r0 * w:r0 * w + n]
-                    for i in range(n):
-                        a[i] += ks[i] * qs[i]
+                _message_rows(kernels, offsets, q, b, c, 0, r0, r1 + 1, 0, ry, rx, span, near, a)
                 for r in range(R):
                     ar = a[r * w:(r + 1) * w]
                     for i in range(w):
