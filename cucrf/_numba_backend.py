@@ -321,7 +321,6 @@ class DeferredMessage:
 
     setup: FastSetup
     pooled: tuple
-    source: object = None
 
 
 @dataclasses.dataclass
@@ -544,7 +543,7 @@ def _iterate(U5, su, msg, transient):
     target = _new(su.shape, dt) if store else _dummies(dt.str)["a5"]
     checks = np.zeros(PIECES, dt)
     kernels = setup.kernels[0]
-    _run(_k.iterate, kernels.reshape(kernels.shape[:3] + (-1,)), setup.offsets, _c(msg.pooled[0]), 1.0, U5,
+    _run(_k.iterate, kernels.reshape(kernels.shape[:3] + (-1,)), setup.offsets, _c(msg.pooled[0]), U5,
          tab.lo[2], tab.hi[2], tab.frac[2], tab.lo[1], tab.hi[1], tab.frac[1], tab.starts[1], tab.starts[2], tab.inv,
          p0, store, _v5(target), checks)
     if not store:

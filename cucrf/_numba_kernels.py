@@ -793,7 +793,7 @@ ITERATE_BLOCK = 16
 
 
 @numba.njit(**_PIECES)
-def iterate(kernels, offsets, q, weight, U, xlo, xhi, xf, ylo, yhi, yf, ys, xs, inv, p0, store, out, checks,
+def iterate(kernels, offsets, q, U, xlo, xhi, xf, ylo, yhi, yf, ys, xs, inv, p0, store, out, checks,
             part, parts):
     """One mean-field iteration on images, fused: the message of the pooled ``q`` (as
     :func:`message`, upsampled along x), then the update (as :func:`update` with ``mode`` 1,
@@ -830,7 +830,6 @@ def iterate(kernels, offsets, q, weight, U, xlo, xhi, xf, ylo, yhi, yf, ys, xs, 
     Wp = _padded(W)
     near = np.zeros(span, dt)
     macc = np.empty(most * w, dt)
-    crow = np.empty(w, dt)
     mup = np.empty((C, most, W), dt)
     logits = np.zeros((C, Wp), dt)
     top = np.zeros(Wp, dt)
@@ -852,11 +851,8 @@ def iterate(kernels, offsets, q, weight, U, xlo, xhi, xf, ylo, yhi, yf, ys, xs, 
             for c in range(C):
                 a = macc[:n]
                 _message_rows(kernels, offsets, q, b, c, 0, r0, r1 + 1, 0, ry, rx, span, near, a)
-                for r in range(R):
-                    ar = a[r * w:(r + 1) * w]
-                    for i in range(w):
-                        crow[i] = ar[i] * weight
-                    _upsample_row_fours(crow, xlo, xhi, xf, mup[c, r], i0, n4)
+                for r in range(R):  # (the merged kernel's message has weight 1)
+                    _upsample_row_fours(a[r * w:(r + 1) * w], xlo, xhi, xf, mup[c, r], i0, n4)
             # the update of the block's rows of pixels
             for yc in range(yc_a, yc_b):
                 acc0[:] = 0
