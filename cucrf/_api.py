@@ -672,7 +672,7 @@ def infer_vjp(unary, image, params=None, *, grad_output, filter_size=DEFAULT_FIL
         tape = _meanfield.Tape()
         result = _meanfield.mean_field(backend, prepared.unary, prepared.features, prepared.params, prepared.config,
                                        return_logits=output == "logits", tape=tape)
-        g_unary, g_features, grads = _meanfield.mean_field_backward(backend, tape, g4.astype(prepared.unary.dtype))
+        g_unary, g_features, grads = _meanfield.mean_field_backward(backend, tape, g4.astype(prepared.unary.dtype, copy=False))
         g_transform = None
         if prepared.transform is not None:
             g_features, g_transform = _feature_transform_backward(xp, prepared.image_features, g_features,

@@ -5,13 +5,19 @@ A *backend* offers, for one array library ``backend.xp``, the primitives
 * ``prepare(features, params, config) -> setup``: everything message passing needs that does not
   depend on ``Q`` (pooled features, kernels or normalisers), computed once per batch;
 * ``full_message(setup, q, config) -> M``: the full-resolution message of :func:`message`;
-* ``update(scaled_unary, msg, compat, return_logits, out)``: compatibility, unary and softmax
-  (``out=None`` must allocate a new array: training keeps every message);
-* ``softmax(x)``.
+* ``update(scaled_unary, msg, compat, return_logits, out, transient)``: compatibility, unary and
+  softmax (``out=None`` must allocate a new array: training keeps every message);
+* ``softmax(x, transient)``.
+
+``transient`` marks a ``Q`` that only feeds the next message and, with a tape, the backward pass:
+a backend may return an object of its own for it, which it then gets back in ``full_message``,
+``softmax_backward`` and ``full_message_backward``.
 
 and, for learning (reverse mode, see :func:`mean_field_backward`),
 
-* ``softmax_backward(q, grad) -> grad_logits``: vjp of the softmax over axis 1, given its output;
+* ``softmax_backward(q, grad, into) -> grad_logits``: vjp of the softmax over axis 1, given its
+  output; also added to ``into`` when that is an array (the unary's gradient, summed over the
+  iterations);
 * ``compatibility_backward(grad_logits, msg, compat) -> (grad_msg, grad_compat)``: vjp of
   ``logits = a U - mu M``; ``grad_compat`` is a (C, C) float64 array (NumPy, or of the backend's
   array library: it is converted once, after the last iteration), the gradient with respect to
@@ -32,9 +38,12 @@ the reference versions, built from the NumPy backend's smaller primitives (``poo
 :func:`mean_field` strings a backend's primitives together, for inference and, with a
 :class:`Tape`, for training; :func:`mean_field_backward` replays the taped iterations in reverse.
 
-Training memory is O(T B C H W): the tape keeps each iteration's input ``Q`` and message ``M``
-and the backward pass the pooled message inputs and the pooled message gradients (on the coarse
-grid); the (S, B, K, h, w) kernel stack of the forward pass is the only window-sized array.
+Training memory is O(T B C H W) on the NumPy and CUDA backends: the tape keeps each iteration's
+input ``Q`` and message ``M`` and the backward pass the pooled message inputs and the pooled
+message gradients (on the coarse grid); the (S, B, K, h, w) kernel stack of the forward pass is
+the only window-sized array. The fused CPU backend keeps, with one merged kernel, only coarse
+arrays per iteration (each ``Q`` pooled, each message on the coarse grid) and makes each ``Q``
+again inside the softmax's vjp.
 """
 
 from __future__ import annotations
@@ -286,9 +295,10 @@ def mean_field(backend, unary, features, params, config: CRFConfig, return_logit
             tape.output = q
         return q
     setup = backend.prepare(features, params, config)
-    # Without a tape every Q but the last only feeds the next message: ``transient`` lets a
-    # backend keep just what the message needs (the fused CPU path: Q pooled, never written).
-    q = backend.softmax(scaled_unary, transient=tape is None)
+    # Every Q but the last only feeds the next message (and, taped, the backward pass, which
+    # hands it back to this backend): ``transient`` lets a backend keep just what those need
+    # (the fused CPU path: Q pooled, never written; its backward pass makes it again).
+    q = backend.softmax(scaled_unary, transient=True)
     if tape is not None:
         tape.setup = setup
     for t in range(config.iterations):
@@ -299,7 +309,7 @@ def mean_field(backend, unary, features, params, config: CRFConfig, return_logit
         if tape is not None:
             tape.msgs.append(msg)
         q = backend.update(scaled_unary, msg, compat, return_logits=last and return_logits,
-                           out=None if tape is not None else msg, transient=tape is None and not last)
+                           out=None if tape is not None else msg, transient=not last)
     if tape is not None:
         tape.output = q
     return q
@@ -344,19 +354,20 @@ def mean_field_backward(backend, tape: Tape, grad_output):
         grad_scaled = None
         T = config.iterations
         for t in reversed(range(T)):
-            if t == T - 1:
-                out = tape.output
-                grad_logits = g if tape.return_logits else backend.softmax_backward(out, g)
+            # grad_scaled sums every iteration's grad_logits, added in place by the softmax's vjp.
+            # The first is that sum itself: each grad_logits is used up within its iteration.
+            if t == T - 1 and tape.return_logits:
+                grad_logits, grad_scaled = g, g.copy()  # (g may be the caller's grad_output)
             else:
-                grad_logits = backend.softmax_backward(tape.qs[t + 1], g)
-            if grad_scaled is None:
-                grad_scaled = grad_logits.copy()
-            else:  # in place: the same sums without a new full-size array per iteration
-                grad_scaled += grad_logits
+                q = tape.output if t == T - 1 else tape.qs[t + 1]
+                if grad_scaled is None:
+                    grad_logits = grad_scaled = backend.softmax_backward(q, g)
+                else:
+                    grad_logits = backend.softmax_backward(q, g, into=grad_scaled)
             grad_msg, gc = backend.compatibility_backward(grad_logits, tape.msgs[t], tape.compat)
             grad_compat = gc if grad_compat is None else grad_compat + gc
             g = backend.full_message_backward(setup, tape.qs[t], grad_msg, config, collected)
-        grad_scaled += backend.softmax_backward(tape.qs[0], g)
+        backend.softmax_backward(tape.qs[0], g, into=grad_scaled)
         grad_features, kernel_grads = backend.prepare_backward(setup, features, params, config, collected)
     if grad_compat is None:
         grad_compat = np.zeros((C, C))

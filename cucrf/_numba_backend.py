@@ -151,6 +151,7 @@ class _Tables:
     t_weight: tuple
     coarse: tuple
     trivial: bool  # blur 1 on every axis
+    lo_starts: tuple  # 3 int64 arrays (cells + 1): the first pixel whose lower tap is each cell, then the end
 
 
 def _transpose_taps(g, dtype):
@@ -173,8 +174,13 @@ def _tables(size, blurs, dtype_str) -> _Tables:
     size = (1,) * (3 - len(size)) + tuple(size)
     blurs = (1,) * (3 - len(blurs)) + tuple(blurs)
     geoms = [axis_geometry(n, b) for n, b in zip(size, blurs)]
-    starts, cells, lo, hi, frac, ts, tc, tw = [], [], [], [], [], [], [], []
+    starts, cells, lo, hi, frac, ts, tc, tw, ls = [], [], [], [], [], [], [], [], []
     for g in geoms:
+        # every pixel's upper tap is the cell after its lower one (the last cell's own on the
+        # edge): the transposed upsampling of the vjp kernels relies on it
+        if not np.array_equal(g.hi, np.minimum(g.lo + 1, g.coarse - 1)):
+            raise RuntimeError("upsampling taps of an unexpected form")
+        ls.append(np.searchsorted(g.lo, np.arange(g.coarse + 1), "left").astype(np.int64))
         c = np.arange(g.coarse + 1) * g.blur - g.pad
         starts.append(np.clip(c, 0, g.size).astype(np.int64))
         # unsigned: gather indices the kernels need not check for wraparound
@@ -188,7 +194,7 @@ def _tables(size, blurs, dtype_str) -> _Tables:
         tw.append(w)
     inv = np.array(_reference._inverse_counts(geoms, dt), dtype=dt, order="C")
     return _Tables(tuple(starts), tuple(cells), inv, tuple(lo), tuple(hi), tuple(frac), tuple(ts), tuple(tc),
-                   tuple(tw), tuple(g.coarse for g in geoms), all(b == 1 for b in blurs))
+                   tuple(tw), tuple(g.coarse for g in geoms), all(b == 1 for b in blurs), tuple(ls))
 
 
 @functools.lru_cache(maxsize=16)
@@ -301,12 +307,15 @@ class FastSetup:
 class CoarseMessage:
     """The message of one iteration on the coarse grid: ``m`` (one (B, C, d, h, w) per kernel).
 
-    ``pooled``: the coarse message inputs ``Pool(n_s Q)`` (caller's shapes), kept for the
-    backward pass; ``source``: the ``Q`` they came from.
+    ``m`` None: not made yet (inference on an image with one merged kernel): the update that
+    reads it makes it too, in one kernel call (:func:`cucrf._numba_kernels.iterate`), and keeps
+    it here when a tape keeps the message; else :func:`_make_message` makes it first.
+    ``pooled``: the coarse message inputs ``Pool(n_s Q)`` (5-D), kept for the backward pass;
+    ``source``: the ``Q`` they came from.
     """
 
     setup: FastSetup
-    m: tuple
+    m: Optional[tuple]
     pooled: tuple
     source: object
     #: ``m`` upsampled along x (B, C, d, h, W) by the message kernel, until the update uses it
@@ -314,28 +323,22 @@ class CoarseMessage:
 
 
 @dataclasses.dataclass
-class DeferredMessage:
-    """The message of a pooled ``Q`` (inference without a tape), not made yet: the update that
-    reads it makes it too, in one kernel call (:func:`cucrf._numba_kernels.iterate`), where it
-    can; else :func:`_coarse_message` makes it first. ``pooled``: the pooled ``Q`` (5-D)."""
-
-    setup: FastSetup
-    pooled: tuple
-
-
-@dataclasses.dataclass
 class PooledQ:
-    """A ``Q`` that only feeds the next message (inference without a tape, before the last
-    update): kept as its pooled forms ``Pool(n_s Q)`` (5-D), never written at full resolution.
-
-    ``logits`` instead: ``Q`` is ``softmax(logits)`` (the first softmax), pooled by
-    :func:`full_message` once the pooling geometry is known.
+    """A ``Q`` that only feeds the next message (and, taped, the backward pass), never written
+    at full resolution: kept as its pooled forms ``Pool(n_s Q)`` (5-D) and, where the backward
+    pass needs ``Q``, as what makes it again: ``Q = softmax(logits - Phi(message))`` with
+    ``compat`` (``message`` None: ``softmax(logits)``, the first softmax, pooled by
+    :func:`full_message` once the pooling geometry is known). ``full``: ``Q`` itself, where
+    something had to make it (blur 1, or the backward pass of symmetric normalisation).
     """
 
     shape: tuple
     dtype: np.dtype
     pooled: Optional[tuple] = None
     logits: object = None
+    message: Optional[CoarseMessage] = None
+    compat: object = None
+    full: object = None
 
 
 @dataclasses.dataclass
@@ -347,6 +350,15 @@ class MessageGradient:
     compat: object
     coarse: tuple
     msg: CoarseMessage
+
+
+@dataclasses.dataclass
+class LogitsGradient:
+    """The gradient with respect to the logits of a merged update, kept only as its transposed
+    upsampling ``Up^T(grad_logits)`` (5-D, coarse): all that :func:`compatibility_backward` reads."""
+
+    setup: FastSetup
+    coarse: object
 
 
 @dataclasses.dataclass
@@ -394,19 +406,21 @@ def _pool_q(setup, q5):
 def full_message(setup: FastSetup, q, config=None):
     """The message of ``q``, on the coarse grid until :func:`update` (a :class:`CoarseMessage`;
     the full-resolution array at blur 1 with symmetric normalisation); for a pooled ``q`` on an
-    image with one kernel, a :class:`DeferredMessage` that the update makes itself."""
+    image with one kernel, not made yet: the update makes it itself."""
     if not isinstance(setup, FastSetup):
         return _reference.full_message(setup, q, config)
     setup.pending, pending = None, setup.pending
     if isinstance(q, PooledQ):
-        pooled = q.pooled if q.pooled is not None else _pooled_softmax(setup, q.logits)
-        if pooled is None:  # blur 1 without normalisation: the message needs Q itself
-            q = softmax(q.logits)
-    if not isinstance(q, PooledQ):
-        q5 = _v5(q)
-        pooled = pending[1] if pending is not None and pending[0]() is q else _pool_q(setup, q5)
-    if isinstance(q, PooledQ) and _one_call_per_iteration(setup):
-        return DeferredMessage(setup, tuple(pooled))
+        if q.pooled is None and q.full is None:
+            q.pooled = _pooled_softmax(setup, q.logits)
+            if q.pooled is None:  # blur 1 without normalisation: the message needs Q itself
+                q.full = softmax(q.logits)
+        if q.pooled is not None:
+            if _one_call_per_iteration(setup):
+                return CoarseMessage(setup, None, q.pooled, q)
+            return _coarse_message(setup, q.pooled, q)
+    q5 = _v5(_materialise(q))
+    pooled = pending[1] if pending is not None and pending[0]() is q else _pool_q(setup, q5)
     return _coarse_message(setup, pooled, q)
 
 
@@ -420,28 +434,36 @@ def _one_call_per_iteration(setup):
 
 def _coarse_message(setup, pooled, q):
     """The :class:`CoarseMessage` of the pooled ``Q`` (5-D, one per kernel) of ``q``."""
-    B, C = q.shape[:2]
+    msg = CoarseMessage(setup, None, tuple(pooled), q)
+    _make_message(msg)
+    if setup.tables.trivial and setup.separate:
+        # Blur 1 with normalisation: the two messages are full-size, so the sum M is formed (as
+        # the reference does) and kept instead of both, and no pooled input is kept either.
+        (w0, w1), (n0, n1) = setup.weights, setup.normalisers
+        full = msg.m[0] * (n0 * setup.dtype.type(w0))
+        full += msg.m[1] * (n1 * setup.dtype.type(w1))
+        return setup.natural(full)
+    return msg
+
+
+def _make_message(msg):
+    """Make ``msg.m`` (and, where the update reads it so, ``msg.upsampled``) from ``msg.pooled``."""
+    setup = msg.setup
+    B, C = msg.pooled[0].shape[:2]
     tab = setup.tables
     # the update reads the message upsampled along x: made row by row by the message kernel
-    # (unless blur 1 along x, or the two messages are summed at full resolution below)
+    # (unless blur 1 along x, or the two messages are summed at full resolution)
     upsample = tab.coarse[2] != setup.size[-1] and not (tab.trivial and setup.separate)
     d = _dummies(setup.dtype.str)
     ms, ups = [], []
     for s, weight in enumerate(setup.weights):
         m = np.empty((B, C) + tab.coarse, setup.dtype)
         up = np.empty((B, C) + tab.coarse[:2] + (setup.size[-1],), setup.dtype) if upsample else d["a5"]
-        _message(setup, s, pooled[s], 1.0, m, upsample, tab.lo[2], tab.hi[2], tab.frac[2], up)
+        _message(setup, s, msg.pooled[s], 1.0, m, upsample, tab.lo[2], tab.hi[2], tab.frac[2], up)
         ms.append(m)
         ups.append(up)
-    if setup.tables.trivial and setup.separate:
-        # Blur 1 with normalisation: the two messages are full-size, so the sum M is formed (as
-        # the reference does) and kept instead of both, and no pooled input is kept either.
-        (w0, w1), (n0, n1) = setup.weights, setup.normalisers
-        full = ms[0] * (n0 * setup.dtype.type(w0))
-        full += ms[1] * (n1 * setup.dtype.type(w1))
-        return setup.natural(full)
-    return CoarseMessage(setup, tuple(ms), tuple(setup.natural(p) for p in pooled), q,
-                         tuple(ups) if upsample else None)
+    msg.m = tuple(ms)
+    msg.upsampled = tuple(ups) if upsample else None
 
 
 def _taps(tab):
@@ -464,9 +486,10 @@ def update(scaled_unary, msg, compat, return_logits=False, out=None, transient=F
 
     ``msg`` is a :class:`CoarseMessage` (or a full-resolution array). With ``out`` the message
     itself (inference without a tape) the result overwrites the message's ``Q`` when this backend
-    made it; else a new array is returned. ``transient``: the result only feeds the next
-    message, so where the update pools it a :class:`PooledQ` is returned and ``Q`` is never
-    written (two full-size passes of memory traffic less per iteration).
+    made it; ``out`` None (a tape keeps every message): a new array. ``transient``: the result
+    only feeds the next message (and, taped, the backward pass), so where the update pools it a
+    :class:`PooledQ` is returned and ``Q`` is never written (two full-size passes of memory
+    traffic less per iteration; the backward pass makes it again, see :func:`softmax_backward`).
     """
     if not ready(scaled_unary.dtype):
         return _reference.update(scaled_unary, msg, compat, return_logits, None if isinstance(out, CoarseMessage) else out)
@@ -474,10 +497,11 @@ def update(scaled_unary, msg, compat, return_logits=False, out=None, transient=F
     U5 = _v5(su)
     dt = su.dtype
     d = _dummies(dt.str)
-    if isinstance(msg, DeferredMessage):
+    taped = out is None
+    if isinstance(msg, CoarseMessage) and msg.m is None:
         if compat is None and not return_logits:
-            return _iterate(U5, su, msg, transient)
-        msg = _coarse_message(msg.setup, msg.pooled, PooledQ(su.shape, dt, pooled=msg.pooled))
+            return _iterate(U5, su, msg, transient, taped)
+        _make_message(msg)
     if isinstance(msg, CoarseMessage):
         setup = msg.setup
         tab = setup.tables
@@ -500,7 +524,8 @@ def update(scaled_unary, msg, compat, return_logits=False, out=None, transient=F
         zs, ys = _row_tables(U5.shape[2], U5.shape[3])
         xs, inv = d["i"], d["inv"]
     B, C = U5.shape[:2]
-    store = not (transient and pool_mode)
+    # A taped Q of two kernels is written: the backward pass of normalisation reads it often.
+    store = not (transient and pool_mode) or (taped and pool_mode == 2)
     target = None
     if not store:
         target = d["a5"]
@@ -525,33 +550,53 @@ def update(scaled_unary, msg, compat, return_logits=False, out=None, transient=F
         _finite[id(target)] = target
     pooled = (p0, p1) if pool_mode == 2 else (p0,)
     if not store:
+        if taped:
+            return PooledQ(su.shape, dt, pooled=pooled, logits=su, message=msg, compat=compat)
         return PooledQ(su.shape, dt, pooled=pooled)
     if pool_mode:
         setup.pending = (weakref.ref(target), pooled)
     return target
 
 
-def _iterate(U5, su, msg, transient):
+def _iterate(U5, su, msg, transient, taped):
     """The message of ``msg`` and the Potts update it feeds, in one kernel call (see
-    :func:`update`, which this returns what it would)."""
+    :func:`update`, which this returns what it would); ``taped``: the message is kept in ``msg.m``."""
     setup = msg.setup
     tab = setup.tables
     dt = su.dtype
+    d = _dummies(dt.str)
     B, C = U5.shape[:2]
     p0 = np.empty((B, C) + tab.coarse, dt)
+    m = np.empty((B, C) + tab.coarse, dt) if taped else d["a5"]
     store = not transient
-    target = _new(su.shape, dt) if store else _dummies(dt.str)["a5"]
+    target = _new(su.shape, dt) if store else d["a5"]
     checks = np.zeros(PIECES, dt)
     kernels = setup.kernels[0]
     _run(_k.iterate, kernels.reshape(kernels.shape[:3] + (-1,)), setup.offsets, _c(msg.pooled[0]), U5,
          tab.lo[2], tab.hi[2], tab.frac[2], tab.lo[1], tab.hi[1], tab.frac[1], tab.starts[1], tab.starts[2], tab.inv,
-         p0, store, _v5(target), checks)
+         p0, store, _v5(target), checks, taped, m)
+    if taped:
+        msg.m = (m,)
     if not store:
+        if taped:
+            return PooledQ(su.shape, dt, pooled=(p0,), logits=su, message=msg)
         return PooledQ(su.shape, dt, pooled=(p0,))
     if not np.isnan(checks).any():
         _finite[id(target)] = target
     setup.pending = (weakref.ref(target), (p0,))
     return target
+
+
+def _materialise(q):
+    """``Q`` as an array: ``q`` itself, or a :class:`PooledQ` made again (and kept in ``q.full``)."""
+    if not isinstance(q, PooledQ):
+        return q
+    if q.full is None:
+        if q.message is None:
+            q.full = softmax(q.logits)
+        else:
+            q.full = update(q.logits, q.message, q.compat)
+    return q.full
 
 
 def softmax(x, transient=False):
@@ -635,10 +680,19 @@ def _class_products(pairs, weights):
     return out
 
 
-def softmax_backward(q, grad):
-    """vjp of the softmax given its output ``q``; ``grad`` an array or a lazy :class:`PixelGradient`."""
+def softmax_backward(q, grad, into=None):
+    """vjp of the softmax given its output ``q``; ``grad`` an array or a lazy :class:`PixelGradient`;
+    ``into``: an array the result is also added to, in the same pass."""
+    if isinstance(q, PooledQ):
+        made_again = _softmax_backward_made_again(q, grad, into)
+        if made_again is not None:
+            return made_again
+        if isinstance(grad, PixelGradient) and grad.pending and grad.q is q:
+            grad.q = q = _materialise(q)  # (the normaliser gradient's term reads this Q too)
+        else:
+            q = _materialise(q)
     if not ready(q.dtype):
-        return _reference.softmax_backward(q, grad)
+        return _reference.softmax_backward(q, grad, into)
     qc = _c(q)
     q5 = _v5(qc)
     dt = qc.dtype
@@ -660,12 +714,66 @@ def softmax_backward(q, grad):
         else:
             mode, r0, r1, n0, n1, gn0, gn1, accumulate = 1, grad.r[0], d["a5"], d["a5"], d["a5"], d["a5"], d["a5"], False
         _run(_k.softmax_backward, q5, d["a5"], r0, r1, n0, n1, gn0, gn1, mode, bool(accumulate), True,
-             *tab.cells, _v5(out))
+             *tab.cells, _v5(out), *_into(into, d))
     else:
         g5 = _v5(np.asarray(grad).astype(dt, copy=False))
         _run(_k.softmax_backward, q5, g5, d["a5"], d["a5"], d["a5"], d["a5"], d["a5"], d["a5"], 0, False, True,
-             d["u"], d["u"], d["u"], _v5(out))
+             d["u"], d["u"], d["u"], _v5(out), *_into(into, d))
     return out
+
+
+def _into(into, d):
+    """The ``add, total`` arguments of the softmax vjp kernels for ``into`` (an array or None)."""
+    if into is None:
+        return False, d["a5"]
+    if not (into.flags.c_contiguous and into.flags.writeable):
+        raise ValueError("into must be a C-contiguous, writeable array")
+    return True, _v5(into)
+
+
+def _softmax_backward_made_again(q: PooledQ, grad, into):
+    """The vjp of the softmax at a :class:`PooledQ` whose ``Q`` is made again inside the kernel
+    (one merged kernel, or the first softmax; with a merged :class:`PixelGradient` or an array);
+    None where ``Q`` has to be made first.
+
+    With ``into`` on an image the result is only read again by :func:`compatibility_backward`,
+    for its transposed upsampling: the kernel does that too and a :class:`LogitsGradient` is
+    returned instead of the full-resolution array."""
+    msg = q.message
+    if q.full is not None or (msg is not None and (msg.setup.separate or msg.setup.tables.trivial)):
+        return None
+    if isinstance(grad, PixelGradient):
+        if grad.setup.separate:
+            return None
+        setup, grad_mode, r0, g5 = grad.setup, 1, grad.r[0], None
+    elif msg is not None:
+        setup, grad_mode, r0, g5 = msg.setup, 0, None, _v5(np.asarray(grad).astype(q.dtype, copy=False))
+    else:
+        return None
+    tab = setup.tables
+    dt = q.dtype
+    d = _dummies(dt.str)
+    U5 = _v5(q.logits)
+    B, C = U5.shape[:2]
+    use_compat = q.compat is not None
+    c = _c(np.asarray(q.compat, dtype=dt)) if use_compat else d["mat"]
+    reduce = into is not None and setup.nd == 2
+    if reduce:
+        out = d["a5"]
+        below, above = (np.empty((B, C) + tab.coarse, dt) for _ in range(2))
+    else:
+        out = np.empty(q.shape, dt)
+        below = above = d["a5"]
+    _run(_k.softmax_backward_made_again, U5, d["a5"] if msg is None else msg.m[0], msg is not None, c, use_compat,
+         tab.lo[0], tab.hi[0], tab.frac[0], tab.lo[1], tab.hi[1], tab.frac[1], tab.lo[2], tab.hi[2], tab.frac[2],
+         tab.lo_starts[1], d["a5"] if g5 is None else g5, d["a5"] if r0 is None else r0, grad_mode, *tab.cells,
+         _v5(out), *_into(into, d), reduce, below, above)
+    if not reduce:
+        return out
+    # Up^T(out)[l] = below[l] + above[l - 1] (the last row also gets its own above)
+    below[:, :, :, 1:] += above[:, :, :, :-1]
+    below[:, :, :, -1] += above[:, :, :, -1]
+    return LogitsGradient(setup, below)
 
 
 def _normaliser_gradients(setup, grads, q):
@@ -684,9 +792,10 @@ def _settle(grad: PixelGradient):
     setup = grad.setup
     tab = setup.tables
     d = _dummies(setup.dtype.str)
+    grad.q = _materialise(grad.q)
     gn0, gn1 = (_v5(g) for g in _normaliser_gradients(setup, grad.grads, grad.q))
     _run(_k.softmax_backward, _v5(grad.q), d["a5"], grad.r[0], grad.r[1], setup.normalisers[0],
-         setup.normalisers[1], gn0, gn1, 2, True, False, *tab.cells, d["a5"])
+         setup.normalisers[1], gn0, gn1, 2, True, False, *tab.cells, d["a5"], False, d["a5"])
 
 
 def sum_products(a, b):
@@ -703,6 +812,9 @@ def sum_products(a, b):
 
 def compatibility_backward(grad, msg, compat):
     """vjp of ``logits = a U - mu M``: ``(grad_msg, grad_compat)``, the first lazy for a :class:`CoarseMessage`."""
+    if isinstance(grad, LogitsGradient):
+        coarse = (grad.coarse,)
+        return MessageGradient(None, compat, coarse, msg), _class_products(list(zip(coarse, msg.m)), msg.setup.weights)
     if not isinstance(msg, CoarseMessage):
         return _reference.compatibility_backward(grad, msg, compat)
     setup = msg.setup
@@ -730,8 +842,10 @@ def full_message_backward(setup: FastSetup, q, grad_msg, config, grads):
         coarse = _upsample_backward(setup, _v5(grad_msg), setup.normalisers)
     if msg is not None and msg.source is q:
         pooled5 = tuple(_v5(p) for p in msg.pooled)
+    elif isinstance(q, PooledQ) and q.pooled is not None:
+        pooled5 = q.pooled
     else:
-        pooled5 = _pool_q(setup, _v5(q))
+        pooled5 = _pool_q(setup, _v5(_materialise(q)))
     for s in range(len(setup.weights)):
         grads.left[s].append(setup.natural(coarse[s]))
         grads.right[s].append(setup.natural(pooled5[s]))

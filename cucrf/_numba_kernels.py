@@ -525,6 +525,43 @@ def _upsample_row_fours(t, xlo, xhi, xf, r, i0, n4):
 
 
 @numba.njit(inline="always", **_SERIAL)
+def _reduce_row_fours(v, xlo, xhi, xf, out, i0, n4):
+    """The transpose of :func:`_upsample_row_fours`: ``out[k] = sum (1 - f) v`` over the pixels
+    whose lower tap is ``k`` plus ``sum f v`` over those whose upper tap is ``k``; the run of
+    :func:`_fours` four pixels at a time, with its taps' weights held in registers."""
+    one = out.dtype.type(1)
+    out[:] = 0
+    i1 = i0 + 4 * n4
+    for i in range(i0):
+        out[xlo[i]] += (one - xf[i]) * v[i]
+        out[xhi[i]] += xf[i] * v[i]
+    if n4 > 0:
+        f0 = xf[i0]
+        f1 = xf[i0 + 1]
+        f2 = xf[i0 + 2]
+        f3 = xf[i0 + 3]
+        g0 = one - f0
+        g1 = one - f1
+        g2 = one - f2
+        g3 = one - f3
+        base = xlo[i0]
+        run = v[i0:i1]
+        dst = out[base:base + n4 + 1]
+        carry = dst[0]
+        for j in range(n4):
+            a0 = run[4 * j]
+            a1 = run[4 * j + 1]
+            a2 = run[4 * j + 2]
+            a3 = run[4 * j + 3]
+            dst[j] = carry + (g0 * a0 + g1 * a1 + g2 * a2 + g3 * a3)
+            carry = dst[j + 1] + (f0 * a0 + f1 * a1 + f2 * a2 + f3 * a3)
+        dst[n4] = carry
+    for i in range(i1, v.shape[0]):
+        out[xlo[i]] += (one - xf[i]) * v[i]
+        out[xhi[i]] += xf[i] * v[i]
+
+
+@numba.njit(inline="always", **_SERIAL)
 def _yz_row(m, b, z0, z1, fz, y0, y1, fy, row):
     """Interpolation of ``m`` (B, C, d, h, W), upsampled along x, between rows (z0, y0) .. (z1, y1)."""
     C, W = row.shape
@@ -793,12 +830,13 @@ ITERATE_BLOCK = 16
 
 
 @numba.njit(**_PIECES)
-def iterate(kernels, offsets, q, U, xlo, xhi, xf, ylo, yhi, yf, ys, xs, inv, p0, store, out, checks,
+def iterate(kernels, offsets, q, U, xlo, xhi, xf, ylo, yhi, yf, ys, xs, inv, p0, store, out, checks, keep, m,
             part, parts):
     """One mean-field iteration on images, fused: the message of the pooled ``q`` (as
     :func:`message`, upsampled along x), then the update (as :func:`update` with ``mode`` 1,
     Potts, ``pool_mode`` 1: the message interpolated straight into the logits, the result
     pooled into ``p0``; ``store``: also written into ``out``, with ``checks`` as there).
+    ``keep``: the message is also written into ``m`` (B, C, 1, h, w) (each block its own rows).
 
     Each piece makes, block by block, the message rows its own rows of pixels read, while they
     are in the cache, so that no message is written whole and read back; the values are those
@@ -851,6 +889,9 @@ def iterate(kernels, offsets, q, U, xlo, xhi, xf, ylo, yhi, yf, ys, xs, inv, p0,
             for c in range(C):
                 a = macc[:n]
                 _message_rows(kernels, offsets, q, b, c, 0, r0, r1 + 1, 0, ry, rx, span, near, a)
+                if keep:  # the block's own rows (its rows of cells lie within r0 .. r1)
+                    for yc in range(yc_a, yc_b):
+                        m[b, c, 0, yc] = a[(yc - r0) * w:(yc - r0 + 1) * w]
                 for r in range(R):  # (the merged kernel's message has weight 1)
                     _upsample_row_fours(a[r * w:(r + 1) * w], xlo, xhi, xf, mup[c, r], i0, n4)
             # the update of the block's rows of pixels
@@ -905,13 +946,14 @@ def _pool_transpose_row(r, b, cz, cy, xcell, G):
 
 
 @numba.njit(**_PIECES)
-def softmax_backward(q, g, r0, r1, n0, n1, gn0, gn1, mode, accumulate, write, zcell, ycell, xcell, out, part, parts):
+def softmax_backward(q, g, r0, r1, n0, n1, gn0, gn1, mode, accumulate, write, zcell, ycell, xcell, out, add, sums,
+                     part, parts):
     """``out = q * (G - sum_c q G)``, the vjp of the softmax given its output ``q``.
 
     ``mode`` 0: ``G = g`` (B, C, D, H, W); 1: ``G = Pool^T(r0)``; 2: ``G = n0 Pool^T(r0) +
     n1 Pool^T(r1)`` with coarse ``r`` (B, C, d, h, w) already divided by each cell's pixel count,
     so that ``Pool^T(r)[p] = r[cell(p)]``. ``accumulate`` (mode 2): ``gn_k += sum_c q Pool^T(r_k)``; ``write`` False
-    skips ``out`` (only the accumulation).
+    skips ``out`` (only the accumulation). ``add``: ``out`` is also added to ``sums``.
     """
     B, C, D, H, W = q.shape
     dt = q.dtype
@@ -974,8 +1016,168 @@ def softmax_backward(q, g, r0, r1, n0, n1, gn0, gn1, mode, accumulate, write, zc
                 qr = q[b, c, z, y]
                 gr = G[c]
                 orow = out[b, c, z, y]
-                for i in range(W):
-                    orow[i] = qr[i] * (gr[i] - dot[i])
+                if add:
+                    trow = sums[b, c, z, y]
+                    for i in range(W):
+                        v = qr[i] * (gr[i] - dot[i])
+                        orow[i] = v
+                        trow[i] += v
+                else:
+                    for i in range(W):
+                        orow[i] = qr[i] * (gr[i] - dot[i])
+        _restore(mode_fp)
+
+
+@numba.njit(inline="always", **_SERIAL)
+def _yz_row_of(up, fz, fy, row):
+    """:func:`_yz_row` from the four message rows (z0, y0), (z0, y1), (z1, y0), (z1, y1),
+    upsampled along x already: ``up`` (4, C, W); the same arithmetic."""
+    C, W = row.shape
+    for c in range(C):
+        t = row[c]
+        r00 = up[0, c]
+        r01 = up[1, c]
+        for i in range(W):
+            a = r00[i]
+            t[i] = a + fy * (r01[i] - a)
+        if fz != 0:
+            r10 = up[2, c]
+            r11 = up[3, c]
+            for i in range(W):
+                a1 = r10[i]
+                t1 = a1 + fy * (r11[i] - a1)
+                t[i] = t[i] + fz * (t1 - t[i])
+
+
+@numba.njit(**_PIECES)
+def softmax_backward_made_again(U, m, use_message, compat, use_compat, zlo, zhi, zf, ylo, yhi, yf, xlo, xhi, xf,
+                                lstart, g, r0, grad_mode, zcell, ycell, xcell, out, add, sums,
+                                reduce, below, above, part, parts):
+    """``out = q * (G - sum_c q G)`` (:func:`softmax_backward`) with ``q`` made again row by row,
+    as :func:`update` made it: ``softmax(U - Phi(Up(m)))`` (``use_message``; coarse ``m``
+    (B, C, d, h, w); ``-Phi`` Potts or ``-compat @``), else ``softmax(U)``; the same operations
+    in the same order, so the same ``q`` bit for bit. ``grad_mode`` 0: ``G = g`` (B, C, D, H, W);
+    1: ``G = Pool^T(r0)`` (coarse ``r0`` already divided by the cells' pixel counts). ``add``:
+    the result is also added to ``sums``.
+
+    Rows are taken by groups with one lower message row: ``lstart[l] .. lstart[l + 1] - 1``
+    are the rows with ``ylo == l``, whose message rows are upsampled along x once per group.
+    ``reduce`` (images; with ``add``): ``out`` is not written; instead the
+    result's transposed upsampling, split by the rows it goes to: ``below[b, c, z, l]`` gets
+    ``Up_x^T sum (1 - fy) out`` and ``above[b, c, z, l]`` ``Up_x^T sum fy out`` over the
+    group's rows (:func:`_reduce_row_fours`), so that
+    ``Up^T(out)[l] = below[l] + above[l - 1]`` (and ``+ above[h - 1]`` on the last row).
+    """
+    B, C, D, H, W = U.shape
+    h = lstart.shape[0] - 1
+    w = m.shape[4]
+    dt = U.dtype
+    groups = B * D * h
+    n_ch = _chunks(groups)
+    Wp = _padded(W)
+    i0, n4 = _fours(xlo, xhi, xf)
+    up = np.empty((4, C, W), dt)
+    row0 = np.empty((C, W), dt)
+    logits = np.zeros((C, Wp), dt)
+    top = np.zeros(Wp, dt)
+    total = np.empty(Wp, dt)
+    G = np.empty((C, W), dt)
+    dot = np.empty(W, dt)
+    acc_lo = np.empty((C, W), dt)
+    acc_hi = np.empty((C, W), dt)
+    one = dt.type(1)
+    for ch in range(part * n_ch // parts, (part + 1) * n_ch // parts):
+        mode_fp = _flush_denormals()
+        for g_ in range(ch * groups // n_ch, (ch + 1) * groups // n_ch):
+            l = g_ % h
+            z = (g_ // h) % D
+            b = g_ // (h * D)
+            y_a = lstart[l]
+            y_b = lstart[l + 1]
+            if use_message and y_b > y_a:
+                z0 = zlo[z]
+                z1 = zhi[z]
+                l1 = yhi[y_a]
+                for c in range(C):
+                    _upsample_row_fours(m[b, c, z0, l], xlo, xhi, xf, up[0, c], i0, n4)
+                    _upsample_row_fours(m[b, c, z0, l1], xlo, xhi, xf, up[1, c], i0, n4)
+                    if zf[z] != 0:
+                        _upsample_row_fours(m[b, c, z1, l], xlo, xhi, xf, up[2, c], i0, n4)
+                        _upsample_row_fours(m[b, c, z1, l1], xlo, xhi, xf, up[3, c], i0, n4)
+            if reduce:
+                acc_lo[:] = 0
+                acc_hi[:] = 0
+            for y in range(y_a, y_b):
+                fy = yf[y]
+                glo = one - fy
+                # q of this row: the logits, their maximum, exp and sum, as in update
+                if use_message:
+                    _yz_row_of(up, zf[z], fy, row0)
+                for c in range(C):
+                    lr = logits[c]
+                    ur = U[b, c, z, y]
+                    if not use_message:
+                        for i in range(W):
+                            lr[i] = ur[i]
+                    elif use_compat:
+                        total[:] = 0
+                        for k in range(C):
+                            mu = compat[c, k]
+                            rk = row0[k]
+                            for i in range(W):
+                                total[i] += mu * rk[i]
+                        for i in range(W):
+                            lr[i] = ur[i] + (-total[i])
+                    else:
+                        rc = row0[c]
+                        for i in range(W):
+                            lr[i] = ur[i] + rc[i]
+                    _logits_row_done(top, lr, c == 0, W)
+                _softmax_rows(logits, top, total)
+                # G of this row, then the vjp
+                if grad_mode == 0:
+                    for c in range(C):
+                        gr = G[c]
+                        src = g[b, c, z, y]
+                        for i in range(W):
+                            gr[i] = src[i]
+                else:
+                    _pool_transpose_row(r0, b, zcell[z], ycell[y], xcell, G)
+                dot[:] = 0
+                for c in range(C):
+                    lr = logits[c]
+                    gr = G[c]
+                    for i in range(W):
+                        qv = lr[i] * total[i]
+                        lr[i] = qv
+                        dot[i] += qv * gr[i]
+                for c in range(C):
+                    lr = logits[c]
+                    gr = G[c]
+                    if reduce:
+                        trow = sums[b, c, z, y]
+                        alo = acc_lo[c]
+                        ahi = acc_hi[c]
+                        for i in range(W):
+                            v = lr[i] * (gr[i] - dot[i])
+                            trow[i] += v
+                            alo[i] += glo * v
+                            ahi[i] += fy * v
+                    elif add:
+                        orow = out[b, c, z, y]
+                        trow = sums[b, c, z, y]
+                        for i in range(W):
+                            v = lr[i] * (gr[i] - dot[i])
+                            orow[i] = v
+                            trow[i] += v
+                    else:
+                        orow = out[b, c, z, y]
+                        for i in range(W):
+                            orow[i] = lr[i] * (gr[i] - dot[i])
+            if reduce:  # the group's rows transposed-upsampled along x
+                for c in range(C):
+                    _reduce_row_fours(acc_lo[c], xlo, xhi, xf, below[b, c, z, l], i0, n4)
+                    _reduce_row_fours(acc_hi[c], xlo, xhi, xf, above[b, c, z, l], i0, n4)
         _restore(mode_fp)
 
 

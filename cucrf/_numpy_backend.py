@@ -508,10 +508,14 @@ def softmax(logits, out=None, transient=False):
     return out
 
 
-def softmax_backward(q, grad):
-    """Vector-Jacobian product of :func:`softmax` (over axis 1) given its output ``q``."""
+def softmax_backward(q, grad, into=None):
+    """Vector-Jacobian product of :func:`softmax` (over axis 1) given its output ``q``; with
+    ``into`` (an array of ``q``'s shape) the result is also added to it."""
     inner = np.einsum("bc...,bc...->b...", q, grad)[:, None]
-    return q * (grad - inner)
+    out = q * (grad - inner)
+    if into is not None:
+        into += out
+    return out
 
 
 def sum_products(a, b):

@@ -150,9 +150,10 @@ def test_one_pixel_and_zero_iterations():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("size,blur,k", [((150, 37), 2, 5), ((70, 90), 3, 3), ((33, 200), 4, 7), ((9, 5), 4, 5)])
 def test_one_kernel_call_per_iteration_equals_two_bit_for_bit(monkeypatch, dtype, size, blur, k):
-    """Inference without a tape makes each iteration's message inside its update, block by block
-    of rows (many blocks, several pieces, a batch of two); with a tape the message is made whole
-    first. The outputs must agree to the last bit, and with NumPy to rounding."""
+    """Each iteration's message made inside its update, block by block of rows (many blocks,
+    several pieces, a batch of two), with and without a tape (which keeps the message), against
+    the message made whole first: the outputs and the kept messages must agree to the last bit,
+    and with NumPy to rounding."""
     rng = np.random.default_rng(14)
     unary, features, params = random_problem(rng, 2, 4, size[0], size[1], 3, dtype)
     config = _meanfield.CRFConfig(k, blur, 3)
@@ -163,9 +164,16 @@ def test_one_kernel_call_per_iteration_equals_two_bit_for_bit(monkeypatch, dtype
     monkeypatch.setenv("CUCRF_NUM_THREADS", "2")
     fused = _meanfield.mean_field(fb, unary, features, params, config)
     assert len(calls) == 3
-    taped = _meanfield.mean_field(fb, unary, features, params, config, tape=_meanfield.Tape())
-    assert len(calls) == 3
-    assert np.array_equal(fused, taped)
+    tape = _meanfield.Tape()
+    taped = _meanfield.mean_field(fb, unary, features, params, config, tape=tape)
+    assert len(calls) == 6
+    monkeypatch.setattr(fb, "_one_call_per_iteration", lambda setup: False)
+    whole_tape = _meanfield.Tape()
+    whole = _meanfield.mean_field(fb, unary, features, params, config, tape=whole_tape)
+    assert len(calls) == 6
+    assert np.array_equal(fused, whole) and np.array_equal(taped, whole)
+    for kept, made_whole in zip(tape.msgs, whole_tape.msgs):
+        assert np.array_equal(kept.m[0], made_whole.m[0])
     np.testing.assert_allclose(fused, _meanfield.mean_field(nb, unary, features, params, config), **TOL[dtype])
     monkeypatch.setenv("CUCRF_NUM_THREADS", "1")
     assert np.array_equal(_meanfield.mean_field(fb, unary, features, params, config), fused)
@@ -194,6 +202,52 @@ def test_upsampling_by_fours_equals_the_gathers_bit_for_bit(dtype):
             if blur == 4 and W >= 16:
                 assert n4 >= (W - 8) // 4  # all but the edges
     assert runs > 0
+
+
+def test_transposed_upsampling_by_fours_matches_the_dense_matrix():
+    """The vjp kernels reduce each row along x four pixels per coarse value (the transpose of
+    the upsampling by fours): every row length and blur against the dense upsampling matrix."""
+    from cucrf import _numba_kernels as k
+    from cucrf._geometry import axis_geometry
+
+    rng = np.random.default_rng(17)
+    for blur in range(1, 7):
+        for W in range(1, 45):
+            tab = fb._tables((1, 1, W), (1, 1, blur), np.dtype(np.float64).str)
+            lo, hi, f = tab.lo[2], tab.hi[2], tab.frac[2]
+            i0, n4 = k._fours(lo, hi, f)
+            v = rng.normal(size=W)
+            got = np.full(tab.coarse[2], np.nan)
+            k._reduce_row_fours(v, lo, hi, f, got, i0, n4)
+            want = axis_geometry(W, blur).upsample_matrix().T @ v
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12, err_msg=f"blur {blur}, W {W}")
+
+
+@pytest.mark.parametrize("nd,blur,potts", [(2, 4, True), (2, 3, False), (2, (1, 4), True), (3, 2, False)])
+def test_training_keeps_no_full_resolution_q_and_matches_numpy(monkeypatch, nd, blur, potts):
+    """With one merged kernel a taped run keeps each iteration's Q as its pooled form and what
+    makes it again (the backward pass recomputes it inside the softmax's vjp, never writing it):
+    nothing on the tape is made at full resolution, before or after the backward pass, and the
+    gradients still match NumPy's."""
+    rng = np.random.default_rng(18)
+    size = (9, 23, 30)[3 - nd:]
+    unary = rng.normal(scale=2.0, size=(2, 4) + size)
+    features = rng.uniform(0, 40, size=(2, 3) + size)
+    params = CRFParams(theta_alpha=2.0, theta_beta=12.0, theta_gamma=1.5,
+                       compatibility="potts" if potts else rng.uniform(-1, 2, size=(4, 4)))
+    config = _meanfield.CRFConfig(5, blur, 3)
+    assert fb.ready(np.float64)  # compiled and checked before _materialise is watched
+    made = []
+    real = fb._materialise
+    monkeypatch.setattr(fb, "_materialise", lambda q: made.append(q) if isinstance(q, fb.PooledQ) else real(q))
+    tape = _meanfield.Tape()
+    _meanfield.mean_field(fb, unary, features, params, config, tape=tape)
+    assert len(tape.qs) == 3 and all(isinstance(q, fb.PooledQ) and q.full is None for q in tape.qs)
+    assert not made
+    _meanfield.mean_field_backward(fb, tape, rng.normal(size=unary.shape))
+    assert not made and all(q.full is None for q in tape.qs)
+    monkeypatch.setattr(fb, "_materialise", real)
+    _check_backward(unary, features, params, config, rng.normal(size=unary.shape), False)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -622,12 +622,12 @@ class CudaBackend:
                 grads.normalisers[s] = self.xp.zeros((q.shape[0], 1) + tuple(q.shape[2:]), dtype=q.dtype)
         return grads.normalisers
 
-    def softmax_backward(self, q, grad):
+    def softmax_backward(self, q, grad, into=None):
         """Vector-Jacobian product of the softmax over classes, given its output ``q``.
 
         ``grad`` is an array (B, C, *size) or a lazy :class:`PixelGradient` (formed on the fly;
         when it is the gradient of this same ``q``'s message its pending normaliser term is added
-        in the same pass).
+        in the same pass). With ``into`` (an array of ``q``'s shape) the result is also added to it.
         """
         xp = self.xp
         self._check_voxels(q.shape)
@@ -664,6 +664,8 @@ class CudaBackend:
             grid, block,
             (q, g, r0, r1, n0, n1, gn0, gn1, out, i32(B), i32(C), *dims, *pooling, i32(accumulate)),
         )
+        if into is not None:
+            into += out
         return out
 
     def sum_products(self, a, b):
