@@ -893,10 +893,10 @@ def pairwise_kernels_backward(positions, features, inv_theta_beta, inv_theta_alp
                               filter_size, weights, keep_centre, left, right, scales, row_grads=None):
     """The vjp of :func:`pairwise_kernels`, as :func:`cucrf._numpy_backend.pairwise_kernels_backward`.
 
-    Every cell gathers its own feature gradient, forming the pair products
-    ``A[s, b, o, i] = sum_c left[s][b, c, i] * right[s][b, c, i + offset_o]`` on the fly (twice:
-    as a pair's centre and as its neighbour; nothing window-sized is stored); parameter sums are float64 partial sums over fixed pieces of rows, added in
-    order (the same for any number of threads).
+    The pair products ``A[s, b, o, i] = sum_c left[s][b, c, i] * right[s][b, c, i + offset_o]``
+    are made first (one (B, K, *coarse) array per kernel, as large as the forward pass's kernel
+    stack); then every cell gathers its own feature gradient; parameter sums are float64 partial
+    sums over fixed pieces of rows, added in order (the same for any number of threads).
     """
     B, F = features.shape[:2]
     spatial = tuple(features.shape[2:])
@@ -909,9 +909,15 @@ def pairwise_kernels_backward(positions, features, inv_theta_beta, inv_theta_alp
     f5 = _v5(features)
     s5 = _v5(scaled)
     coarse = s5.shape[2:]
-    empty = np.zeros((B, 0) + coarse, dt)  # a kernel without message gradients: A = 0
-    lr = [(_v5(left[s]), _v5(right[s])) if left[s] is not None else (empty, empty) for s in range(S)]
-    lr += [lr[0]] * (2 - S)
+    pairs = []
+    for s in range(S):
+        if left[s] is None:  # a kernel without message gradients
+            a = np.zeros((B, len(offsets)) + coarse, dt)
+        else:
+            a = np.empty((B, len(offsets)) + coarse, dt)
+            _run(_k.pair_products, offsets, _v5(left[s]), _v5(right[s]), a)
+        pairs.append(a)
+    pairs += [pairs[0]] * (2 - S)
     has_rows = row_grads is not None and any(r is not None for r in row_grads)
     rows = np.zeros((S, B, 1) + coarse, dt) if has_rows else np.zeros((S, 1, 1, 1, 1, 1), dt)
     if has_rows:
@@ -924,8 +930,8 @@ def pairwise_kernels_backward(positions, features, inv_theta_beta, inv_theta_alp
     partial = np.empty((pieces, 3 * S + 2 + F))
     _run(_k.kernel_gradients, s5, f5, ib, ib * ib, np.asarray(inv_theta_beta, dtype=np.float64), pos[0], pos[1],
          pos[2], offsets, float(inv_theta_alpha2), float(inv_theta_gamma2),
-         np.array(weights, dtype=np.float64).reshape(-1, 2), np.array(scales, dtype=np.float64), lr[0][0], lr[0][1], lr[1][0], lr[1][1], rows,
-         bool(has_rows), g_feat, partial)
+         np.array(weights, dtype=np.float64).reshape(-1, 2), np.array(scales, dtype=np.float64), pairs[0], pairs[1],
+         rows, bool(has_rows), g_feat, partial)
     sums = np.zeros(partial.shape[1])
     for row in partial:  # in order: the same sums for any number of threads
         sums += row

@@ -1340,12 +1340,59 @@ def _pair_terms(scaled, feats, b, z, y, zz, yy, x0, dx, n, pz, py, px, ia2, ig2,
 
 
 @numba.njit(**_PIECES)
-def kernel_gradients(scaled, feats, ib, ib2, ibf, pz, py, px, offsets, ia2, ig2, weights, scales, left0, right0,
-                     left1, right1, rows, has_rows, g_feat, partial, part, parts):
+def pair_products(offsets, left, right, out, part, parts):
+    """``out[b, o, z, y, x] = sum_c left[b, c, z, y, x] * right[b, c, (z, y, x) + offset_o]``, 0
+    where the neighbour lies outside the grid: the pair products of :func:`kernel_gradients`,
+    made once (each pair is read there twice, as a centre's and as a neighbour's)."""
+    B, C, d, h, w = left.shape
+    K = offsets.shape[0]
+    groups = B * d * h
+    n_ch = _chunks(groups)
+    for ch in range(part * n_ch // parts, (part + 1) * n_ch // parts):
+        mode_fp = _flush_denormals()
+        for g in range(ch * groups // n_ch, (ch + 1) * groups // n_ch):
+            y = g % h
+            z = (g // h) % d
+            b = g // (h * d)
+            for o in range(K):
+                row = out[b, o, z, y]
+                row[:] = 0
+                zz = z + offsets[o, 0]
+                yy = y + offsets[o, 1]
+                dx = offsets[o, 2]
+                x0 = max(0, -dx)
+                x1 = min(w, w - dx)
+                if zz < 0 or zz >= d or yy < 0 or yy >= h or x1 <= x0:
+                    continue
+                n = x1 - x0
+                seg = row[x0:x1]
+                c4 = C // 4 * 4
+                for c in range(0, c4, 4):  # four classes per pass over the sums
+                    l0 = left[b, c, z, y, x0:x1]
+                    l1 = left[b, c + 1, z, y, x0:x1]
+                    l2 = left[b, c + 2, z, y, x0:x1]
+                    l3 = left[b, c + 3, z, y, x0:x1]
+                    r0 = right[b, c, zz, yy, x0 + dx:x1 + dx]
+                    r1 = right[b, c + 1, zz, yy, x0 + dx:x1 + dx]
+                    r2 = right[b, c + 2, zz, yy, x0 + dx:x1 + dx]
+                    r3 = right[b, c + 3, zz, yy, x0 + dx:x1 + dx]
+                    for i in range(n):
+                        seg[i] += (l0[i] * r0[i] + l1[i] * r1[i]) + (l2[i] * r2[i] + l3[i] * r3[i])
+                for c in range(c4, C):
+                    lr = left[b, c, z, y, x0:x1]
+                    rn = right[b, c, zz, yy, x0 + dx:x1 + dx]
+                    for i in range(n):
+                        seg[i] += lr[i] * rn[i]
+        _restore(mode_fp)
+
+
+@numba.njit(**_PIECES)
+def kernel_gradients(scaled, feats, ib, ib2, ibf, pz, py, px, offsets, ia2, ig2, weights, scales, pairs0, pairs1,
+                     rows, has_rows, g_feat, partial, part, parts):
     """The vjp of :func:`pairwise_kernels` (as :func:`cucrf._numpy_backend.pairwise_kernels_backward`).
 
-    ``left_s``, ``right_s`` (B, C', d, h, w): the message gradients and inputs of kernel ``s``,
-    whose pair products ``A = sum_c left[c, i] right[c, i + o]`` are formed on the fly; ``rows``
+    ``pairs_s`` (B, K, d, h, w): the pair products ``A = sum_c left[c, i] right[c, i + o]`` of
+    kernel ``s``'s message gradients and inputs (:func:`pair_products`); ``rows``
     (S, B, 1, d, h, w) the row-sum gradients (``has_rows``). Writes ``g_feat`` (B, F, d, h, w)
     (each cell owns its gradient: the neighbour terms are recomputed from the pair (i - o, i)),
     and per piece of rows the float64 sums ``partial[piece]``: ``pair_dot[s]``, ``weights[s, 0..1]``
@@ -1368,7 +1415,6 @@ def kernel_gradients(scaled, feats, ib, ib2, ibf, pz, py, px, offsets, ia2, ig2,
         gapp = np.empty(w, dt)
         gsmo = np.empty(w, dt)
         e = np.empty(w, dt)
-        ar = np.empty(w, dt)
         acc = partial[ch]
         acc[:] = 0
         for g in range(ch * groups // n_ch, (ch + 1) * groups // n_ch):
@@ -1406,14 +1452,7 @@ def kernel_gradients(scaled, feats, ib, ib2, ibf, pz, py, px, offsets, ia2, ig2,
                         wa = dt.type(weights[s, 0])
                         ws = dt.type(weights[s, 1])
                         sc = dt.type(scales[s])
-                        lt = left0 if s == 0 else left1
-                        rt = right0 if s == 0 else right1
-                        ar[:n] = 0
-                        for c in range(lt.shape[1]):
-                            lr = lt[b, c, cz, cy, x0:x1]
-                            rn = rt[b, c, zz, yy, x0 + dx:x1 + dx]
-                            for i in range(n):
-                                ar[i] += lr[i] * rn[i]
+                        ar = (pairs0 if s == 0 else pairs1)[b, o, cz, cy, x0:x1]
                         rr = rows[s, b, 0, cz, cy, x0:x1] if has_rows else ar
                         pd = 0.0
                         w0 = 0.0
