@@ -118,7 +118,8 @@ def training_bytes(batch, classes, size, channels, config, itemsize):
     ``T + 1`` marginals and ``T`` messages (full size); the backward pass a few full-size
     gradients; for each of the ``S`` kernels (2 with symmetric normalisation) it collects the
     coarse message gradients and inputs of every iteration and concatenates them (4 S T coarse
-    arrays at once); per window offset it forms feature and per-pixel temporaries.
+    arrays at once); per window offset it forms feature and per-pixel temporaries. The fused CPU
+    path also keeps the pair products of each kernel's gradient, as large as its kernel stack.
     """
     T = max(config.iterations, 1)
     S = 2 if config.normalization == "symmetric" else 1
@@ -126,8 +127,9 @@ def training_bytes(batch, classes, size, channels, config, itemsize):
     cells = int(np.prod(_meanfield.coarse_shape(size, config)))
     full = batch * classes * pixels
     coarse = batch * classes * cells
+    window = int(np.prod(config.filter_sizes(len(size))))
     elements = (2 * T + 5 + 2 * (S - 1)) * full + 4 * S * T * coarse
-    elements += 4 * batch * channels * cells + 8 * S * batch * pixels
+    elements += 4 * batch * channels * cells + 8 * S * batch * pixels + S * batch * window * cells
     return int(elements * itemsize)
 
 
