@@ -438,8 +438,9 @@ def prepare_backward(backend, setup: PairwiseSetup, features, params, config: CR
     wa, ws = params.appearance_weight, params.smoothness_weight
     kernel_weights = ((1.0, 0.0), (0.0, 1.0)) if normalized else ((wa, ws),)
     S = len(kernel_weights)
-    left = [xp.concatenate(grads.left[s], axis=1) if grads.left[s] else None for s in range(S)]
-    right = [xp.concatenate(grads.right[s], axis=1) if grads.right[s] else None for s in range(S)]
+    # per kernel, every iteration's arrays (stacked on the class axis by the backend, if at all)
+    left = [list(grads.left[s]) if grads.left[s] else None for s in range(S)]
+    right = [list(grads.right[s]) if grads.right[s] else None for s in range(S)]
     rows = None
     if normalized:
         rows = []

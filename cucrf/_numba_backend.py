@@ -913,9 +913,12 @@ def pairwise_kernels_backward(positions, features, inv_theta_beta, inv_theta_alp
     for s in range(S):
         if left[s] is None:  # a kernel without message gradients
             a = np.zeros((B, len(offsets)) + coarse, dt)
-        else:
+        else:  # summed over the iterations' arrays (not stacked: no copy of them all)
             a = np.empty((B, len(offsets)) + coarse, dt)
-            _run(_k.pair_products, offsets, _v5(left[s]), _v5(right[s]), a)
+            ls = left[s] if isinstance(left[s], list) else [left[s]]
+            rs = right[s] if isinstance(right[s], list) else [right[s]]
+            for t, (lt, rt) in enumerate(zip(ls, rs)):
+                _run(_k.pair_products, offsets, _v5(lt), _v5(rt), t > 0, a)
         pairs.append(a)
     pairs += [pairs[0]] * (2 - S)
     has_rows = row_grads is not None and any(r is not None for r in row_grads)

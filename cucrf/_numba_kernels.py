@@ -1340,10 +1340,11 @@ def _pair_terms(scaled, feats, b, z, y, zz, yy, x0, dx, n, pz, py, px, ia2, ig2,
 
 
 @numba.njit(**_PIECES)
-def pair_products(offsets, left, right, out, part, parts):
+def pair_products(offsets, left, right, add, out, part, parts):
     """``out[b, o, z, y, x] = sum_c left[b, c, z, y, x] * right[b, c, (z, y, x) + offset_o]``, 0
-    where the neighbour lies outside the grid: the pair products of :func:`kernel_gradients`,
-    made once (each pair is read there twice, as a centre's and as a neighbour's)."""
+    where the neighbour lies outside the grid (``add``: added to ``out``): the pair products of
+    :func:`kernel_gradients`, made once (each pair is read there twice, as a centre's and as a
+    neighbour's)."""
     B, C, d, h, w = left.shape
     K = offsets.shape[0]
     groups = B * d * h
@@ -1356,7 +1357,8 @@ def pair_products(offsets, left, right, out, part, parts):
             b = g // (h * d)
             for o in range(K):
                 row = out[b, o, z, y]
-                row[:] = 0
+                if not add:
+                    row[:] = 0
                 zz = z + offsets[o, 0]
                 yy = y + offsets[o, 1]
                 dx = offsets[o, 2]

@@ -393,7 +393,8 @@ def pairwise_kernels_backward(positions, features, inv_theta_beta, inv_theta_alp
     positions, features, inv_theta_beta, inv_theta_alpha2, inv_theta_gamma2, filter_size, weights, keep_centre
         As for :func:`pairwise_kernels`.
     left, right : sequence of ndarray, shape (B, C', *spatial), one per kernel
-        Upstream gradient of the messages and the message inputs (``None`` skips a kernel).
+        Upstream gradient of the messages and the message inputs (``None`` skips a kernel); each
+        may also be a list of such arrays (one per iteration), stacked on the class axis here.
     scales : sequence of float, one per kernel
     row_grads : sequence of ndarray of shape (B, 1, *spatial) or None, optional
         Gradient with respect to each kernel's row sums ``sum_o K[s, b, o, i]`` (symmetric
@@ -410,6 +411,8 @@ def pairwise_kernels_backward(positions, features, inv_theta_beta, inv_theta_alp
     nd = features.ndim - 2
     dt = features.dtype
     S = len(weights)
+    left = [np.concatenate(a, axis=1) if isinstance(a, list) else a for a in left]
+    right = [np.concatenate(a, axis=1) if isinstance(a, list) else a for a in right]
     offsets = window_offsets(_window(filter_size, nd), keep_centre)
     ib = inv_theta_beta.astype(dt).reshape((1, F) + (1,) * nd)
     ib2 = ib * ib
