@@ -766,8 +766,8 @@ def _softmax_backward_made_again(q: PooledQ, grad, into):
         below = above = d["a5"]
     _run(_k.softmax_backward_made_again, U5, d["a5"] if msg is None else msg.m[0], msg is not None, c, use_compat,
          tab.lo[0], tab.hi[0], tab.frac[0], tab.lo[1], tab.hi[1], tab.frac[1], tab.lo[2], tab.hi[2], tab.frac[2],
-         tab.lo_starts[1], d["a5"] if g5 is None else g5, d["a5"] if r0 is None else r0, grad_mode, *tab.cells,
-         _v5(out), *_into(into, d), reduce, below, above)
+         tab.lo_starts[1], d["a5"] if g5 is None else g5, d["a5"] if r0 is None else r0, grad_mode, tab.cells[0],
+         tab.cells[1], tab.starts[2], _v5(out), *_into(into, d), reduce, below, above)
     if not reduce:
         return out
     # Up^T(out)[l] = below[l] + above[l - 1] (the last row also gets its own above)

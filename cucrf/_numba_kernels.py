@@ -934,6 +934,52 @@ def iterate(kernels, offsets, q, U, xlo, xhi, xf, ylo, yhi, yf, ys, xs, inv, p0,
 
 
 # -- backward ----------------------------------------------------------------------------------------
+@numba.njit(**_SERIAL)
+def _cell_fours(xs):
+    """``(k0, n)``: the longest run of cells ``k0 .. k0 + n - 1`` of four pixels each (cells
+    ``xs``: first pixel of each cell, then the end); ``n = 0`` when there is none."""
+    best, best_n, k = 0, 0, 0
+    cells = xs.shape[0] - 1
+    while k < cells:
+        if xs[k + 1] - xs[k] != 4:
+            k += 1
+            continue
+        k1 = k
+        while k1 < cells and xs[k1 + 1] - xs[k1] == 4:
+            k1 += 1
+        if k1 - k > best_n:
+            best, best_n = k, k1 - k
+        k = k1
+    return best, best_n
+
+
+@numba.njit(inline="always", **_SERIAL)
+def _pool_transpose_row_fours(r, b, cz, cy, xs, k0, n4, G):
+    """``G[c, x] = r[b, c, cz, cy, cell(x)]`` from the cells ``xs``, the run of :func:`_cell_fours`
+    ``(k0, n4)`` four pixels at a time (no gathers)."""
+    C = G.shape[0]
+    w = xs.shape[0] - 1
+    for c in range(C):
+        rr = r[b, c, cz, cy]
+        gr = G[c]
+        for k in range(k0):
+            v = rr[k]
+            for i in range(xs[k], xs[k + 1]):
+                gr[i] = v
+        run = gr[xs[k0]:xs[k0] + 4 * n4]
+        src = rr[k0:k0 + n4]
+        for j in range(n4):
+            v = src[j]
+            run[4 * j] = v
+            run[4 * j + 1] = v
+            run[4 * j + 2] = v
+            run[4 * j + 3] = v
+        for k in range(k0 + n4, w):
+            v = rr[k]
+            for i in range(xs[k], xs[k + 1]):
+                gr[i] = v
+
+
 @numba.njit(inline="always", **_SERIAL)
 def _pool_transpose_row(r, b, cz, cy, xcell, G):
     """``G[c, x] = r[b, c, cz, cy, xcell[x]]`` (unsigned ``xcell``)."""
@@ -1051,14 +1097,15 @@ def _yz_row_of(up, fz, fy, row):
 
 @numba.njit(**_PIECES)
 def softmax_backward_made_again(U, m, use_message, compat, use_compat, zlo, zhi, zf, ylo, yhi, yf, xlo, xhi, xf,
-                                lstart, g, r0, grad_mode, zcell, ycell, xcell, out, add, sums,
+                                lstart, g, r0, grad_mode, zcell, ycell, xs, out, add, sums,
                                 reduce, below, above, part, parts):
     """``out = q * (G - sum_c q G)`` (:func:`softmax_backward`) with ``q`` made again row by row,
     as :func:`update` made it: ``softmax(U - Phi(Up(m)))`` (``use_message``; coarse ``m``
     (B, C, d, h, w); ``-Phi`` Potts or ``-compat @``), else ``softmax(U)``; the same operations
     in the same order, so the same ``q`` bit for bit. ``grad_mode`` 0: ``G = g`` (B, C, D, H, W);
-    1: ``G = Pool^T(r0)`` (coarse ``r0`` already divided by the cells' pixel counts). ``add``:
-    the result is also added to ``sums``.
+    1: ``G = Pool^T(r0)`` (coarse ``r0`` already divided by the cells' pixel counts; cells
+    ``zcell``, ``ycell`` of each pixel, ``xs`` first pixel of each cell along x). ``add``: the
+    result is also added to ``sums``.
 
     Rows are taken by groups with one lower message row: ``lstart[l] .. lstart[l + 1] - 1``
     are the rows with ``ylo == l``, whose message rows are upsampled along x once per group.
@@ -1076,6 +1123,7 @@ def softmax_backward_made_again(U, m, use_message, compat, use_compat, zlo, zhi,
     n_ch = _chunks(groups)
     Wp = _padded(W)
     i0, n4 = _fours(xlo, xhi, xf)
+    k0, nk = _cell_fours(xs)
     up = np.empty((4, C, W), dt)
     row0 = np.empty((C, W), dt)
     logits = np.zeros((C, Wp), dt)
@@ -1110,13 +1158,21 @@ def softmax_backward_made_again(U, m, use_message, compat, use_compat, zlo, zhi,
             for y in range(y_a, y_b):
                 fy = yf[y]
                 glo = one - fy
-                # q of this row: the logits, their maximum, exp and sum, as in update
-                if use_message:
+                # q of this row: the logits, their maximum, exp and sum, as in update (Potts
+                # between two message rows: interpolated straight into the logits)
+                direct = use_message and not use_compat and zf[z] == 0
+                if use_message and not direct:
                     _yz_row_of(up, zf[z], fy, row0)
                 for c in range(C):
                     lr = logits[c]
                     ur = U[b, c, z, y]
-                    if not use_message:
+                    if direct:
+                        r00 = up[0, c]
+                        r01 = up[1, c]
+                        for i in range(W):
+                            av = r00[i]
+                            lr[i] = ur[i] + (av + fy * (r01[i] - av))
+                    elif not use_message:
                         for i in range(W):
                             lr[i] = ur[i]
                     elif use_compat:
@@ -1142,7 +1198,7 @@ def softmax_backward_made_again(U, m, use_message, compat, use_compat, zlo, zhi,
                         for i in range(W):
                             gr[i] = src[i]
                 else:
-                    _pool_transpose_row(r0, b, zcell[z], ycell[y], xcell, G)
+                    _pool_transpose_row_fours(r0, b, zcell[z], ycell[y], xs, k0, nk, G)
                 dot[:] = 0
                 for c in range(C):
                     lr = logits[c]
