@@ -686,7 +686,7 @@ def infer_vjp(unary, image, params=None, *, grad_output, filter_size=DEFAULT_FIL
         computed += [(f"the gradient with respect to {k}", v) for k, v in param_grads.items()]
         computed += [(f"the gradient with respect to feature_transform {k}", v) for k, v in (g_transform or {}).items()]
         for what, value in computed:
-            if value is result and _known_finite(backend, result):
+            if isinstance(value, xp.ndarray) and _known_finite(backend, value):
                 continue
             check_result_finite(f"{what} (cucrf.infer_vjp)", value, prepared.unary.dtype,
                                 lambda: _magnitudes(prepared, g4),

@@ -367,6 +367,7 @@ def mean_field_backward(backend, tape: Tape, grad_output):
             grad_msg, gc = backend.compatibility_backward(grad_logits, tape.msgs[t], tape.compat)
             grad_compat = gc if grad_compat is None else grad_compat + gc
             g = backend.full_message_backward(setup, tape.qs[t], grad_msg, config, collected)
+        # the last addition into grad_scaled: it is final from here on (a backend may say so)
         backend.softmax_backward(tape.qs[0], g, into=grad_scaled)
         grad_features, kernel_grads = backend.prepare_backward(setup, features, params, config, collected)
     if grad_compat is None:

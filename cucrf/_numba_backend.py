@@ -40,6 +40,7 @@ stores_kernels = True
 
 _owned = weakref.WeakValueDictionary()  # id -> class maps this backend allocated (safe to overwrite)
 _finite = weakref.WeakValueDictionary()  # id -> outputs whose every value the update found finite
+_dots = {}  # id(sums) -> (weak sums, weak logits, sum(sums * logits)) from the last softmax vjp
 
 #: The most pieces a kernel call is split into: two per thread, so that a thread starting late
 #: still gets a share (each piece costs a few microseconds of dispatch under the GIL).
@@ -764,10 +765,23 @@ def _softmax_backward_made_again(q: PooledQ, grad, into):
     else:
         out = np.empty(q.shape, dt)
         below = above = d["a5"]
+    # The first softmax's vjp is the last addition into the unary's gradient (mean_field_backward):
+    # its kernel also tells whether the sums are finite and gives sum(sums * logits).
+    final = msg is None and into is not None
+    checks = np.zeros(PIECES, dt)
+    dots = np.zeros(_k._chunks(B * U5.shape[2] * tab.coarse[1]) if final else 1)
     _run(_k.softmax_backward_made_again, U5, d["a5"] if msg is None else msg.m[0], msg is not None, c, use_compat,
          tab.lo[0], tab.hi[0], tab.frac[0], tab.lo[1], tab.hi[1], tab.frac[1], tab.lo[2], tab.hi[2], tab.frac[2],
          tab.lo_starts[1], d["a5"] if g5 is None else g5, d["a5"] if r0 is None else r0, grad_mode, tab.cells[0],
-         tab.cells[1], tab.starts[2], _v5(out), *_into(into, d), reduce, below, above)
+         tab.cells[1], tab.starts[2], _v5(out), *_into(into, d), reduce, below, above, final, checks, dots)
+    if final:
+        if not np.isnan(checks).any():
+            _finite[id(into)] = into
+        total = 0.0
+        for v in dots:  # in order: the same sum for any number of threads
+            total += float(v)
+        _dots.clear()  # (at most one kept: sum_products reads it right after)
+        _dots[id(into)] = (weakref.ref(into), weakref.ref(q.logits), total)
     if not reduce:
         return out
     # Up^T(out)[l] = below[l] + above[l - 1] (the last row also gets its own above)
@@ -803,6 +817,9 @@ def sum_products(a, b):
     order, so the result does not depend on the number of threads)."""
     if not ready(a.dtype):
         return _reference.sum_products(a, b)
+    known = _dots.pop(id(a), None)
+    if known is not None and known[0]() is a and known[1]() is b:
+        return known[2]  # summed by the softmax vjp that finished ``a``
     a2 = _c(a).reshape(-1, a.shape[-1])
     b2 = _c(np.asarray(b, dtype=a.dtype)).reshape(a2.shape)
     rows = np.empty(a2.shape[0], np.float64)

@@ -1098,7 +1098,7 @@ def _yz_row_of(up, fz, fy, row):
 @numba.njit(**_PIECES)
 def softmax_backward_made_again(U, m, use_message, compat, use_compat, zlo, zhi, zf, ylo, yhi, yf, xlo, xhi, xf,
                                 lstart, g, r0, grad_mode, zcell, ycell, xs, out, add, sums,
-                                reduce, below, above, part, parts):
+                                reduce, below, above, final, checks, dots, part, parts):
     """``out = q * (G - sum_c q G)`` (:func:`softmax_backward`) with ``q`` made again row by row,
     as :func:`update` made it: ``softmax(U - Phi(Up(m)))`` (``use_message``; coarse ``m``
     (B, C, d, h, w); ``-Phi`` Potts or ``-compat @``), else ``softmax(U)``; the same operations
@@ -1114,6 +1114,9 @@ def softmax_backward_made_again(U, m, use_message, compat, use_compat, zlo, zhi,
     ``Up_x^T sum (1 - fy) out`` and ``above[b, c, z, l]`` ``Up_x^T sum fy out`` over the
     group's rows (:func:`_reduce_row_fours`), so that
     ``Up^T(out)[l] = below[l] + above[l - 1]`` (and ``+ above[h - 1]`` on the last row).
+    ``final`` (with ``add``: the last addition to ``sums``): each piece writes 0 into
+    ``checks[part]`` when every value of ``sums`` it finished is finite, else NaN, and each
+    chunk of rows ``sum(sums * U)`` (products in the dtype, sums in float64) into ``dots[chunk]``.
     """
     B, C, D, H, W = U.shape
     h = lstart.shape[0] - 1
@@ -1134,8 +1137,11 @@ def softmax_backward_made_again(U, m, use_message, compat, use_compat, zlo, zhi,
     acc_lo = np.empty((C, W), dt)
     acc_hi = np.empty((C, W), dt)
     one = dt.type(1)
+    fin = np.zeros(W, dt)
+    dacc = np.zeros(W, np.float64)
     for ch in range(part * n_ch // parts, (part + 1) * n_ch // parts):
         mode_fp = _flush_denormals()
+        dacc[:] = 0
         for g_ in range(ch * groups // n_ch, (ch + 1) * groups // n_ch):
             l = g_ % h
             z = (g_ // h) % D
@@ -1230,11 +1236,29 @@ def softmax_backward_made_again(U, m, use_message, compat, use_compat, zlo, zhi,
                         orow = out[b, c, z, y]
                         for i in range(W):
                             orow[i] = lr[i] * (gr[i] - dot[i])
+                if final:  # the finished sums of this row, while they are in the cache
+                    for c in range(C):
+                        trow = sums[b, c, z, y]
+                        ur = U[b, c, z, y]
+                        for i in range(W):
+                            t = trow[i]
+                            fin[i] += t - t
+                            dacc[i] += np.float64(t * ur[i])
             if reduce:  # the group's rows transposed-upsampled along x
                 for c in range(C):
                     _reduce_row_fours(acc_lo[c], xlo, xhi, xf, below[b, c, z, l], i0, n4)
                     _reduce_row_fours(acc_hi[c], xlo, xhi, xf, above[b, c, z, l], i0, n4)
+        if final:
+            total_dot = 0.0
+            for i in range(W):
+                total_dot += dacc[i]
+            dots[ch] = total_dot
         _restore(mode_fp)
+    if final:
+        flag = fin[0]
+        for i in range(W):
+            flag += fin[i]
+        checks[part] = flag
 
 
 @numba.njit(**_PIECES)

@@ -26,6 +26,9 @@ __all__ = ["num_threads", "for_chunks", "for_pieces"]
 #: Below this many elements a split costs more than it saves.
 MIN_ELEMENTS = 1 << 18
 
+#: The default thread count (``os.cpu_count()`` costs microseconds, and kernels ask per call).
+_DEFAULT_THREADS = max(1, min(os.cpu_count() or 1, 8))
+
 _lock = threading.Lock()
 _executors = {}  # worker count -> ThreadPoolExecutor; never shut down, as other calls may use it
 _inside = threading.local()
@@ -65,7 +68,7 @@ def num_threads() -> int:
         if threads < 1:
             raise ValueError(f"CUCRF_NUM_THREADS must be a positive integer, got {env!r}")
         return threads
-    return max(1, min(os.cpu_count() or 1, 8))
+    return _DEFAULT_THREADS
 
 
 def _get_executor(threads):

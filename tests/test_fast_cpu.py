@@ -250,6 +250,35 @@ def test_training_keeps_no_full_resolution_q_and_matches_numpy(monkeypatch, nd, 
     _check_backward(unary, features, params, config, rng.normal(size=unary.shape), False)
 
 
+def test_the_last_softmax_vjp_vouches_for_the_unary_gradient_and_sums_its_products(monkeypatch):
+    """The first softmax's vjp makes the last addition into the unary's gradient: it tells
+    whether every value is finite (infer_vjp then skips its scan) and gives the unary weight's
+    gradient sum(grad * U) in the same pass; a gradient that overflowed is still refused."""
+    rng = np.random.default_rng(19)
+    unary = rng.normal(scale=2.0, size=(2, 4, 30, 41)).astype(np.float32)
+    features = rng.uniform(0, 255, size=(2, 3, 30, 41)).astype(np.float32)
+    config = _meanfield.CRFConfig(5, 4, 3)
+    assert fb.ready(np.float32)
+    kernels = []
+    real = fb._run
+    monkeypatch.setattr(fb, "_run", lambda kernel, *a: kernels.append(kernel.__name__) or real(kernel, *a))
+    tape = _meanfield.Tape()
+    _meanfield.mean_field(fb, unary, features, CRFParams(), config, tape=tape)
+    go = rng.normal(size=unary.shape).astype(np.float32)
+    gu, _, grads = _meanfield.mean_field_backward(fb, tape, go)
+    assert "row_dots" not in kernels
+    assert fb.known_finite(gu)
+    want = float(np.sum((gu * unary).astype(np.float64)))
+    assert abs(grads["unary_weight"] - want) <= 1e-9 * float(np.sum(np.abs(gu * unary)))
+    tape = _meanfield.Tape()
+    _meanfield.mean_field(fb, unary, features, CRFParams(), config, tape=tape)
+    gu = _meanfield.mean_field_backward(fb, tape, go * np.float32(3e38))[0]
+    assert not np.isfinite(gu).all() and not fb.known_finite(gu)
+    monkeypatch.setattr(fb, "_run", real)
+    with pytest.raises(ValueError, match=r"^the gradient with respect to the unary \(cucrf.infer_vjp\) holds"):
+        cucrf.infer_vjp(unary[0], np.moveaxis(features[0], 0, -1), grad_output=np.sign(go[0]) * np.float32(3e38))
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_one_pass_extremes_match_numpy_and_hand_non_finite_arrays_back(dtype):
     assert fb.ready(dtype)
