@@ -321,6 +321,8 @@ class CoarseMessage:
     source: object
     #: ``m`` upsampled along x (B, C, d, h, W) by the message kernel, until the update uses it
     upsampled: Optional[tuple] = None
+    #: ``-compat @ m`` (merged, with a compatibility matrix), once the update has made it
+    phi: object = None
 
 
 @dataclasses.dataclass
@@ -447,14 +449,15 @@ def _coarse_message(setup, pooled, q):
     return msg
 
 
-def _make_message(msg):
-    """Make ``msg.m`` (and, where the update reads it so, ``msg.upsampled``) from ``msg.pooled``."""
+def _make_message(msg, along_x=True):
+    """Make ``msg.m`` (and, where the update reads it so and ``along_x``, ``msg.upsampled``) from
+    ``msg.pooled``."""
     setup = msg.setup
     B, C = msg.pooled[0].shape[:2]
     tab = setup.tables
     # the update reads the message upsampled along x: made row by row by the message kernel
     # (unless blur 1 along x, or the two messages are summed at full resolution)
-    upsample = tab.coarse[2] != setup.size[-1] and not (tab.trivial and setup.separate)
+    upsample = along_x and tab.coarse[2] != setup.size[-1] and not (tab.trivial and setup.separate)
     d = _dummies(setup.dtype.str)
     ms, ups = [], []
     for s, weight in enumerate(setup.weights):
@@ -465,6 +468,17 @@ def _make_message(msg):
         ups.append(up)
     msg.m = tuple(ms)
     msg.upsampled = tuple(ups) if upsample else None
+
+
+def _coarse_phi(msg, compat):
+    """``-compat @ m`` of a merged message on the coarse grid (5-D), kept in ``msg.phi`` for the
+    backward pass, which makes ``Q`` again from it."""
+    if msg.phi is None:
+        m = msg.m[0]
+        B, C = m.shape[:2]
+        mu = np.asarray(compat, dtype=m.dtype)
+        msg.phi = _c(np.matmul(-mu, m.reshape(B, C, -1)).reshape(m.shape))
+    return msg.phi
 
 
 def _taps(tab):
@@ -499,17 +513,23 @@ def update(scaled_unary, msg, compat, return_logits=False, out=None, transient=F
     dt = su.dtype
     d = _dummies(dt.str)
     taped = out is None
+    phi = False
     if isinstance(msg, CoarseMessage) and msg.m is None:
         if compat is None and not return_logits:
             return _iterate(U5, su, msg, transient, taped)
-        _make_message(msg)
+        _make_message(msg, along_x=compat is None or msg.setup.separate)
     if isinstance(msg, CoarseMessage):
         setup = msg.setup
         tab = setup.tables
         trivial_merged = tab.trivial and not setup.separate
         mode = 3 if trivial_merged else (2 if setup.separate else 1)
         ups, msg.upsampled = msg.upsampled, None  # used once: a tape keeps only the coarse m
-        m0 = msg.m[0] if trivial_merged else (ups[0] if ups else _upsample_x(setup, msg.m[0]))
+        if compat is not None and mode == 1:
+            # -Phi = -compat @ Up(m) = Up(-compat @ m): the class product on the coarse grid
+            phi = True
+            m0 = _upsample_x(setup, _coarse_phi(msg, compat))
+        else:
+            m0 = msg.m[0] if trivial_merged else (ups[0] if ups else _upsample_x(setup, msg.m[0]))
         m1 = (ups[1] if ups else _upsample_x(setup, msg.m[1])) if setup.separate else d["a5"]
         n0, n1 = setup.normalisers if setup.separate else (d["a5"], d["a5"])
         w0, w1 = (setup.weights + (0.0,))[:2]
@@ -542,10 +562,10 @@ def update(scaled_unary, msg, compat, return_logits=False, out=None, transient=F
         p1 = np.empty((B, C) + tab.coarse, dt) if pool_mode == 2 else d["a5"]
     else:
         p0 = p1 = d["a5"]
-    use_compat = compat is not None
+    use_compat = compat is not None and not phi
     c = _c(np.asarray(compat, dtype=dt)) if use_compat else d["mat"]
     checks = np.zeros(PIECES, dt)
-    _run(_k.update, U5, m0, m1, n0, n1, mode, float(w0), float(w1), c, use_compat, bool(return_logits), *taps,
+    _run(_k.update, U5, m0, m1, n0, n1, mode, float(w0), float(w1), c, use_compat, phi, bool(return_logits), *taps,
          pool_mode, zs, ys, xs, inv, p0, p1, store, _v5(target), checks)
     if store and not np.isnan(checks).any():
         _finite[id(target)] = target
@@ -616,7 +636,7 @@ def softmax(x, transient=False):
     out = _new(xc.shape, xc.dtype)
     zs, ys = _row_tables(x5.shape[2], x5.shape[3])
     checks = np.zeros(PIECES, xc.dtype)
-    _run(_k.update, x5, d["a5"], d["a5"], d["a5"], d["a5"], 0, 1.0, 1.0, d["mat"], False, False,
+    _run(_k.update, x5, d["a5"], d["a5"], d["a5"], d["a5"], 0, 1.0, 1.0, d["mat"], False, False, False,
          *((d["u"], d["u"], d["f"]) * 2), 0, zs, ys, d["i"], d["inv"], d["a5"], d["a5"], True, _v5(out), checks)
     if not np.isnan(checks).any():
         _finite[id(out)] = out
@@ -636,7 +656,7 @@ def _pooled_softmax(setup, logits):
     p0 = np.empty((B, C) + tab.coarse, setup.dtype)
     p1 = np.empty((B, C) + tab.coarse, setup.dtype) if separate else d["a5"]
     n0, n1 = setup.normalisers if separate else (d["a5"], d["a5"])
-    _run(_k.update, x5, d["a5"], d["a5"], n0, n1, 0, 1.0, 1.0, d["mat"], False, False,
+    _run(_k.update, x5, d["a5"], d["a5"], n0, n1, 0, 1.0, 1.0, d["mat"], False, False, False,
          *((d["u"], d["u"], d["f"]) * 2), 2 if separate else 1, *tab.starts, tab.inv, p0, p1, False, d["a5"],
          np.zeros(PIECES, setup.dtype))
     return (p0, p1) if separate else (p0,)
@@ -756,8 +776,8 @@ def _softmax_backward_made_again(q: PooledQ, grad, into):
     d = _dummies(dt.str)
     U5 = _v5(q.logits)
     B, C = U5.shape[:2]
-    use_compat = q.compat is not None
-    c = _c(np.asarray(q.compat, dtype=dt)) if use_compat else d["mat"]
+    # with a compatibility matrix, Q is made from -compat @ m, as the update made it
+    m = d["a5"] if msg is None else (msg.m[0] if q.compat is None else _coarse_phi(msg, q.compat))
     reduce = into is not None and setup.nd == 2
     if reduce:
         out = d["a5"]
@@ -770,7 +790,7 @@ def _softmax_backward_made_again(q: PooledQ, grad, into):
     final = msg is None and into is not None
     checks = np.zeros(PIECES, dt)
     dots = np.zeros(_k._chunks(B * U5.shape[2] * tab.coarse[1]) if final else 1)
-    _run(_k.softmax_backward_made_again, U5, d["a5"] if msg is None else msg.m[0], msg is not None, c, use_compat,
+    _run(_k.softmax_backward_made_again, U5, m, msg is not None,
          tab.lo[0], tab.hi[0], tab.frac[0], tab.lo[1], tab.hi[1], tab.frac[1], tab.lo[2], tab.hi[2], tab.frac[2],
          tab.lo_starts[1], d["a5"] if g5 is None else g5, d["a5"] if r0 is None else r0, grad_mode, tab.cells[0],
          tab.cells[1], tab.starts[2], _v5(out), *_into(into, d), reduce, below, above, final, checks, dots)

@@ -626,7 +626,7 @@ def _softmax_rows(logits, top, total):
 
 
 @numba.njit(**_PIECES)
-def update(U, m0, m1, n0, n1, mode, w0, w1, compat, use_compat, return_logits,
+def update(U, m0, m1, n0, n1, mode, w0, w1, compat, use_compat, phi, return_logits,
            zlo, zhi, zf, ylo, yhi, yf,
            pool_mode, zs, ys, xs, inv, p0, p1, store, out, checks, part, parts):
     """One mean-field update, fused: ``out = softmax(U - Phi(M))`` (or the logits).
@@ -634,7 +634,8 @@ def update(U, m0, m1, n0, n1, mode, w0, w1, compat, use_compat, return_logits,
     ``mode`` 0: no message (a softmax of ``U``); 1: ``M = Up(m0)``; 2: ``M = w0 n0 Up(m0) +
     w1 n1 Up(m1)`` (``n`` (B, 1, D, H, W)), with ``m`` already upsampled along x by
     :func:`upsample_x` (B, C, d, h, W); 3: ``M = m0`` at full resolution. ``-Phi`` is
-    ``-compat @ M`` (``use_compat``), else Potts (``M - sum_c M``; the sum cancels in the
+    ``-compat @ M`` (``use_compat``), ``M`` itself (``phi``: with ``mode`` 1, the coarse
+    message is ``-compat @ m`` already), else Potts (``M - sum_c M``; the sum cancels in the
     softmax). Upsampling taps along z and y: ``lo``, ``hi`` (unsigned), ``f``. ``pool_mode`` 1 (2)
     also writes ``p0 = Pool(out)`` (``p_k = Pool(n_k out)``) with the cells ``zs``, ``ys``,
     ``xs`` and ``inv`` of :func:`pool`; rows are processed by rows of cells, so each thread owns
@@ -649,8 +650,8 @@ def update(U, m0, m1, n0, n1, mode, w0, w1, compat, use_compat, return_logits,
     cd = zs.shape[0] - 1
     chh = ys.shape[0] - 1
     groups = B * cd * chh
-    # Potts without logits: the message is interpolated straight into the logits
-    direct = mode == 1 and not use_compat and not return_logits
+    # Potts without logits (or -Phi given): the message is interpolated straight into the logits
+    direct = mode == 1 and not use_compat and (phi or not return_logits)
     Wp = _padded(W)
     n_ch = _chunks(groups)
     # Row buffers, made once per piece. The softmax and pooling buffers are padded to whole
@@ -1096,13 +1097,13 @@ def _yz_row_of(up, fz, fy, row):
 
 
 @numba.njit(**_PIECES)
-def softmax_backward_made_again(U, m, use_message, compat, use_compat, zlo, zhi, zf, ylo, yhi, yf, xlo, xhi, xf,
+def softmax_backward_made_again(U, m, use_message, zlo, zhi, zf, ylo, yhi, yf, xlo, xhi, xf,
                                 lstart, g, r0, grad_mode, zcell, ycell, xs, out, add, sums,
                                 reduce, below, above, final, checks, dots, part, parts):
     """``out = q * (G - sum_c q G)`` (:func:`softmax_backward`) with ``q`` made again row by row,
-    as :func:`update` made it: ``softmax(U - Phi(Up(m)))`` (``use_message``; coarse ``m``
-    (B, C, d, h, w); ``-Phi`` Potts or ``-compat @``), else ``softmax(U)``; the same operations
-    in the same order, so the same ``q`` bit for bit. ``grad_mode`` 0: ``G = g`` (B, C, D, H, W);
+    as :func:`update` made it: ``softmax(U + Up(m))`` (``use_message``; coarse ``m``
+    (B, C, d, h, w): the message for Potts, ``-compat @ m`` otherwise), else ``softmax(U)``; the
+    same operations in the same order, so the same ``q`` bit for bit. ``grad_mode`` 0: ``G = g`` (B, C, D, H, W);
     1: ``G = Pool^T(r0)`` (coarse ``r0`` already divided by the cells' pixel counts; cells
     ``zcell``, ``ycell`` of each pixel, ``xs`` first pixel of each cell along x). ``add``: the
     result is also added to ``sums``.
@@ -1164,9 +1165,9 @@ def softmax_backward_made_again(U, m, use_message, compat, use_compat, zlo, zhi,
             for y in range(y_a, y_b):
                 fy = yf[y]
                 glo = one - fy
-                # q of this row: the logits, their maximum, exp and sum, as in update (Potts
-                # between two message rows: interpolated straight into the logits)
-                direct = use_message and not use_compat and zf[z] == 0
+                # q of this row: the logits, their maximum, exp and sum, as in update (between
+                # two message rows: interpolated straight into the logits)
+                direct = use_message and zf[z] == 0
                 if use_message and not direct:
                     _yz_row_of(up, zf[z], fy, row0)
                 for c in range(C):
@@ -1181,15 +1182,6 @@ def softmax_backward_made_again(U, m, use_message, compat, use_compat, zlo, zhi,
                     elif not use_message:
                         for i in range(W):
                             lr[i] = ur[i]
-                    elif use_compat:
-                        total[:] = 0
-                        for k in range(C):
-                            mu = compat[c, k]
-                            rk = row0[k]
-                            for i in range(W):
-                                total[i] += mu * rk[i]
-                        for i in range(W):
-                            lr[i] = ur[i] + (-total[i])
                     else:
                         rc = row0[c]
                         for i in range(W):
