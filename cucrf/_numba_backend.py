@@ -992,6 +992,45 @@ def prepare_backward(setup: FastSetup, features, params, config, grads):
 
 
 # ---------------------------------------------------------------------------------------------
+# the training loss
+# ---------------------------------------------------------------------------------------------
+def tempered_cross_entropy(logits, labels, log_temperature, class_weights=None, ignore_index=255):
+    """:func:`cucrf._learning.objective.tempered_cross_entropy` in one compiled pass; None where
+    the NumPy code should compute it (a dtype whose kernels are not compiled and checked, a label
+    outside ``0 .. C - 1`` that is not ``ignore_index``: NumPy's own error then)."""
+    if logits.dtype not in (np.float32, np.float64) or _ready_dtypes.get(logits.dtype.str) is not True:
+        return None
+    dt = logits.dtype
+    B, C = logits.shape[:2]
+    spatial = tuple(logits.shape[2:])
+    lab = np.asarray(labels)
+    if lab.shape != (B,) + spatial or lab.dtype.kind not in "iu" or len(spatial) not in (2, 3):
+        return None
+    lab = np.ascontiguousarray(lab, dtype=np.int64).reshape((B,) + (1,) * (3 - len(spatial)) + spatial)
+    valid = lab != ignore_index
+    counted = lab[valid]
+    if counted.size and (counted.min() < 0 or counted.max() >= C):
+        return None
+    if class_weights is None:
+        weights, total = _dummies(dt.str)["f"], float(counted.size)
+    else:
+        weights = np.ascontiguousarray(class_weights, dtype=dt)
+        total = float(np.sum(weights[counted], dtype=np.float64))
+    tau = float(np.exp(log_temperature))
+    if total <= 0:
+        return float("nan"), np.zeros_like(logits), 0.0, 0.0
+    grad = np.empty(logits.shape, dt)
+    partial = np.zeros((max(1, min(B * lab.shape[1] * lab.shape[2], 64)), 2))
+    _run(_k.tempered_cross_entropy, _v5(logits), lab, weights, class_weights is not None, int(ignore_index),
+         dt.type(1.0 / tau), dt.type(1.0 / (total * tau)), _v5(grad), partial)
+    sums = np.zeros(2)
+    for row in partial:  # in order: the same sums for any number of threads
+        sums += row
+    return -float(sums[0]) / total, grad, -float(sums[1]) / total, total
+
+
+# ---------------------------------------------------------------------------------------------
+# first use# ---------------------------------------------------------------------------------------------
 # first use
 # ---------------------------------------------------------------------------------------------
 def warm_up(dtypes=(np.float32,)):

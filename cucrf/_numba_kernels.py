@@ -1386,6 +1386,83 @@ def row_dots(a, b, out, part, parts):
         _restore(mode_fp)
 
 
+# -- the training loss -----------------------------------------------------------------------------
+@numba.njit(**_PIECES)
+def tempered_cross_entropy(logits, labels, weights, use_weights, ignore, inv_tau, scale, grad, partial, part, parts):
+    """The cross-entropy of ``softmax(logits * inv_tau)`` against ``labels`` and its gradient, in
+    one pass per row (as :func:`cucrf._learning.objective.cross_entropy` computes them).
+
+    ``logits``, ``grad`` (B, C, D, H, W); ``labels`` (B, D, H, W) int64, each in ``0 .. C - 1`` or
+    ``ignore`` (weight 0); ``weights`` (C,) per-class weights (``use_weights``, else 1). Writes
+    ``grad = (softmax - onehot) * w * scale`` and, per chunk of rows, float64 sums into
+    ``partial[chunk]``: ``sum w log q(label)`` and ``sum (softmax - onehot) * w * logits * inv_tau``.
+    """
+    B, C, D, H, W = logits.shape
+    dt = logits.dtype
+    groups = B * D * H
+    n_ch = partial.shape[0]
+    Wp = _padded(W)
+    sv = np.empty((C, W), dt)
+    e = np.zeros((C, Wp), dt)
+    top = np.zeros(Wp, dt)
+    total = np.empty(Wp, dt)
+    wv = np.empty(W, dt)
+    lab = np.empty(W, np.int64)
+    one = dt.type(1)
+    zero = dt.type(0)
+    acc_loss = np.empty(W, np.float64)
+    acc_tau = np.empty(W, np.float64)
+    for ch in range(part * n_ch // parts, (part + 1) * n_ch // parts):
+        mode_fp = _flush_denormals()
+        acc_loss[:] = 0
+        acc_tau[:] = 0
+        for g in range(ch * groups // n_ch, (ch + 1) * groups // n_ch):
+            y = g % H
+            z = (g // H) % D
+            b = g // (H * D)
+            lr_ = labels[b, z, y]
+            for i in range(W):
+                k = lr_[i]
+                valid = k != ignore
+                lab[i] = k if valid else 0
+                if not valid:
+                    wv[i] = zero
+                elif use_weights:
+                    wv[i] = weights[k]
+                else:
+                    wv[i] = one
+            for c in range(C):
+                src = logits[b, c, z, y]
+                s_row = sv[c]
+                er = e[c]
+                for i in range(W):
+                    v = src[i] * inv_tau
+                    s_row[i] = v
+                    er[i] = v
+                _logits_row_done(top, er, c == 0, W)
+            _softmax_rows(e, top, total)  # e = exp(scaled - top), total = 1 / sum
+            for i in range(W):
+                picked = (sv[lab[i], i] - top[i]) + math.log(total[i])
+                acc_loss[i] += np.float64(wv[i]) * np.float64(picked)
+            for c in range(C):
+                er = e[c]
+                s_row = sv[c]
+                grow = grad[b, c, z, y]
+                for i in range(W):
+                    d = er[i] * total[i] - (one if lab[i] == c else zero)
+                    d = d * wv[i]
+                    grow[i] = d * scale
+                    acc_tau[i] += np.float64(d) * np.float64(s_row[i])
+        loss_sum = 0.0
+        tau_sum = 0.0
+        for i in range(W):
+            loss_sum += acc_loss[i]
+            tau_sum += acc_tau[i]
+        partial[ch, 0] = loss_sum
+        partial[ch, 1] = tau_sum
+        _restore(mode_fp)
+
+
 # -- kernel parameter gradients --------------------------------------------------------------------
 @numba.njit(inline="always", **_SERIAL)
 def _pair_terms(scaled, feats, b, z, y, zz, yy, x0, dx, n, pz, py, px, ia2, ig2, app, smo, d2s, col):

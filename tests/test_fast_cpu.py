@@ -280,6 +280,36 @@ def test_the_last_softmax_vjp_vouches_for_the_unary_gradient_and_sums_its_produc
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,weighted", [((2, 4, 9, 37), True), ((1, 3, 4, 6, 7), False)])
+def test_training_loss_in_one_pass_matches_numpy(monkeypatch, dtype, shape, weighted):
+    """fit's loss (tempered cross-entropy, its gradient and the temperature's) from the compiled
+    pass against the NumPy code, with ignored pixels and class weights, images and volumes; a
+    label out of range still gets NumPy's error."""
+    from cucrf._learning import objective
+
+    assert fb.ready(dtype)
+    rng = np.random.default_rng(20)
+    logits = (rng.normal(size=shape) * 3).astype(dtype)
+    labels = rng.integers(0, shape[1], (shape[0],) + shape[2:])
+    labels.reshape(-1)[::7] = 255
+    weights = rng.uniform(0.2, 2.0, shape[1]) if weighted else None
+    for log_tau in (0.0, 0.7):
+        got = fb.tempered_cross_entropy(logits, labels, log_tau, weights)
+        assert got is not None and got[1].dtype == dtype
+        monkeypatch.setenv("CUCRF_FAST", "0")
+        want = objective.tempered_cross_entropy(logits, labels, log_tau, weights)
+        monkeypatch.delenv("CUCRF_FAST")
+        rtol = 1e-5 if dtype == np.float32 else 1e-12
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=rtol, atol=rtol * np.max(np.abs(w)))
+    bad = labels.copy()
+    bad.reshape(-1)[3] = shape[1]
+    assert fb.tempered_cross_entropy(logits, bad, 0.0, weights) is None
+    with pytest.raises(IndexError):
+        objective.tempered_cross_entropy(logits, bad, 0.0, weights)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_one_pass_extremes_match_numpy_and_hand_non_finite_arrays_back(dtype):
     assert fb.ready(dtype)
     rng = np.random.default_rng(12)
