@@ -474,11 +474,16 @@ def _coarse_phi(msg, compat):
     """``-compat @ m`` of a merged message on the coarse grid (5-D), kept in ``msg.phi`` for the
     backward pass, which makes ``Q`` again from it."""
     if msg.phi is None:
-        m = msg.m[0]
-        B, C = m.shape[:2]
-        mu = np.asarray(compat, dtype=m.dtype)
-        msg.phi = _c(np.matmul(-mu, m.reshape(B, C, -1)).reshape(m.shape))
+        msg.phi = _mix_classes(-np.asarray(compat, dtype=msg.m[0].dtype), msg.m[0])
     return msg.phi
+
+
+def _mix_classes(mu, x):
+    """``mu @ x`` over the class axis of a (B, C, ...) array, compiled (a new C-contiguous array)."""
+    B, C = x.shape[:2]
+    out = np.empty(x.shape, x.dtype)
+    _run(_k.mix_classes, _c(np.asarray(mu, dtype=x.dtype)), _c(x).reshape(B, C, -1), out.reshape(B, C, -1))
+    return out
 
 
 def _taps(tab):
@@ -686,8 +691,7 @@ def _compat_transpose(x, compat):
     """``-mu^T x`` over the class axis (Potts: ``x - sum_c x``)."""
     if compat is None:
         return x - x.sum(axis=1, keepdims=True)
-    B, C = x.shape[:2]
-    return np.matmul(-np.asarray(compat, dtype=x.dtype).T, x.reshape(B, C, -1)).reshape(x.shape)
+    return _mix_classes(-np.asarray(compat, dtype=x.dtype).T, x)
 
 
 def _class_products(pairs, weights):

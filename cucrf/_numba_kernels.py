@@ -1386,6 +1386,27 @@ def row_dots(a, b, out, part, parts):
         _restore(mode_fp)
 
 
+# -- class products of a compatibility matrix (coarse arrays) ---------------------------------------
+@numba.njit(**_PIECES)
+def mix_classes(mu, x, out, part, parts):
+    """``out[b, c] = sum_k mu[c, k] * x[b, k]`` for (B, C, N) arrays, ``mu`` (C, C) in their dtype.
+
+    (NumPy's matmul would hand this to BLAS, whose threads keep spinning after the call and
+    take the cores from the next kernel for milliseconds.)"""
+    B, C, N = x.shape
+    groups = B * C
+    for gi in range(part * groups // parts, (part + 1) * groups // parts):
+        c = gi % C
+        b = gi // C
+        o = out[b, c]
+        o[:] = 0
+        for k in range(C):
+            w = mu[c, k]
+            xr = x[b, k]
+            for i in range(N):
+                o[i] += w * xr[i]
+
+
 # -- the training loss -----------------------------------------------------------------------------
 @numba.njit(**_PIECES)
 def tempered_cross_entropy(logits, labels, weights, use_weights, ignore, inv_tau, scale, grad, partial, part, parts):
