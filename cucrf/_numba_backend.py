@@ -422,8 +422,8 @@ def full_message(setup: FastSetup, q, config=None):
             if _one_call_per_iteration(setup):
                 return CoarseMessage(setup, None, q.pooled, q)
             return _coarse_message(setup, q.pooled, q)
-    q5 = _v5(_materialise(q))
-    pooled = pending[1] if pending is not None and pending[0]() is q else _pool_q(setup, q5)
+    q = _materialise(q)  # (the array as the source: inference may write the next Q over it)
+    pooled = pending[1] if pending is not None and pending[0]() is q else _pool_q(setup, _v5(q))
     return _coarse_message(setup, pooled, q)
 
 
