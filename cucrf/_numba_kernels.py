@@ -1357,7 +1357,37 @@ def class_products(a, m, weight, out, part, parts):
     B, C, N = a.shape
     for c in range(part * C // parts, (part + 1) * C // parts):
         mode_fp = _flush_denormals()
-        for k in range(C):
+        k4 = C // 4 * 4
+        for k in range(0, k4, 4):  # four classes per pass over a[b, c]
+            t0 = 0.0
+            t1 = 0.0
+            t2 = 0.0
+            t3 = 0.0
+            for b in range(B):
+                ar = a[b, c]
+                m0 = m[b, k]
+                m1 = m[b, k + 1]
+                m2 = m[b, k + 2]
+                m3 = m[b, k + 3]
+                s0 = 0.0
+                s1 = 0.0
+                s2 = 0.0
+                s3 = 0.0
+                for i in range(N):
+                    v = ar[i]
+                    s0 += np.float64(v * m0[i])
+                    s1 += np.float64(v * m1[i])
+                    s2 += np.float64(v * m2[i])
+                    s3 += np.float64(v * m3[i])
+                t0 += s0
+                t1 += s1
+                t2 += s2
+                t3 += s3
+            out[c, k] -= weight * t0
+            out[c, k + 1] -= weight * t1
+            out[c, k + 2] -= weight * t2
+            out[c, k + 3] -= weight * t3
+        for k in range(k4, C):
             total = 0.0
             for b in range(B):
                 ar = a[b, c]
