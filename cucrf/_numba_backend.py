@@ -748,7 +748,7 @@ def softmax_backward(q, grad, into=None):
 
 
 def _into(into, d):
-    """The ``add, total`` arguments of the softmax vjp kernels for ``into`` (an array or None)."""
+    """The ``add, sums`` arguments of the softmax vjp kernels for ``into`` (an array or None)."""
     if into is None:
         return False, d["a5"]
     if not (into.flags.c_contiguous and into.flags.writeable):

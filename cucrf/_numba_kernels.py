@@ -1121,7 +1121,6 @@ def softmax_backward_made_again(U, m, use_message, zlo, zhi, zf, ylo, yhi, yf, x
     """
     B, C, D, H, W = U.shape
     h = lstart.shape[0] - 1
-    w = m.shape[4]
     dt = U.dtype
     groups = B * D * h
     n_ch = _chunks(groups)
