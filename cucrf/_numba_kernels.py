@@ -1103,18 +1103,18 @@ def softmax_backward_made_again(U, m, use_message, zlo, zhi, zf, ylo, yhi, yf, x
     """``out = q * (G - sum_c q G)`` (:func:`softmax_backward`) with ``q`` made again row by row,
     as :func:`update` made it: ``softmax(U + Up(m))`` (``use_message``; coarse ``m``
     (B, C, d, h, w): the message for Potts, ``-compat @ m`` otherwise), else ``softmax(U)``; the
-    same operations in the same order, so the same ``q`` bit for bit. ``grad_mode`` 0: ``G = g`` (B, C, D, H, W);
-    1: ``G = Pool^T(r0)`` (coarse ``r0`` already divided by the cells' pixel counts; cells
-    ``zcell``, ``ycell`` of each pixel, ``xs`` first pixel of each cell along x). ``add``: the
-    result is also added to ``sums``.
+    same operations in the same order, so the same ``q`` bit for bit. ``grad_mode`` 0: ``G = g``
+    (B, C, D, H, W); 1: ``G = Pool^T(r0)`` (coarse ``r0`` already divided by the cells' pixel
+    counts; cells ``zcell``, ``ycell`` of each pixel, ``xs`` first pixel of each cell along x).
+    ``add``: the result is also added to ``sums``.
 
     Rows are taken by groups with one lower message row: ``lstart[l] .. lstart[l + 1] - 1``
     are the rows with ``ylo == l``, whose message rows are upsampled along x once per group.
-    ``reduce`` (images; with ``add``): ``out`` is not written; instead the
-    result's transposed upsampling, split by the rows it goes to: ``below[b, c, z, l]`` gets
-    ``Up_x^T sum (1 - fy) out`` and ``above[b, c, z, l]`` ``Up_x^T sum fy out`` over the
-    group's rows (:func:`_reduce_row_fours`), so that
-    ``Up^T(out)[l] = below[l] + above[l - 1]`` (and ``+ above[h - 1]`` on the last row).
+    ``reduce`` (images; with ``add``): ``out`` is not written; instead the result's transposed
+    upsampling, split by the rows it goes to: ``below[b, c, z, l]`` gets ``Up_x^T sum (1 - fy)
+    out`` and ``above[b, c, z, l]`` ``Up_x^T sum fy out`` over the group's rows
+    (:func:`_reduce_row_fours`), so that ``Up^T(out)[l] = below[l] + above[l - 1]`` (and
+    ``+ above[h - 1]`` on the last row).
     ``final`` (with ``add``: the last addition to ``sums``): each piece writes 0 into
     ``checks[part]`` when every value of ``sums`` it finished is finite, else NaN, and each
     chunk of rows ``sum(sums * U)`` (products in the dtype, sums in float64) into ``dots[chunk]``.
