@@ -739,12 +739,18 @@ def softmax_backward(q, grad, into=None):
         else:
             mode, r0, r1, n0, n1, gn0, gn1, accumulate = 1, grad.r[0], d["a5"], d["a5"], d["a5"], d["a5"], d["a5"], False
         _run(_k.softmax_backward, q5, d["a5"], r0, r1, n0, n1, gn0, gn1, mode, bool(accumulate), True,
-             *tab.cells, _v5(out), *_into(into, d))
+             *_spread(tab), _v5(out), *_into(into, d))
     else:
         g5 = _v5(np.asarray(grad).astype(dt, copy=False))
         _run(_k.softmax_backward, q5, g5, d["a5"], d["a5"], d["a5"], d["a5"], d["a5"], d["a5"], 0, False, True,
-             d["u"], d["u"], d["u"], _v5(out), *_into(into, d))
+             d["u"], d["u"], d["i"], _v5(out), *_into(into, d))
     return out
+
+
+def _spread(tab):
+    """The cells the softmax vjp kernels spread a coarse gradient over: each pixel's cell along z
+    and y, the first pixel of each cell along x."""
+    return tab.cells[0], tab.cells[1], tab.starts[2]
 
 
 def _into(into, d):
@@ -758,8 +764,8 @@ def _into(into, d):
 
 def _softmax_backward_made_again(q: PooledQ, grad, into):
     """The vjp of the softmax at a :class:`PooledQ` whose ``Q`` is made again inside the kernel
-    (one merged kernel, or the first softmax; with a merged :class:`PixelGradient` or an array);
-    None where ``Q`` has to be made first.
+    (one merged kernel, or the first softmax; with a merged :class:`PixelGradient`, what
+    :func:`full_message_backward` gives); None where ``Q`` has to be made first.
 
     With ``into`` on an image the result is only read again by :func:`compatibility_backward`,
     for its transposed upsampling: the kernel does that too and a :class:`LogitsGradient` is
@@ -767,14 +773,9 @@ def _softmax_backward_made_again(q: PooledQ, grad, into):
     msg = q.message
     if q.full is not None or (msg is not None and (msg.setup.separate or msg.setup.tables.trivial)):
         return None
-    if isinstance(grad, PixelGradient):
-        if grad.setup.separate:
-            return None
-        setup, grad_mode, r0, g5 = grad.setup, 1, grad.r[0], None
-    elif msg is not None:
-        setup, grad_mode, r0, g5 = msg.setup, 0, None, _v5(np.asarray(grad).astype(q.dtype, copy=False))
-    else:
+    if not isinstance(grad, PixelGradient) or grad.setup.separate:
         return None
+    setup = grad.setup
     tab = setup.tables
     dt = q.dtype
     d = _dummies(dt.str)
@@ -796,8 +797,8 @@ def _softmax_backward_made_again(q: PooledQ, grad, into):
     dots = np.zeros(_k._chunks(B * U5.shape[2] * tab.coarse[1]) if final else 1)
     _run(_k.softmax_backward_made_again, U5, m, msg is not None,
          tab.lo[0], tab.hi[0], tab.frac[0], tab.lo[1], tab.hi[1], tab.frac[1], tab.lo[2], tab.hi[2], tab.frac[2],
-         tab.lo_starts[1], d["a5"] if g5 is None else g5, d["a5"] if r0 is None else r0, grad_mode, tab.cells[0],
-         tab.cells[1], tab.starts[2], _v5(out), *_into(into, d), reduce, below, above, final, checks, dots)
+         tab.lo_starts[1], grad.r[0], *_spread(tab), _v5(out), *_into(into, d), reduce, below, above, final,
+         checks, dots)
     if final:
         if not np.isnan(checks).any():
             _finite[id(into)] = into
@@ -833,7 +834,7 @@ def _settle(grad: PixelGradient):
     grad.q = _materialise(grad.q)
     gn0, gn1 = (_v5(g) for g in _normaliser_gradients(setup, grad.grads, grad.q))
     _run(_k.softmax_backward, _v5(grad.q), d["a5"], grad.r[0], grad.r[1], setup.normalisers[0],
-         setup.normalisers[1], gn0, gn1, 2, True, False, *tab.cells, d["a5"], False, d["a5"])
+         setup.normalisers[1], gn0, gn1, 2, True, False, *_spread(tab), d["a5"], False, d["a5"])
 
 
 def sum_products(a, b):

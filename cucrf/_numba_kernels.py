@@ -562,23 +562,24 @@ def _reduce_row_fours(v, xlo, xhi, xf, out, i0, n4):
 
 
 @numba.njit(inline="always", **_SERIAL)
+def _lerp_row(r00, r01, r10, r11, fz, fy, t):
+    """``t`` between the rows (z0, y0) ``r00``, (z0, y1) ``r01``, (z1, y0) ``r10`` and (z1, y1)
+    ``r11`` (the last two read only when ``fz != 0``)."""
+    for i in range(t.shape[0]):
+        a = r00[i]
+        t[i] = a + fy * (r01[i] - a)
+    if fz != 0:
+        for i in range(t.shape[0]):
+            a1 = r10[i]
+            t1 = a1 + fy * (r11[i] - a1)
+            t[i] = t[i] + fz * (t1 - t[i])
+
+
+@numba.njit(inline="always", **_SERIAL)
 def _yz_row(m, b, z0, z1, fz, y0, y1, fy, row):
     """Interpolation of ``m`` (B, C, d, h, W), upsampled along x, between rows (z0, y0) .. (z1, y1)."""
-    C, W = row.shape
-    for c in range(C):
-        t = row[c]
-        r00 = m[b, c, z0, y0]
-        r01 = m[b, c, z0, y1]
-        for i in range(W):
-            a = r00[i]
-            t[i] = a + fy * (r01[i] - a)
-        if fz != 0:
-            r10 = m[b, c, z1, y0]
-            r11 = m[b, c, z1, y1]
-            for i in range(W):
-                a1 = r10[i]
-                t1 = a1 + fy * (r11[i] - a1)
-                t[i] = t[i] + fz * (t1 - t[i])
+    for c in range(row.shape[0]):
+        _lerp_row(m[b, c, z0, y0], m[b, c, z0, y1], m[b, c, z1, y0], m[b, c, z1, y1], fz, fy, row[c])
 
 
 @numba.njit(inline="always", **_SERIAL)
@@ -981,31 +982,22 @@ def _pool_transpose_row_fours(r, b, cz, cy, xs, k0, n4, G):
                 gr[i] = v
 
 
-@numba.njit(inline="always", **_SERIAL)
-def _pool_transpose_row(r, b, cz, cy, xcell, G):
-    """``G[c, x] = r[b, c, cz, cy, xcell[x]]`` (unsigned ``xcell``)."""
-    C, W = G.shape
-    for c in range(C):
-        rr = r[b, c, cz, cy]
-        gr = G[c]
-        for i in range(W):
-            gr[i] = rr[xcell[i]]
-
-
 @numba.njit(**_PIECES)
-def softmax_backward(q, g, r0, r1, n0, n1, gn0, gn1, mode, accumulate, write, zcell, ycell, xcell, out, add, sums,
+def softmax_backward(q, g, r0, r1, n0, n1, gn0, gn1, mode, accumulate, write, zcell, ycell, xs, out, add, sums,
                      part, parts):
     """``out = q * (G - sum_c q G)``, the vjp of the softmax given its output ``q``.
 
     ``mode`` 0: ``G = g`` (B, C, D, H, W); 1: ``G = Pool^T(r0)``; 2: ``G = n0 Pool^T(r0) +
     n1 Pool^T(r1)`` with coarse ``r`` (B, C, d, h, w) already divided by each cell's pixel count,
-    so that ``Pool^T(r)[p] = r[cell(p)]``. ``accumulate`` (mode 2): ``gn_k += sum_c q Pool^T(r_k)``; ``write`` False
+    so that ``Pool^T(r)[p] = r[cell(p)]`` (cells ``zcell``, ``ycell`` of each pixel, ``xs`` first
+    pixel of each cell along x). ``accumulate`` (mode 2): ``gn_k += sum_c q Pool^T(r_k)``; ``write`` False
     skips ``out`` (only the accumulation). ``add``: ``out`` is also added to ``sums``.
     """
     B, C, D, H, W = q.shape
     dt = q.dtype
     groups = B * D * H
     n_ch = _chunks(groups)
+    k0, nk = _cell_fours(xs)
     for ch in range(part * n_ch // parts, (part + 1) * n_ch // parts):
         mode_fp = _flush_denormals()
         G = np.empty((C, W), dt)
@@ -1026,9 +1018,9 @@ def softmax_backward(q, g, r0, r1, n0, n1, gn0, gn1, mode, accumulate, write, zc
             else:
                 cz = zcell[z]
                 cy = ycell[y]
-                _pool_transpose_row(r0, b, cz, cy, xcell, G)
+                _pool_transpose_row_fours(r0, b, cz, cy, xs, k0, nk, G)
                 if mode == 2:
-                    _pool_transpose_row(r1, b, cz, cy, xcell, P1)
+                    _pool_transpose_row_fours(r1, b, cz, cy, xs, k0, nk, P1)
                     if accumulate:
                         s0[:] = 0
                         s1[:] = 0
@@ -1075,38 +1067,16 @@ def softmax_backward(q, g, r0, r1, n0, n1, gn0, gn1, mode, accumulate, write, zc
         _restore(mode_fp)
 
 
-@numba.njit(inline="always", **_SERIAL)
-def _yz_row_of(up, fz, fy, row):
-    """:func:`_yz_row` from the four message rows (z0, y0), (z0, y1), (z1, y0), (z1, y1),
-    upsampled along x already: ``up`` (4, C, W); the same arithmetic."""
-    C, W = row.shape
-    for c in range(C):
-        t = row[c]
-        r00 = up[0, c]
-        r01 = up[1, c]
-        for i in range(W):
-            a = r00[i]
-            t[i] = a + fy * (r01[i] - a)
-        if fz != 0:
-            r10 = up[2, c]
-            r11 = up[3, c]
-            for i in range(W):
-                a1 = r10[i]
-                t1 = a1 + fy * (r11[i] - a1)
-                t[i] = t[i] + fz * (t1 - t[i])
-
-
 @numba.njit(**_PIECES)
 def softmax_backward_made_again(U, m, use_message, zlo, zhi, zf, ylo, yhi, yf, xlo, xhi, xf,
-                                lstart, g, r0, grad_mode, zcell, ycell, xs, out, add, sums,
+                                lstart, r0, zcell, ycell, xs, out, add, sums,
                                 reduce, below, above, final, checks, dots, part, parts):
     """``out = q * (G - sum_c q G)`` (:func:`softmax_backward`) with ``q`` made again row by row,
     as :func:`update` made it: ``softmax(U + Up(m))`` (``use_message``; coarse ``m``
     (B, C, d, h, w): the message for Potts, ``-compat @ m`` otherwise), else ``softmax(U)``; the
-    same operations in the same order, so the same ``q`` bit for bit. ``grad_mode`` 0: ``G = g``
-    (B, C, D, H, W); 1: ``G = Pool^T(r0)`` (coarse ``r0`` already divided by the cells' pixel
-    counts; cells ``zcell``, ``ycell`` of each pixel, ``xs`` first pixel of each cell along x).
-    ``add``: the result is also added to ``sums``.
+    same operations in the same order, so the same ``q`` bit for bit. ``G = Pool^T(r0)`` (coarse
+    ``r0`` already divided by the cells' pixel counts; cells ``zcell``, ``ycell`` of each pixel,
+    ``xs`` first pixel of each cell along x). ``add``: the result is also added to ``sums``.
 
     Rows are taken by groups with one lower message row: ``lstart[l] .. lstart[l + 1] - 1``
     are the rows with ``ylo == l``, whose message rows are upsampled along x once per group.
@@ -1168,7 +1138,8 @@ def softmax_backward_made_again(U, m, use_message, zlo, zhi, zf, ylo, yhi, yf, x
                 # two message rows: interpolated straight into the logits)
                 direct = use_message and zf[z] == 0
                 if use_message and not direct:
-                    _yz_row_of(up, zf[z], fy, row0)
+                    for c in range(C):
+                        _lerp_row(up[0, c], up[1, c], up[2, c], up[3, c], zf[z], fy, row0[c])
                 for c in range(C):
                     lr = logits[c]
                     ur = U[b, c, z, y]
@@ -1188,14 +1159,7 @@ def softmax_backward_made_again(U, m, use_message, zlo, zhi, zf, ylo, yhi, yf, x
                     _logits_row_done(top, lr, c == 0, W)
                 _softmax_rows(logits, top, total)
                 # G of this row, then the vjp
-                if grad_mode == 0:
-                    for c in range(C):
-                        gr = G[c]
-                        src = g[b, c, z, y]
-                        for i in range(W):
-                            gr[i] = src[i]
-                else:
-                    _pool_transpose_row_fours(r0, b, zcell[z], ycell[y], xs, k0, nk, G)
+                _pool_transpose_row_fours(r0, b, zcell[z], ycell[y], xs, k0, nk, G)
                 dot[:] = 0
                 for c in range(C):
                     lr = logits[c]
