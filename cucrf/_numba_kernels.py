@@ -136,6 +136,45 @@ def _float32_from_bits(typingctx, bits):
     return _types.float32(_types.int32), codegen
 
 
+@_intrinsic
+def _prefetch_at(typingctx, arr, index):
+    """A hint to bring ``arr[index]``'s cache line into the cache (``llvm.prefetch``, for reading);
+    the results do not depend on it."""
+    def codegen(context, builder, signature, args):
+        aty = signature.args[0]
+        a = context.make_array(aty)(context, builder, args[0])
+        ptr = _cgutils.get_item_pointer(context, builder, aty, a, [args[1]], wraparound=False)
+        i8p = _ir.IntType(8).as_pointer()
+        i32 = _ir.IntType(32)
+        fnty = _ir.FunctionType(_ir.VoidType(), [i8p, i32, i32, i32])
+        fn = _cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
+        builder.call(fn, [builder.bitcast(ptr, i8p), _ir.Constant(i32, 0), _ir.Constant(i32, 3), _ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return _types.void(arr, index), codegen
+
+
+#: How many rows ahead the kernels that stream the unary's rows (one row of every class per row of
+#: pixels: more streams than a core's prefetcher follows) ask for the rows they will read next.
+PREFETCH = 3
+
+
+@numba.njit(inline="always", **_SERIAL)
+def _prefetch_row(row):
+    """:func:`_prefetch_at` for every cache line of a 1-D row (64-byte lines)."""
+    step = 64 // row.itemsize
+    for i in range(0, row.shape[0], step):
+        _prefetch_at(row, i)
+
+
+@numba.njit(inline="always", **_SERIAL)
+def _prefetch_ahead(a, b, c, z, y):
+    """:func:`_prefetch_row` for the row ``PREFETCH`` rows after ``a[b, c, z, y]`` (B, C, D, H, W),
+    if there is one in that slice."""
+    if y + PREFETCH < a.shape[3]:
+        _prefetch_row(a[b, c, z, y + PREFETCH])
+
+
 @numba.njit(inline="always", **_SERIAL)
 def _expf(v):
     """exp of a float32 ``v`` (Cephes' expf polynomial, about 1 ulp), in registers."""
@@ -707,6 +746,7 @@ def update(U, m0, m1, n0, n1, mode, w0, w1, compat, use_compat, phi, return_logi
                         for c in range(C):
                             lr = logits[c]
                             ur = U[b, c, z, y]
+                            _prefetch_ahead(U, b, c, z, y)
                             r00 = m0[b, c, z0, y0]
                             r01 = m0[b, c, z0, y1]
                             for i in range(W):
@@ -717,6 +757,7 @@ def update(U, m0, m1, n0, n1, mode, w0, w1, compat, use_compat, phi, return_logi
                         for c in range(C):
                             lr = logits[c]
                             ur = U[b, c, z, y]
+                            _prefetch_ahead(U, b, c, z, y)
                             r00 = m0[b, c, z0, y0]
                             r01 = m0[b, c, z0, y1]
                             r10 = m0[b, c, z1, y0]
@@ -732,6 +773,7 @@ def update(U, m0, m1, n0, n1, mode, w0, w1, compat, use_compat, phi, return_logi
                         for c in range(C):
                             lr = logits[c]
                             ur = U[b, c, z, y]
+                            _prefetch_ahead(U, b, c, z, y)
                             for i in range(W):
                                 lr[i] = ur[i]
                             _logits_row_done(top, lr, c == 0, W)
@@ -745,6 +787,7 @@ def update(U, m0, m1, n0, n1, mode, w0, w1, compat, use_compat, phi, return_logi
                                     total[i] += mu * r0[i]
                             lr = logits[c]
                             ur = U[b, c, z, y]
+                            _prefetch_ahead(U, b, c, z, y)
                             for i in range(W):
                                 lr[i] = ur[i] + (-total[i])
                             _logits_row_done(top, lr, c == 0, W)
@@ -757,6 +800,7 @@ def update(U, m0, m1, n0, n1, mode, w0, w1, compat, use_compat, phi, return_logi
                         for c in range(C):
                             lr = logits[c]
                             ur = U[b, c, z, y]
+                            _prefetch_ahead(U, b, c, z, y)
                             r0 = row0[c]
                             for i in range(W):
                                 lr[i] = ur[i] + (r0[i] - total[i])
@@ -764,6 +808,7 @@ def update(U, m0, m1, n0, n1, mode, w0, w1, compat, use_compat, phi, return_logi
                         for c in range(C):
                             lr = logits[c]
                             ur = U[b, c, z, y]
+                            _prefetch_ahead(U, b, c, z, y)
                             r0 = row0[c]
                             for i in range(W):
                                 lr[i] = ur[i] + r0[i]
@@ -906,6 +951,7 @@ def iterate(kernels, offsets, q, U, xlo, xhi, xf, ylo, yhi, yf, ys, xs, inv, p0,
                     for c in range(C):
                         lr = logits[c]
                         ur = U[b, c, 0, y]
+                        _prefetch_ahead(U, b, c, 0, y)
                         r00 = mup[c, y0]
                         r01 = mup[c, y1]
                         for i in range(W):
@@ -1013,6 +1059,7 @@ def softmax_backward(q, g, r0, r1, n0, n1, gn0, gn1, mode, accumulate, write, zc
                 for c in range(C):
                     gr = G[c]
                     src = g[b, c, z, y]
+                    _prefetch_ahead(g, b, c, z, y)
                     for i in range(W):
                         gr[i] = src[i]
             else:
@@ -1049,6 +1096,7 @@ def softmax_backward(q, g, r0, r1, n0, n1, gn0, gn1, mode, accumulate, write, zc
             for c in range(C):
                 qr = q[b, c, z, y]
                 gr = G[c]
+                _prefetch_ahead(q, b, c, z, y)
                 for i in range(W):
                     dot[i] += qr[i] * gr[i]
             for c in range(C):
@@ -1057,6 +1105,7 @@ def softmax_backward(q, g, r0, r1, n0, n1, gn0, gn1, mode, accumulate, write, zc
                 orow = out[b, c, z, y]
                 if add:
                     trow = sums[b, c, z, y]
+                    _prefetch_ahead(sums, b, c, z, y)
                     for i in range(W):
                         v = qr[i] * (gr[i] - dot[i])
                         orow[i] = v
@@ -1143,6 +1192,9 @@ def softmax_backward_made_again(U, m, use_message, zlo, zhi, zf, ylo, yhi, yf, x
                 for c in range(C):
                     lr = logits[c]
                     ur = U[b, c, z, y]
+                    _prefetch_ahead(U, b, c, z, y)
+                    if add:
+                        _prefetch_ahead(sums, b, c, z, y)
                     if direct:
                         r00 = up[0, c]
                         r01 = up[1, c]
