@@ -324,6 +324,13 @@ def _neighbour_segment(offsets, o, z, y, d, h, w):
 
 
 @numba.njit(inline="always", **_SERIAL)
+def _near_start(offsets, o, rz, ry, rx, span, w):
+    """Where the neighbours at window offset ``o`` of a block's first cell lie in the buffer of
+    :func:`_message_rows`."""
+    return (offsets[o, 0] + rz) * span + rx + (offsets[o, 1] + ry) * w + offsets[o, 2]
+
+
+@numba.njit(inline="always", **_SERIAL)
 def _message_rows(kernels, offsets, q, b, c, z, y0, y1, rz, ry, rx, span, near, a):
     """``a = sum_o kernels[b, o, z, rows y0 .. y1 - 1] * q[b, c, their neighbours at offset o]``
     (flat, ``(y1 - y0) * w`` values) for one class. The rows within reach (``ry`` rows around the
@@ -348,9 +355,24 @@ def _message_rows(kernels, offsets, q, b, c, z, y0, y1, rz, ry, rx, span, near, 
                 dst[i] = srow[i]
     n = a.shape[0]
     a[:] = 0
-    for o in range(offsets.shape[0]):
-        start = (offsets[o, 0] + rz) * span + rx + (offsets[o, 1] + ry) * w + offsets[o, 2]
-        qs = near[start:start + n]
+    K = offsets.shape[0]
+    o = 0
+    # four offsets per pass over the block (a read and written once, not four times); the sums
+    # are those of one offset per pass, in the same order
+    while o + 4 <= K:
+        q0 = near[_near_start(offsets, o, rz, ry, rx, span, w):][:n]
+        q1 = near[_near_start(offsets, o + 1, rz, ry, rx, span, w):][:n]
+        q2 = near[_near_start(offsets, o + 2, rz, ry, rx, span, w):][:n]
+        q3 = near[_near_start(offsets, o + 3, rz, ry, rx, span, w):][:n]
+        k0 = kernels[b, o, z, y0 * w:y0 * w + n]
+        k1 = kernels[b, o + 1, z, y0 * w:y0 * w + n]
+        k2 = kernels[b, o + 2, z, y0 * w:y0 * w + n]
+        k3 = kernels[b, o + 3, z, y0 * w:y0 * w + n]
+        for i in range(n):
+            a[i] = (((a[i] + k0[i] * q0[i]) + k1[i] * q1[i]) + k2[i] * q2[i]) + k3[i] * q3[i]
+        o += 4
+    for o in range(o, K):
+        qs = near[_near_start(offsets, o, rz, ry, rx, span, w):][:n]
         ks = kernels[b, o, z, y0 * w:y0 * w + n]
         for i in range(n):
             a[i] += ks[i] * qs[i]
