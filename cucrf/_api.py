@@ -665,7 +665,10 @@ def infer_vjp(unary, image, params=None, *, grad_output, filter_size=DEFAULT_FIL
                             "pass both from the same array library and device")
         check_same_device("unary", prepared.unary, "grad_output", grad_output)
         check_float_array("grad_output", grad_output, xp, ndims=(prepared.unary.ndim - (0 if prepared.batched else 1),),
-                          finite=True)
+                          finite=False)
+        # scanned in one pass by the backend's scan where it has one, as the unary is
+        check_finite("grad_output", grad_output, xp,
+                     value_range=extremes(grad_output, xp, scan=getattr(backend, "extremes", None)))
         g4 = grad_output if prepared.batched else grad_output[None]
         if tuple(g4.shape) != tuple(prepared.unary.shape):
             want = prepared.unary.shape if prepared.batched else prepared.unary.shape[1:]

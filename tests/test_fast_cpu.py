@@ -327,6 +327,27 @@ def test_one_pass_extremes_match_numpy_and_hand_non_finite_arrays_back(dtype):
     assert fb.extremes(a.astype(np.float16)) is None and fb.extremes(np.arange(10)) is None
 
 
+def test_grad_output_is_scanned_in_one_pass_and_non_finite_values_are_still_refused(monkeypatch):
+    rng = np.random.default_rng(13)
+    unary = rng.normal(size=(3, 200, 450)).astype(np.float32)  # 270,000 values: the threaded scans
+    image = rng.uniform(0, 255, (200, 450, 3)).astype(np.float32)
+    grad = rng.normal(size=unary.shape).astype(np.float32)
+    scanned = []
+    real = fb.extremes
+    monkeypatch.setattr(fb, "extremes", lambda a: scanned.append(a) or real(a))
+    cucrf.infer_vjp(unary, image, grad_output=grad, iterations=1)
+    assert any(a is grad for a in scanned)
+    for bad in (np.nan, np.inf, -np.inf):
+        g = grad.copy()
+        g[2, 199, 449] = bad
+        with pytest.raises(ValueError, match=r"^grad_output contains 1 NaN or infinite value\(s\)"):
+            cucrf.infer_vjp(unary, image, grad_output=g, iterations=1)
+    strided = np.repeat(grad, 2, axis=2)[:, :, ::2]  # not contiguous: NumPy scans it
+    strided[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"^grad_output contains 1 NaN"):
+        cucrf.infer_vjp(unary, image, grad_output=strided, iterations=1)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("blur,normalization,logits", [(2, None, False), (1, None, False), (3, "symmetric", False),
                                                        (2, None, True)])
