@@ -285,6 +285,18 @@ def infer(unary, image, params=None, *, filter_size=DEFAULT_FILTER_SIZE, blur=DE
         return result if reference is None else _to_like(result, reference[0])
 
 
+def _channels_last(xp, a):
+    """(B, F, *spatial) as a C-contiguous (B, *spatial, F) array: for 2 to 8 channels one channel
+    at a time (NumPy's general transposing copy took 4x longer for three, 500x334 float32; from
+    16 channels on it is the faster)."""
+    if not 2 <= a.shape[1] <= 8:
+        return xp.ascontiguousarray(xp.moveaxis(a, 1, -1))
+    out = xp.empty(a.shape[:1] + a.shape[2:] + a.shape[1:2], dtype=a.dtype)
+    for f in range(a.shape[1]):
+        out[..., f] = a[:, f]
+    return out
+
+
 def _known_finite(backend, value):
     """Whether ``backend`` found every value of ``value`` finite as it made it (no scan needed)."""
     known = getattr(backend, "known_finite", None)
@@ -682,7 +694,7 @@ def infer_vjp(unary, image, params=None, *, grad_output, filter_size=DEFAULT_FIL
         if prepared.transform is not None:
             g_features, g_transform = _feature_transform_backward(xp, prepared.image_features, g_features,
                                                                   prepared.transform)
-        g_image = xp.ascontiguousarray(xp.moveaxis(g_features, 1, -1))
+        g_image = _channels_last(xp, g_features)
         param_grads = params_gradient_dict(prepared.params, grads)
         computed = [("the output", result), ("the gradient with respect to the unary", g_unary),
                     ("the gradient with respect to the image", g_image)]

@@ -334,3 +334,15 @@ def test_infer_vjp_errors(kwargs, error, match):
 def test_infer_vjp_needs_grad_output():
     with pytest.raises(TypeError):
         cucrf.infer_vjp(np.zeros((2, 4, 4)), np.zeros((4, 4, 1)))
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 5, 8, 9, 16])
+@pytest.mark.parametrize("spatial", [(7, 11), (3, 5, 4)])
+def test_image_gradient_made_channels_last_matches_moveaxis(channels, spatial):
+    from cucrf._api import _channels_last
+
+    a = np.random.default_rng(channels).normal(size=(2, channels) + spatial)
+    for src in (a, a.astype(np.float32), a[:, :, ::-1]):  # float64, float32, not contiguous
+        out = _channels_last(np, src)
+        assert out.flags.c_contiguous and out.dtype == src.dtype
+        np.testing.assert_array_equal(out, np.moveaxis(src, 1, -1))
