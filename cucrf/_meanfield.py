@@ -117,12 +117,15 @@ class PairwiseSetup:
         ``n_s = 1 / sqrt(K_s(1))`` per kernel for symmetric normalisation.
     size : tuple of int
         Full-resolution spatial shape: (H, W), or (D, H, W) for volumes.
+    pooled : array, shape (B, F, *coarse), or None
+        The pooled features the kernels were made of (the backward pass reads them again).
     """
 
     kernels: object
     weights: Tuple[float, ...]
     normalisers: Optional[tuple]
     size: Tuple[int, int]
+    pooled: object = None
 
 
 def prepare(backend, features, params, config: CRFConfig) -> PairwiseSetup:
@@ -153,12 +156,12 @@ def prepare(backend, features, params, config: CRFConfig) -> PairwiseSetup:
         config.filter_sizes(nd), kernel_weights, config.keep_centre,
     )
     if not normalized:
-        return PairwiseSetup(kernels, (1.0,), None, size)
+        return PairwiseSetup(kernels, (1.0,), None, size, pooled)
     normalisers = []
     for s in range(2):
         k_of_ones = backend.upsample(kernels[s].sum(axis=1, keepdims=True), blurs, size)
         normalisers.append((k_of_ones + dt.type(NORM_EPS)) ** dt.type(-0.5))
-    return PairwiseSetup(kernels, (wa, ws), tuple(normalisers), size)
+    return PairwiseSetup(kernels, (wa, ws), tuple(normalisers), size, pooled)
 
 
 def message(backend, setup: PairwiseSetup, q, config: CRFConfig):
@@ -434,7 +437,7 @@ def prepare_backward(backend, setup: PairwiseSetup, features, params, config: CR
     dt = features.dtype
     blur = config.blurs(nd)
     coarse = coarse_shape(size, config)
-    pooled = backend.pool(features, blur)
+    pooled = setup.pooled if getattr(setup, "pooled", None) is not None else backend.pool(features, blur)
     normalized = config.normalization == "symmetric"
     wa, ws = params.appearance_weight, params.smoothness_weight
     kernel_weights = ((1.0, 0.0), (0.0, 1.0)) if normalized else ((wa, ws),)
