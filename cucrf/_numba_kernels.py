@@ -154,8 +154,9 @@ def _prefetch_at(typingctx, arr, index):
     return _types.void(arr, index), codegen
 
 
-#: How many rows ahead the kernels that stream the unary's rows (one row of every class per row of
-#: pixels: more streams than a core's prefetcher follows) ask for the rows they will read next.
+#: How many rows ahead the kernels that stream a row of every class per row of pixels (the unary,
+#: Q, the gradient's sums: more streams than a core's prefetcher follows) ask for the rows they
+#: will read next.
 PREFETCH = 3
 
 
