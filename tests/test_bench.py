@@ -84,3 +84,16 @@ def test_run_backward_small_problem_reports_every_column():
         assert abs(row["backward_s"] - (row["vjp_s"] - row["taped_forward_s"])) < 1e-12
         assert line.startswith(f"| {row['path']} |") and line.count("|") == 8
     assert bench.BACKWARD_HEADER.splitlines()[0].count("|") == 8
+
+
+def test_time_call_reports_the_median_or_with_least_the_least_wall_time(monkeypatch):
+    durations = iter([9.0, 9.0, 5.0, 1.0, 3.0] * 2)  # two warm-up runs, then three timed ones
+    now = [0.0]
+
+    def run():
+        now[0] += next(durations)
+
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
+    assert bench.time_call(run, repeat=3) == 3.0
+    monkeypatch.setattr(bench, "LEAST", True)
+    assert bench.time_call(run, repeat=3) == 1.0
