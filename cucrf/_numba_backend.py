@@ -928,7 +928,21 @@ def full_message_backward(setup: FastSetup, q, grad_msg, config, grads):
 
 
 upsample_backward = _reference.upsample_backward
-pool_backward = _reference.pool_backward
+
+
+def pool_backward(grad, blur, size):
+    """The vjp of :func:`pool`, as :func:`cucrf._numpy_backend.pool_backward` (bit for bit): each
+    pixel gets its cell's gradient divided by the cell's pixel count."""
+    blurs = _reference._axes(blur, size)
+    nd = len(blurs)
+    if not ready(grad.dtype) or all(b == 1 for b in blurs):
+        return _reference.pool_backward(grad, blur, size)
+    tab = _tables(tuple(size), tuple(blurs), grad.dtype.str)
+    lead = grad.shape[:-nd]
+    r = _c(grad).reshape((1, -1) + tab.coarse) * tab.inv
+    out = np.empty((1, r.shape[1]) + (1,) * (3 - nd) + tuple(size), dtype=grad.dtype)
+    _run(_k.pool_transpose, r, tab.cells[0], tab.cells[1], tab.starts[2], out)
+    return out.reshape(tuple(lead) + tuple(size))
 
 
 def pairwise_kernels_backward(positions, features, inv_theta_beta, inv_theta_alpha2, inv_theta_gamma2,

@@ -1052,6 +1052,23 @@ def _pool_transpose_row_fours(r, b, cz, cy, xs, k0, n4, G):
 
 
 @numba.njit(**_PIECES)
+def pool_transpose(r, zcell, ycell, xs, out, part, parts):
+    """``out[b, c, z, y, x] = r[b, c, cell(z), cell(y), cell(x)]``: the transpose of pooling for
+    ``r`` (B, C, d, h, w) already divided by each cell's pixel count (cells ``zcell``, ``ycell``
+    of each pixel, ``xs`` first pixel of each cell along x); ``out`` (B, C, D, H, W)."""
+    B, C, D, H, W = out.shape
+    groups = B * D * H
+    n_ch = _chunks(groups)
+    k0, nk = _cell_fours(xs)
+    for ch in range(part * n_ch // parts, (part + 1) * n_ch // parts):
+        for g in range(ch * groups // n_ch, (ch + 1) * groups // n_ch):
+            y = g % H
+            z = (g // H) % D
+            b = g // (H * D)
+            _pool_transpose_row_fours(r, b, zcell[z], ycell[y], xs, k0, nk, out[b, :, z, y])
+
+
+@numba.njit(**_PIECES)
 def softmax_backward(q, g, r0, r1, n0, n1, gn0, gn1, mode, accumulate, write, zcell, ycell, xs, out, add, sums,
                      part, parts):
     """``out = q * (G - sum_c q G)``, the vjp of the softmax given its output ``q``.

@@ -327,6 +327,17 @@ def test_one_pass_extremes_match_numpy_and_hand_non_finite_arrays_back(dtype):
     assert fb.extremes(a.astype(np.float16)) is None and fb.extremes(np.arange(10)) is None
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("lead,size,blur", [((2, 3), (37, 45), 4), ((1, 1), (9, 5), 3), ((1, 4), (16, 16), 2),
+                                            ((2, 2), (13, 11), (1, 4)), ((1, 3), (7, 10, 9), (2, 2, 2)),
+                                            ((1, 2), (5, 12, 13), (1, 3, 4)), ((3,), (6, 7), 1)])
+def test_pooling_vjp_equals_numpy_bit_for_bit(dtype, lead, size, blur):
+    assert fb.ready(dtype)
+    coarse = nb.pool(np.zeros(lead + size, dtype), blur).shape
+    grad = np.random.default_rng(len(size) + sum(size)).normal(size=coarse).astype(dtype)
+    np.testing.assert_array_equal(fb.pool_backward(grad, blur, size), nb.pool_backward(grad, blur, size))
+
+
 def test_grad_output_is_scanned_in_one_pass_and_non_finite_values_are_still_refused(monkeypatch):
     rng = np.random.default_rng(13)
     unary = rng.normal(size=(3, 200, 450)).astype(np.float32)  # 270,000 values: the threaded scans
