@@ -117,7 +117,7 @@ class PairwiseSetup:
         ``n_s = 1 / sqrt(K_s(1))`` per kernel for symmetric normalisation.
     size : tuple of int
         Full-resolution spatial shape: (H, W), or (D, H, W) for volumes.
-    pooled : array, shape (B, F, *coarse), or None
+    pooled : array, shape (B, F, *coarse)
         The pooled features the kernels were made of (the backward pass reads them again).
     """
 
@@ -125,7 +125,7 @@ class PairwiseSetup:
     weights: Tuple[float, ...]
     normalisers: Optional[tuple]
     size: Tuple[int, int]
-    pooled: object = None
+    pooled: object
 
 
 def prepare(backend, features, params, config: CRFConfig) -> PairwiseSetup:
@@ -437,7 +437,7 @@ def prepare_backward(backend, setup: PairwiseSetup, features, params, config: CR
     dt = features.dtype
     blur = config.blurs(nd)
     coarse = coarse_shape(size, config)
-    pooled = setup.pooled if getattr(setup, "pooled", None) is not None else backend.pool(features, blur)
+    pooled = setup.pooled  # the features pooled by prepare
     normalized = config.normalization == "symmetric"
     wa, ws = params.appearance_weight, params.smoothness_weight
     kernel_weights = ((1.0, 0.0), (0.0, 1.0)) if normalized else ((wa, ws),)

@@ -941,7 +941,7 @@ def pool_backward(grad, blur, size):
     lead = grad.shape[:-nd]
     r = _c(grad).reshape((1, -1) + tab.coarse) * tab.inv
     out = np.empty((1, r.shape[1]) + (1,) * (3 - nd) + tuple(size), dtype=grad.dtype)
-    _run(_k.pool_transpose, r, tab.cells[0], tab.cells[1], tab.starts[2], out)
+    _run(_k.pool_transpose, r, *_spread(tab), out)
     return out.reshape(tuple(lead) + tuple(size))
 
 
