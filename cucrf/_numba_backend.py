@@ -41,6 +41,8 @@ stores_kernels = True
 _owned = weakref.WeakValueDictionary()  # id -> class maps this backend allocated (safe to overwrite)
 _finite = weakref.WeakValueDictionary()  # id -> outputs whose every value the update found finite
 _dots = {}  # id(sums) -> (weak sums, weak logits, sum(sums * logits)) from the last softmax vjp
+_taped_output = {}  # id(Q) -> (weak Q, weak setup): the last taped iteration's output, if an image's
+_logits_coarse = {}  # id(grad_logits) -> (weak grad_logits, weak setup, its Up^T) (one of each kept)
 
 #: The most pieces a kernel call is split into: two per thread, so that a thread starting late
 #: still gets a share (each piece costs a few microseconds of dispatch under the GIL).
@@ -581,6 +583,8 @@ def update(scaled_unary, msg, compat, return_logits=False, out=None, transient=F
         return PooledQ(su.shape, dt, pooled=pooled)
     if pool_mode:
         setup.pending = (weakref.ref(target), pooled)
+        if taped and not return_logits:
+            _keep_taped_output(target, setup)
     return target
 
 
@@ -610,7 +614,18 @@ def _iterate(U5, su, msg, transient, taped):
     if not np.isnan(checks).any():
         _finite[id(target)] = target
     setup.pending = (weakref.ref(target), (p0,))
+    if taped:
+        _keep_taped_output(target, setup)
     return target
+
+
+def _keep_taped_output(target, setup):
+    """Remember ``target``, the output of a taped iteration on an image with one merged kernel and
+    pooling, so that the softmax's vjp at it also makes its transposed upsampling
+    (:func:`softmax_backward`), which :func:`compatibility_backward` reads next."""
+    _taped_output.clear()
+    if setup.nd == 2 and not setup.separate and not setup.tables.trivial:
+        _taped_output[id(target)] = (weakref.ref(target), weakref.ref(setup))
 
 
 def _materialise(q):
@@ -742,6 +757,18 @@ def softmax_backward(q, grad, into=None):
              *_spread(tab), _v5(out), *_into(into, d))
     else:
         g5 = _v5(np.asarray(grad).astype(dt, copy=False))
+        made = _taped_output.pop(id(q), None) if into is None else None
+        setup = made[1]() if made is not None and made[0]() is qc else None
+        if setup is not None:
+            # the last iteration's vjp: its transposed upsampling too, in the same pass
+            tab = setup.tables
+            B, C = q5.shape[:2]
+            below, above = (np.empty((B, C) + tab.coarse, dt) for _ in range(2))
+            _run(_k.softmax_backward_reduced, q5, g5, tab.lo_starts[1], tab.frac[1], tab.lo[2], tab.hi[2],
+                 tab.frac[2], _v5(out), below, above)
+            _logits_coarse.clear()
+            _logits_coarse[id(out)] = (weakref.ref(out), weakref.ref(setup), _rows_transposed(below, above))
+            return out
         _run(_k.softmax_backward, q5, g5, d["a5"], d["a5"], d["a5"], d["a5"], d["a5"], d["a5"], 0, False, True,
              d["u"], d["u"], d["i"], _v5(out), *_into(into, d))
     return out
@@ -809,10 +836,16 @@ def _softmax_backward_made_again(q: PooledQ, grad, into):
         _dots[id(into)] = (weakref.ref(into), weakref.ref(q.logits), total)
     if not reduce:
         return out
-    # Up^T(out)[l] = below[l] + above[l - 1] (the last row also gets its own above)
+    return LogitsGradient(setup, _rows_transposed(below, above))
+
+
+def _rows_transposed(below, above):
+    """``Up^T`` along y from the split sums of the softmax vjp kernels (``reduce``):
+    ``Up^T(out)[l] = below[l] + above[l - 1]``, the last row also getting its own ``above``
+    (added into ``below``, which is returned)."""
     below[:, :, :, 1:] += above[:, :, :, :-1]
     below[:, :, :, -1] += above[:, :, :, -1]
-    return LogitsGradient(setup, below)
+    return below
 
 
 def _normaliser_gradients(setup, grads, q):
@@ -857,6 +890,10 @@ def compatibility_backward(grad, msg, compat):
     if isinstance(grad, LogitsGradient):
         coarse = (grad.coarse,)
         return MessageGradient(None, compat, coarse, msg), _class_products(list(zip(coarse, msg.m)), msg.setup.weights)
+    known = _logits_coarse.pop(id(grad), None)
+    if known is not None and known[0]() is grad and isinstance(msg, CoarseMessage) and msg.setup is known[1]():
+        coarse = (known[2],)  # made by the softmax's vjp that made grad
+        return MessageGradient(grad, compat, coarse, msg), _class_products(list(zip(coarse, msg.m)), msg.setup.weights)
     if not isinstance(msg, CoarseMessage):
         return _reference.compatibility_backward(grad, msg, compat)
     setup = msg.setup
@@ -1076,6 +1113,10 @@ def warm_up(dtypes=(np.float32,)):
             tape = _meanfield.Tape()
             _meanfield.mean_field(module, unary, features, params, config, return_logits=True, tape=tape)
             _meanfield.mean_field_backward(module, tape, np.ones_like(unary))
+            if isinstance(compat, str):  # (the last iteration's vjp on probabilities has a kernel of its own)
+                tape = _meanfield.Tape()
+                _meanfield.mean_field(module, unary, features, params, config, tape=tape)
+                _meanfield.mean_field_backward(module, tape, np.ones_like(unary))
             softmax(unary)
             if extremes(unary) != (float(unary.min()), float(unary.max())):
                 raise RuntimeError("the compiled scan of extremes disagrees with NumPy on a test array")

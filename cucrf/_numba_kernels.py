@@ -1051,6 +1051,35 @@ def _pool_transpose_row_fours(r, b, cz, cy, xs, k0, n4, G):
                 gr[i] = v
 
 
+@numba.njit(**_CONTRACT)
+def _softmax_dot_rows(logits, top, total, G, dot):
+    """:func:`_softmax_rows`, and ``dot = sum_c q G`` per column of the (C, W) row buffers in the
+    same pass (``q = logits * total`` afterwards): ``dot = total * sum_c exp(...) G``."""
+    C, W = logits.shape
+    one = logits.dtype.type(1)
+    total[:] = 0
+    dot[:] = 0
+    for c in range(C):
+        lr = logits[c]
+        gr = G[c]
+        if logits.itemsize == 4:
+            for i in range(W):
+                e = _expf(lr[i] - top[i])
+                lr[i] = e
+                total[i] += e
+                dot[i] += e * gr[i]
+        else:
+            for i in range(W):
+                e = math.exp(lr[i] - top[i])
+                lr[i] = e
+                total[i] += e
+                dot[i] += e * gr[i]
+    for i in range(W):
+        t = one / total[i]
+        total[i] = t
+        dot[i] *= t
+
+
 @numba.njit(**_PIECES)
 def pool_transpose(r, zcell, ycell, xs, out, part, parts):
     """``out[b, c, z, y, x] = r[b, c, cell(z), cell(y), cell(x)]``: the transpose of pooling for
@@ -1157,6 +1186,57 @@ def softmax_backward(q, g, r0, r1, n0, n1, gn0, gn1, mode, accumulate, write, zc
 
 
 @numba.njit(**_PIECES)
+def softmax_backward_reduced(q, g, lstart, yf, xlo, xhi, xf, out, below, above, part, parts):
+    """:func:`softmax_backward` with ``G = g`` (``mode`` 0, the same ``out`` bit for bit) on images,
+    and in the same pass the transposed upsampling of ``out``, split by the rows it goes to as in
+    :func:`softmax_backward_made_again` (``reduce``): ``below[b, c, 0, l]`` and ``above[b, c, 0, l]``
+    over the rows ``lstart[l] .. lstart[l + 1] - 1`` (those whose lower tap along y is ``l``)."""
+    B, C, _, H, W = q.shape
+    h = lstart.shape[0] - 1
+    dt = q.dtype
+    groups = B * h
+    n_ch = _chunks(groups)
+    i0, n4 = _fours(xlo, xhi, xf)
+    one = dt.type(1)
+    dot = np.empty(W, dt)
+    acc_lo = np.empty((C, W), dt)
+    acc_hi = np.empty((C, W), dt)
+    for ch in range(part * n_ch // parts, (part + 1) * n_ch // parts):
+        mode_fp = _flush_denormals()
+        for g_ in range(ch * groups // n_ch, (ch + 1) * groups // n_ch):
+            l = g_ % h
+            b = g_ // h
+            acc_lo[:] = 0
+            acc_hi[:] = 0
+            for y in range(lstart[l], lstart[l + 1]):
+                fy = yf[y]
+                glo = one - fy
+                dot[:] = 0
+                for c in range(C):
+                    qr = q[b, c, 0, y]
+                    gr = g[b, c, 0, y]
+                    _prefetch_ahead(q, b, c, 0, y)
+                    _prefetch_ahead(g, b, c, 0, y)
+                    for i in range(W):
+                        dot[i] += qr[i] * gr[i]
+                for c in range(C):
+                    qr = q[b, c, 0, y]
+                    gr = g[b, c, 0, y]
+                    orow = out[b, c, 0, y]
+                    alo = acc_lo[c]
+                    ahi = acc_hi[c]
+                    for i in range(W):
+                        v = qr[i] * (gr[i] - dot[i])
+                        orow[i] = v
+                        alo[i] += glo * v
+                        ahi[i] += fy * v
+            for c in range(C):
+                _reduce_row_fours(acc_lo[c], xlo, xhi, xf, below[b, c, 0, l], i0, n4)
+                _reduce_row_fours(acc_hi[c], xlo, xhi, xf, above[b, c, 0, l], i0, n4)
+        _restore(mode_fp)
+
+
+@numba.njit(**_PIECES)
 def softmax_backward_made_again(U, m, use_message, zlo, zhi, zf, ylo, yhi, yf, xlo, xhi, xf,
                                 lstart, r0, zcell, ycell, xs, out, add, sums,
                                 reduce, below, above, final, checks, dots, part, parts):
@@ -1191,8 +1271,8 @@ def softmax_backward_made_again(U, m, use_message, zlo, zhi, zf, ylo, yhi, yf, x
     logits = np.zeros((C, Wp), dt)
     top = np.zeros(Wp, dt)
     total = np.empty(Wp, dt)
-    G = np.empty((C, W), dt)
-    dot = np.empty(W, dt)
+    G = np.zeros((C, Wp), dt)  # (padding 0: the softmax pass reads whole vectors)
+    dot = np.empty(Wp, dt)
     acc_lo = np.empty((C, W), dt)
     acc_hi = np.empty((C, W), dt)
     one = dt.type(1)
@@ -1201,6 +1281,9 @@ def softmax_backward_made_again(U, m, use_message, zlo, zhi, zf, ylo, yhi, yf, x
     for ch in range(part * n_ch // parts, (part + 1) * n_ch // parts):
         mode_fp = _flush_denormals()
         dacc[:] = 0
+        g_z = -1  # the cell whose G is in G
+        g_y = -1
+        g_b = -1
         for g_ in range(ch * groups // n_ch, (ch + 1) * groups // n_ch):
             l = g_ % h
             z = (g_ // h) % D
@@ -1249,17 +1332,14 @@ def softmax_backward_made_again(U, m, use_message, zlo, zhi, zf, ylo, yhi, yf, x
                         for i in range(W):
                             lr[i] = ur[i] + rc[i]
                     _logits_row_done(top, lr, c == 0, W)
-                _softmax_rows(logits, top, total)
-                # G of this row, then the vjp
-                _pool_transpose_row_fours(r0, b, zcell[z], ycell[y], xs, k0, nk, G)
-                dot[:] = 0
-                for c in range(C):
-                    lr = logits[c]
-                    gr = G[c]
-                    for i in range(W):
-                        qv = lr[i] * total[i]
-                        lr[i] = qv
-                        dot[i] += qv * gr[i]
+                # G of this row (rows of one cell share it), then the softmax and sum_c q G
+                # in one pass; q = e * total as update makes it (lr keeps e)
+                if zcell[z] != g_z or ycell[y] != g_y or b != g_b:
+                    g_z = zcell[z]
+                    g_y = ycell[y]
+                    g_b = b
+                    _pool_transpose_row_fours(r0, b, g_z, g_y, xs, k0, nk, G)
+                _softmax_dot_rows(logits, top, total, G, dot)
                 for c in range(C):
                     lr = logits[c]
                     gr = G[c]
@@ -1268,7 +1348,7 @@ def softmax_backward_made_again(U, m, use_message, zlo, zhi, zf, ylo, yhi, yf, x
                         alo = acc_lo[c]
                         ahi = acc_hi[c]
                         for i in range(W):
-                            v = lr[i] * (gr[i] - dot[i])
+                            v = (lr[i] * total[i]) * (gr[i] - dot[i])
                             trow[i] += v
                             alo[i] += glo * v
                             ahi[i] += fy * v
@@ -1276,13 +1356,13 @@ def softmax_backward_made_again(U, m, use_message, zlo, zhi, zf, ylo, yhi, yf, x
                         orow = out[b, c, z, y]
                         trow = sums[b, c, z, y]
                         for i in range(W):
-                            v = lr[i] * (gr[i] - dot[i])
+                            v = (lr[i] * total[i]) * (gr[i] - dot[i])
                             orow[i] = v
                             trow[i] += v
                     else:
                         orow = out[b, c, z, y]
                         for i in range(W):
-                            orow[i] = lr[i] * (gr[i] - dot[i])
+                            orow[i] = (lr[i] * total[i]) * (gr[i] - dot[i])
                 if final:  # the finished sums of this row, while they are in the cache
                     for c in range(C):
                         trow = sums[b, c, z, y]
@@ -1594,52 +1674,83 @@ def _pair_terms(scaled, feats, b, z, y, zz, yy, x0, dx, n, pz, py, px, ia2, ig2,
     _smoothness_row(d2s, ig2, smo, n)
 
 
+#: Rows of cells per block of :func:`pair_products` (one pass per offset and four classes each).
+PAIR_ROWS = 8
+
+
 @numba.njit(**_PIECES)
 def pair_products(offsets, left, right, add, out, part, parts):
     """``out[b, o, z, y, x] = sum_c left[b, c, z, y, x] * right[b, c, (z, y, x) + offset_o]``, 0
-    where the neighbour lies outside the grid (``add``: added to ``out``): the pair products of
+    where the neighbour lies outside the grid (``add``: added to ``out``, whose entries without a
+    neighbour hold 0, as a call without ``add`` leaves them): the pair products of
     :func:`kernel_gradients`, made once (each pair is read there twice, as a centre's and as a
-    neighbour's)."""
+    neighbour's).
+
+    Blocks of :data:`PAIR_ROWS` rows of cells are taken as one flat run per offset (the
+    neighbour of flat index ``p`` is ``p + shift``), so that the inner loops are long; the
+    entries whose neighbour wraps to another row, or lies outside the grid, are set to 0
+    afterwards. Each entry's sum is that of four classes at a time, in class order.
+    """
     B, C, d, h, w = left.shape
     K = offsets.shape[0]
-    groups = B * d * h
+    rows = d * h
+    n = rows * w
+    lf = left.reshape(B, C, n)
+    rf = right.reshape(B, C, n)
+    of = out.reshape(B, K, n)
+    blocks = (rows + PAIR_ROWS - 1) // PAIR_ROWS
+    groups = B * blocks
     n_ch = _chunks(groups)
+    c4 = C // 4 * 4
     for ch in range(part * n_ch // parts, (part + 1) * n_ch // parts):
         mode_fp = _flush_denormals()
         for g in range(ch * groups // n_ch, (ch + 1) * groups // n_ch):
-            y = g % h
-            z = (g // h) % d
-            b = g // (h * d)
+            blk = g % blocks
+            b = g // blocks
+            row_a = blk * PAIR_ROWS
+            row_b = min(rows, row_a + PAIR_ROWS)
+            lo = row_a * w
+            hi = row_b * w
             for o in range(K):
-                row = out[b, o, z, y]
-                if not add:
-                    row[:] = 0
-                zz = z + offsets[o, 0]
-                yy = y + offsets[o, 1]
+                dz = offsets[o, 0]
+                dy = offsets[o, 1]
                 dx = offsets[o, 2]
+                shift = (dz * h + dy) * w + dx
+                ob = of[b, o]
+                if not add:
+                    ob[lo:hi] = 0
+                p0 = max(lo, -shift)
+                p1 = min(hi, n - shift)
+                if p1 > p0:
+                    seg = ob[p0:p1]
+                    for c in range(0, c4, 4):  # four classes per pass over the sums
+                        l0 = lf[b, c, p0:p1]
+                        l1 = lf[b, c + 1, p0:p1]
+                        l2 = lf[b, c + 2, p0:p1]
+                        l3 = lf[b, c + 3, p0:p1]
+                        r0 = rf[b, c, p0 + shift:p1 + shift]
+                        r1 = rf[b, c + 1, p0 + shift:p1 + shift]
+                        r2 = rf[b, c + 2, p0 + shift:p1 + shift]
+                        r3 = rf[b, c + 3, p0 + shift:p1 + shift]
+                        for i in range(p1 - p0):
+                            seg[i] += (l0[i] * r0[i] + l1[i] * r1[i]) + (l2[i] * r2[i] + l3[i] * r3[i])
+                    for c in range(c4, C):
+                        lr = lf[b, c, p0:p1]
+                        rn = rf[b, c, p0 + shift:p1 + shift]
+                        for i in range(p1 - p0):
+                            seg[i] += lr[i] * rn[i]
+                # entries whose neighbour is not the one the flat run read: 0
                 x0 = max(0, -dx)
                 x1 = min(w, w - dx)
-                if zz < 0 or zz >= d or yy < 0 or yy >= h or x1 <= x0:
-                    continue
-                n = x1 - x0
-                seg = row[x0:x1]
-                c4 = C // 4 * 4
-                for c in range(0, c4, 4):  # four classes per pass over the sums
-                    l0 = left[b, c, z, y, x0:x1]
-                    l1 = left[b, c + 1, z, y, x0:x1]
-                    l2 = left[b, c + 2, z, y, x0:x1]
-                    l3 = left[b, c + 3, z, y, x0:x1]
-                    r0 = right[b, c, zz, yy, x0 + dx:x1 + dx]
-                    r1 = right[b, c + 1, zz, yy, x0 + dx:x1 + dx]
-                    r2 = right[b, c + 2, zz, yy, x0 + dx:x1 + dx]
-                    r3 = right[b, c + 3, zz, yy, x0 + dx:x1 + dx]
-                    for i in range(n):
-                        seg[i] += (l0[i] * r0[i] + l1[i] * r1[i]) + (l2[i] * r2[i] + l3[i] * r3[i])
-                for c in range(c4, C):
-                    lr = left[b, c, z, y, x0:x1]
-                    rn = right[b, c, zz, yy, x0 + dx:x1 + dx]
-                    for i in range(n):
-                        seg[i] += lr[i] * rn[i]
+                for r in range(row_a, row_b):
+                    zz = r // h + dz
+                    yy = r % h + dy
+                    row = ob[r * w:(r + 1) * w]
+                    if zz < 0 or zz >= d or yy < 0 or yy >= h or x1 <= x0:
+                        row[:] = 0
+                        continue
+                    row[:x0] = 0
+                    row[x1:] = 0
         _restore(mode_fp)
 
 

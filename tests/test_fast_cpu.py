@@ -280,6 +280,59 @@ def test_the_last_softmax_vjp_vouches_for_the_unary_gradient_and_sums_its_produc
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("compat", [None, "matrix"])
+def test_the_last_iterations_vjp_makes_its_transposed_upsampling_in_the_same_pass(monkeypatch, dtype, compat):
+    """On images with one merged kernel, the softmax's vjp at the taped output also makes the
+    transposed upsampling that the compatibility's vjp reads (no pass of its own): the gradients
+    still match NumPy, over blurs that do and do not divide the image and a blur of 1 along x."""
+    rng = np.random.default_rng(23)
+    assert fb.ready(dtype)
+    for blur, size in ((4, (29, 41)), (3, (12, 12)), ((2, 1), (9, 7))):
+        unary = rng.normal(scale=2.0, size=(2, 5) + size).astype(dtype)
+        features = rng.uniform(0, 255, size=(2, 3) + size).astype(dtype)
+        params = CRFParams() if compat is None else CRFParams(compatibility=rng.uniform(0, 1, (5, 5)))
+        config = _meanfield.CRFConfig(5, blur, 3)
+        go = rng.normal(size=unary.shape).astype(dtype)
+        kernels = []
+        real = fb._run
+        monkeypatch.setattr(fb, "_run", lambda kernel, *a: kernels.append(kernel.__name__) or real(kernel, *a))
+        _check_backward(unary, features, params, config, go, False)  # (NumPy's kernels are not fb's)
+        monkeypatch.setattr(fb, "_run", real)
+        assert "softmax_backward_reduced" in kernels and "upsample_backward" not in kernels, kernels
+
+
+@pytest.mark.parametrize("shape,filter_size", [((2, 5, 1, 13, 11), (1, 5, 5)), ((1, 21, 1, 20, 17), (1, 7, 3)),
+                                               ((2, 3, 3, 7, 9), (3, 3, 3)), ((1, 6, 4, 5, 6), (5, 3, 3)),
+                                               ((1, 2, 1, 2, 3), (1, 7, 7))])
+def test_pair_products_against_loops(shape, filter_size):
+    """The kernel gradient's pair products (flat runs over blocks of rows, wrapped entries set to
+    0) against a loop over every cell and offset in float64, added over two calls, on 1 to 3
+    pieces: the same bits for any number of pieces."""
+    from cucrf import _numba_kernels as kernels
+
+    rng = np.random.default_rng(sum(shape))
+    nd = 2 if shape[2] == 1 else 3
+    offsets = fb._offsets3(filter_size[3 - nd:], nd, False)
+    B, C, d, h, w = shape
+    pairs = [(rng.normal(size=shape).astype(np.float32), rng.normal(size=shape).astype(np.float32)) for _ in range(2)]
+    want = np.zeros((B, len(offsets), d, h, w))
+    for left, right in pairs:
+        for b, o, z, y, x in np.ndindex(want.shape):
+            zz, yy, xx = np.array((z, y, x)) + offsets[o]
+            if 0 <= zz < d and 0 <= yy < h and 0 <= xx < w:
+                want[b, o, z, y, x] += left[b, :, z, y, x].astype(np.float64) @ right[b, :, zz, yy, xx]
+    results = []
+    for parts in (1, 2, 3):
+        out = np.full(want.shape, np.nan, np.float32)
+        for t, (left, right) in enumerate(pairs):
+            for part in range(parts):
+                kernels.pair_products(offsets, left, right, t > 0, out, part, parts)
+        results.append(out)
+        np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    assert all(np.array_equal(r, results[0]) for r in results)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape,weighted", [((2, 4, 9, 37), True), ((1, 3, 4, 6, 7), False)])
 def test_training_loss_in_one_pass_matches_numpy(monkeypatch, dtype, shape, weighted):
     """fit's loss (tempered cross-entropy, its gradient and the temperature's) from the compiled
