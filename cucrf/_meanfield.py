@@ -17,7 +17,7 @@ and, for learning (reverse mode, see :func:`mean_field_backward`),
 
 * ``softmax_backward(q, grad, into) -> grad_logits``: vjp of the softmax over axis 1, given its
   output; also added to ``into`` when that is an array (the unary's gradient, summed over the
-  iterations);
+  iterations); the result of the last call, at the first ``Q``, is not read (only ``into``);
 * ``compatibility_backward(grad_logits, msg, compat) -> (grad_msg, grad_compat)``: vjp of
   ``logits = a U - mu M``; ``grad_compat`` is a (C, C) float64 array (NumPy, or of the backend's
   array library: it is converted once, after the last iteration), the gradient with respect to

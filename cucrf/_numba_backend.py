@@ -213,15 +213,18 @@ def _dummies(dtype_str):
                 u=np.zeros(1, np.uintp), f=np.zeros(1, dt), inv=np.ones((1, 1, 1), dt))
 
 
-def _message(setup, s, q5, weight, out, upsample=False, xlo=None, xhi=None, xf=None, up=None):
+def _message(setup, s, q5, weight, out, upsample=False, xlo=None, xhi=None, xf=None, up=None, scale=None):
     """``out = weight * K_s q5`` on the coarse grid (B, C, d, h, w), by
     :func:`cucrf._numba_kernels.message`; with ``upsample`` each row also upsampled along x into
-    ``up``."""
+    ``up``; with ``scale`` (d, h, w) also multiplied by it."""
     kernels = setup.kernels[s]
     if not upsample:
         upsample, xlo, xhi, xf, up = _no_upsampling(setup.dtype)
-    _run(_k.message, kernels.reshape(kernels.shape[:3] + (-1,)), setup.offsets, _c(q5), float(weight), out, upsample,
-         xlo, xhi, xf, up)
+    scaled = scale is not None
+    if not scaled:
+        scale = _dummies(setup.dtype.str)["inv"]
+    _run(_k.message, kernels.reshape(kernels.shape[:3] + (-1,)), setup.offsets, _c(q5), float(weight), scale, scaled,
+         out, upsample, xlo, xhi, xf, up)
 
 
 def _no_upsampling(dtype):
@@ -349,21 +352,25 @@ class PooledQ:
 @dataclasses.dataclass
 class MessageGradient:
     """The gradient with respect to a message, kept factored: ``-mu^T grad_logits``; ``coarse``
-    holds ``Up^T(n_s grad_logits)`` per kernel (5-D)."""
+    holds ``Up^T(n_s grad_logits)`` per kernel (5-D); ``transposed``, where made already, their
+    Potts transposes ``-mu^T coarse``."""
 
     grad_logits: object
     compat: object
     coarse: tuple
     msg: CoarseMessage
+    transposed: Optional[tuple] = None
 
 
 @dataclasses.dataclass
 class LogitsGradient:
     """The gradient with respect to the logits of a merged update, kept only as its transposed
-    upsampling ``Up^T(grad_logits)`` (5-D, coarse): all that :func:`compatibility_backward` reads."""
+    upsampling ``Up^T(grad_logits)`` (5-D, coarse): all that :func:`compatibility_backward` reads;
+    with Potts, ``transposed`` is ``-mu^T`` of it, made in the same pass."""
 
     setup: FastSetup
     coarse: object
+    transposed: object = None
 
 
 @dataclasses.dataclass
@@ -767,7 +774,7 @@ def softmax_backward(q, grad, into=None):
             _run(_k.softmax_backward_reduced, q5, g5, tab.lo_starts[1], tab.frac[1], tab.lo[2], tab.hi[2],
                  tab.frac[2], _v5(out), below, above)
             _logits_coarse.clear()
-            _logits_coarse[id(out)] = (weakref.ref(out), weakref.ref(setup), _rows_transposed(below, above))
+            _logits_coarse[id(out)] = (weakref.ref(out), weakref.ref(setup), _rows_transposed(below, above)[0])
             return out
         _run(_k.softmax_backward, q5, g5, d["a5"], d["a5"], d["a5"], d["a5"], d["a5"], d["a5"], 0, False, True,
              d["u"], d["u"], d["i"], _v5(out), *_into(into, d))
@@ -811,15 +818,16 @@ def _softmax_backward_made_again(q: PooledQ, grad, into):
     # with a compatibility matrix, Q is made from -compat @ m, as the update made it
     m = d["a5"] if msg is None else (msg.m[0] if q.compat is None else _coarse_phi(msg, q.compat))
     reduce = into is not None and setup.nd == 2
+    # The first softmax's vjp is the last addition into the unary's gradient (mean_field_backward,
+    # which does not read its result): its kernel also tells whether the sums are finite and
+    # gives sum(sums * logits); on images it only adds to the sums.
+    final = msg is None and into is not None
     if reduce:
         out = d["a5"]
-        below, above = (np.empty((B, C) + tab.coarse, dt) for _ in range(2))
+        below, above = (np.empty((B, C) + tab.coarse, dt) if not final else d["a5"] for _ in range(2))
     else:
         out = np.empty(q.shape, dt)
         below = above = d["a5"]
-    # The first softmax's vjp is the last addition into the unary's gradient (mean_field_backward):
-    # its kernel also tells whether the sums are finite and gives sum(sums * logits).
-    final = msg is None and into is not None
     checks = np.zeros(PIECES, dt)
     dots = np.zeros(_k._chunks(B * U5.shape[2] * tab.coarse[1]) if final else 1)
     _run(_k.softmax_backward_made_again, U5, m, msg is not None,
@@ -836,16 +844,18 @@ def _softmax_backward_made_again(q: PooledQ, grad, into):
         _dots[id(into)] = (weakref.ref(into), weakref.ref(q.logits), total)
     if not reduce:
         return out
-    return LogitsGradient(setup, _rows_transposed(below, above))
+    if final:
+        return LogitsGradient(setup, None)  # (not read: see above)
+    return LogitsGradient(setup, *_rows_transposed(below, above, q.compat is None))
 
 
-def _rows_transposed(below, above):
+def _rows_transposed(below, above, potts=False):
     """``Up^T`` along y from the split sums of the softmax vjp kernels (``reduce``):
     ``Up^T(out)[l] = below[l] + above[l - 1]``, the last row also getting its own ``above``
-    (added into ``below``, which is returned)."""
-    below[:, :, :, 1:] += above[:, :, :, :-1]
-    below[:, :, :, -1] += above[:, :, :, -1]
-    return below
+    (added into ``below``, which is returned), and with ``potts`` its Potts transpose (else None)."""
+    transposed = np.empty_like(below) if potts else _dummies(below.dtype.str)["a5"]
+    _k.rows_transposed(below, above, potts, transposed)
+    return below, (transposed if potts else None)
 
 
 def _normaliser_gradients(setup, grads, q):
@@ -889,7 +899,9 @@ def compatibility_backward(grad, msg, compat):
     """vjp of ``logits = a U - mu M``: ``(grad_msg, grad_compat)``, the first lazy for a :class:`CoarseMessage`."""
     if isinstance(grad, LogitsGradient):
         coarse = (grad.coarse,)
-        return MessageGradient(None, compat, coarse, msg), _class_products(list(zip(coarse, msg.m)), msg.setup.weights)
+        transposed = None if grad.transposed is None or compat is not None else (grad.transposed,)
+        gc = _class_products(list(zip(coarse, msg.m)), msg.setup.weights)
+        return MessageGradient(None, compat, coarse, msg, transposed), gc
     known = _logits_coarse.pop(id(grad), None)
     if known is not None and known[0]() is grad and isinstance(msg, CoarseMessage) and msg.setup is known[1]():
         coarse = (known[2],)  # made by the softmax's vjp that made grad
@@ -915,7 +927,7 @@ def full_message_backward(setup: FastSetup, q, grad_msg, config, grads):
     msg = None
     if isinstance(grad_msg, MessageGradient):
         msg = grad_msg.msg
-        coarse = tuple(_compat_transpose(lc, grad_msg.compat) for lc in grad_msg.coarse)
+        coarse = grad_msg.transposed or tuple(_compat_transpose(lc, grad_msg.compat) for lc in grad_msg.coarse)
     else:
         grad_msg = _c(np.asarray(grad_msg).astype(setup.dtype, copy=False))
         coarse = _upsample_backward(setup, _v5(grad_msg), setup.normalisers)
@@ -932,8 +944,8 @@ def full_message_backward(setup: FastSetup, q, grad_msg, config, grads):
         rs = []
         for s, weight in enumerate(setup.weights):
             r = np.empty(coarse[s].shape, setup.dtype)
-            _message(setup, s, coarse[s], weight, r)
-            r *= setup.tables.inv  # Pool^T's division by the pixel counts, on the coarse grid
+            # (with Pool^T's division by the pixel counts, on the coarse grid)
+            _message(setup, s, coarse[s], weight, r, scale=setup.tables.inv)
             rs.append(r)
         return tuple(rs)
 

@@ -380,8 +380,9 @@ def _message_rows(kernels, offsets, q, b, c, z, y0, y1, rz, ry, rx, span, near, 
 
 
 @numba.njit(**_PIECES)
-def message(kernels, offsets, q, weight, out, upsample, xlo, xhi, xf, up, part, parts):
-    """``out[b, c, i] = weight * sum_o kernels[b, o, i] * q[b, c, i + offset_o]`` (0 outside the grid).
+def message(kernels, offsets, q, weight, scale, scaled, out, upsample, xlo, xhi, xf, up, part, parts):
+    """``out[b, c, i] = weight * sum_o kernels[b, o, i] * q[b, c, i + offset_o]`` (0 outside the grid),
+    times ``scale[i]`` (d, h, w) where ``scaled`` (after the weight, as a second product).
 
     ``kernels`` (B, K, d, h * w) (rows flattened), zero where the neighbour lies outside the grid
     (as :func:`pairwise_kernels` makes them); ``offsets`` (K, 3) int64; ``q``, ``out`` (B, C, d, h, w).
@@ -426,8 +427,13 @@ def message(kernels, offsets, q, weight, out, upsample, xlo, xhi, xf, up, part, 
                 for r in range(y1 - y0):
                     orow = out[b, c, z, y0 + r]
                     ar = a[r * w:(r + 1) * w]
-                    for i in range(w):
-                        orow[i] = ar[i] * weight
+                    if scaled:
+                        sr = scale[z, y0 + r]
+                        for i in range(w):
+                            orow[i] = (ar[i] * weight) * sr[i]
+                    else:
+                        for i in range(w):
+                            orow[i] = ar[i] * weight
                     if upsample:
                         _upsample_row_fours(orow, xlo, xhi, xf, up[b, c, z, y0 + r], i0, n4)
         _restore(mode_fp)
@@ -1185,6 +1191,39 @@ def softmax_backward(q, g, r0, r1, n0, n1, gn0, gn1, mode, accumulate, write, zc
         _restore(mode_fp)
 
 
+@numba.njit(**_SERIAL)
+def rows_transposed(below, above, potts, transposed):
+    """``Up^T`` along y from the split sums of the softmax vjp kernels (``reduce``), in place in
+    ``below`` (B, C, 1, h, w): ``below[l] += above[l - 1]``, and the last row its own ``above``
+    too; with ``potts`` also the Potts compatibility's transpose of the result, ``transposed =
+    below - sum_c below`` (classes added in order). One thread: a pass over a coarse array costs
+    less than handing it to others."""
+    B, C, _, h, w = below.shape
+    total = np.empty(w, below.dtype)
+    for b in range(B):
+        for l in range(h):
+            total[:] = 0
+            for c in range(C):
+                row = below[b, c, 0, l]
+                if l > 0:
+                    prev = above[b, c, 0, l - 1]
+                    for x in range(w):
+                        row[x] += prev[x]
+                if l == h - 1:
+                    own = above[b, c, 0, l]
+                    for x in range(w):
+                        row[x] += own[x]
+                if potts:
+                    for x in range(w):
+                        total[x] += row[x]
+            if potts:
+                for c in range(C):
+                    row = below[b, c, 0, l]
+                    out = transposed[b, c, 0, l]
+                    for x in range(w):
+                        out[x] = row[x] - total[x]
+
+
 @numba.njit(**_PIECES)
 def softmax_backward_reduced(q, g, lstart, yf, xlo, xhi, xf, out, below, above, part, parts):
     """:func:`softmax_backward` with ``G = g`` (``mode`` 0, the same ``out`` bit for bit) on images,
@@ -1256,7 +1295,8 @@ def softmax_backward_made_again(U, m, use_message, zlo, zhi, zf, ylo, yhi, yf, x
     ``+ above[h - 1]`` on the last row).
     ``final`` (with ``add``: the last addition to ``sums``): each piece writes 0 into
     ``checks[part]`` when every value of ``sums`` it finished is finite, else NaN, and each
-    chunk of rows ``sum(sums * U)`` (products in the dtype, sums in float64) into ``dots[chunk]``.
+    chunk of rows ``sum(sums * U)`` (products in the dtype, sums in float64) into ``dots[chunk]``;
+    with ``reduce`` the result is then only added to ``sums`` (``below``, ``above`` untouched).
     """
     B, C, D, H, W = U.shape
     h = lstart.shape[0] - 1
@@ -1300,7 +1340,7 @@ def softmax_backward_made_again(U, m, use_message, zlo, zhi, zf, ylo, yhi, yf, x
                     if zf[z] != 0:
                         _upsample_row_fours(m[b, c, z1, l], xlo, xhi, xf, up[2, c], i0, n4)
                         _upsample_row_fours(m[b, c, z1, l1], xlo, xhi, xf, up[3, c], i0, n4)
-            if reduce:
+            if reduce and not final:
                 acc_lo[:] = 0
                 acc_hi[:] = 0
             for y in range(y_a, y_b):
@@ -1343,7 +1383,11 @@ def softmax_backward_made_again(U, m, use_message, zlo, zhi, zf, ylo, yhi, yf, x
                 for c in range(C):
                     lr = logits[c]
                     gr = G[c]
-                    if reduce:
+                    if reduce and final:  # (the result itself is not read: sums only)
+                        trow = sums[b, c, z, y]
+                        for i in range(W):
+                            trow[i] += (lr[i] * total[i]) * (gr[i] - dot[i])
+                    elif reduce:
                         trow = sums[b, c, z, y]
                         alo = acc_lo[c]
                         ahi = acc_hi[c]
@@ -1371,7 +1415,7 @@ def softmax_backward_made_again(U, m, use_message, zlo, zhi, zf, ylo, yhi, yf, x
                             t = trow[i]
                             fin[i] += t - t
                             dacc[i] += np.float64(t * ur[i])
-            if reduce:  # the group's rows transposed-upsampled along x
+            if reduce and not final:  # the group's rows transposed-upsampled along x
                 for c in range(C):
                     _reduce_row_fours(acc_lo[c], xlo, xhi, xf, below[b, c, z, l], i0, n4)
                     _reduce_row_fours(acc_hi[c], xlo, xhi, xf, above[b, c, z, l], i0, n4)
@@ -1487,13 +1531,20 @@ def upsampled_dot(a, x0, x1, zlo, zhi, zf, ylo, yhi, yf, gn0, gn1, part, parts):
 @numba.njit(**dict(_PIECES, fastmath={"reassoc"}))
 def class_products(a, m, weight, out, part, parts):
     """``out[c, k] -= weight * sum_{b, i} a[b, c, i] * m[b, k, i]`` (products in the compute dtype,
-    sums in float64); ``a``, ``m`` (B, C, N), ``out`` (C, C) float64. Parallel over ``c``; the sums
-    may be reassociated (vectorised), which changes nothing between runs or thread counts."""
+    sums in float64); ``a``, ``m`` (B, C, N), ``out`` (C, C) float64. Parallel over the pairs of
+    ``c`` and a group of four ``k`` (or one, past the last four), so that the pieces get even
+    shares; the sums may be reassociated (vectorised), which changes nothing between runs or
+    thread counts."""
     B, C, N = a.shape
-    for c in range(part * C // parts, (part + 1) * C // parts):
+    k4 = C // 4 * 4
+    kgroups = k4 // 4 + (C - k4)
+    units = C * kgroups
+    for u in range(part * units // parts, (part + 1) * units // parts):
         mode_fp = _flush_denormals()
-        k4 = C // 4 * 4
-        for k in range(0, k4, 4):  # four classes per pass over a[b, c]
+        c = u // kgroups
+        kg = u % kgroups
+        if kg < k4 // 4:  # four classes per pass over a[b, c]
+            k = 4 * kg
             t0 = 0.0
             t1 = 0.0
             t2 = 0.0
@@ -1522,7 +1573,8 @@ def class_products(a, m, weight, out, part, parts):
             out[c, k + 1] -= weight * t1
             out[c, k + 2] -= weight * t2
             out[c, k + 3] -= weight * t3
-        for k in range(k4, C):
+        else:
+            k = k4 + kg - k4 // 4
             total = 0.0
             for b in range(B):
                 ar = a[b, c]
