@@ -1806,7 +1806,7 @@ def pair_products(offsets, left, right, add, out, part, parts):
         _restore(mode_fp)
 
 
-@numba.njit(**_PIECES)
+@numba.njit(**dict(_PIECES, fastmath={"reassoc"}))
 def kernel_gradients(scaled, feats, ib, ib2, ibf, pz, py, px, offsets, ia2, ig2, weights, scales, pairs0, pairs1,
                      rows, has_rows, g_feat, partial, part, parts):
     """The vjp of :func:`pairwise_kernels` (as :func:`cucrf._numpy_backend.pairwise_kernels_backward`).
@@ -1816,7 +1816,9 @@ def kernel_gradients(scaled, feats, ib, ib2, ibf, pz, py, px, offsets, ia2, ig2,
     (S, B, 1, d, h, w) the row-sum gradients (``has_rows``). Writes ``g_feat`` (B, F, d, h, w)
     (each cell owns its gradient: the neighbour terms are recomputed from the pair (i - o, i)),
     and per piece of rows the float64 sums ``partial[piece]``: ``pair_dot[s]``, ``weights[s, 0..1]``
-    (at ``S + 2 s``), ``inv_theta_alpha2``, ``inv_theta_gamma2`` and ``inv_theta_beta[f]``.
+    (at ``S + 2 s``), ``inv_theta_alpha2``, ``inv_theta_gamma2`` and ``inv_theta_beta[f]``. The
+    sums may be reassociated (vectorised: in order, each addition would wait for the last), which
+    changes nothing between runs or thread counts (the pieces are fixed).
     """
     B, F, d, h, w = scaled.shape
     K = offsets.shape[0]
