@@ -352,25 +352,21 @@ class PooledQ:
 @dataclasses.dataclass
 class MessageGradient:
     """The gradient with respect to a message, kept factored: ``-mu^T grad_logits``; ``coarse``
-    holds ``Up^T(n_s grad_logits)`` per kernel (5-D); ``transposed``, where made already, their
-    Potts transposes ``-mu^T coarse``."""
+    holds ``Up^T(n_s grad_logits)`` per kernel (5-D)."""
 
     grad_logits: object
     compat: object
     coarse: tuple
     msg: CoarseMessage
-    transposed: Optional[tuple] = None
 
 
 @dataclasses.dataclass
 class LogitsGradient:
     """The gradient with respect to the logits of a merged update, kept only as its transposed
-    upsampling ``Up^T(grad_logits)`` (5-D, coarse): all that :func:`compatibility_backward` reads;
-    with Potts, ``transposed`` is ``-mu^T`` of it, made in the same pass."""
+    upsampling ``Up^T(grad_logits)`` (5-D, coarse): all that :func:`compatibility_backward` reads."""
 
     setup: FastSetup
     coarse: object
-    transposed: object = None
 
 
 @dataclasses.dataclass
@@ -774,7 +770,7 @@ def softmax_backward(q, grad, into=None):
             _run(_k.softmax_backward_reduced, q5, g5, tab.lo_starts[1], tab.frac[1], tab.lo[2], tab.hi[2],
                  tab.frac[2], _v5(out), below, above)
             _logits_coarse.clear()
-            _logits_coarse[id(out)] = (weakref.ref(out), weakref.ref(setup), _rows_transposed(below, above)[0])
+            _logits_coarse[id(out)] = (weakref.ref(out), weakref.ref(setup), _rows_transposed(below, above))
             return out
         _run(_k.softmax_backward, q5, g5, d["a5"], d["a5"], d["a5"], d["a5"], d["a5"], d["a5"], 0, False, True,
              d["u"], d["u"], d["i"], _v5(out), *_into(into, d))
@@ -846,16 +842,16 @@ def _softmax_backward_made_again(q: PooledQ, grad, into):
         return out
     if final:
         return LogitsGradient(setup, None)  # (not read: see above)
-    return LogitsGradient(setup, *_rows_transposed(below, above, q.compat is None))
+    return LogitsGradient(setup, _rows_transposed(below, above))
 
 
-def _rows_transposed(below, above, potts=False):
+def _rows_transposed(below, above):
     """``Up^T`` along y from the split sums of the softmax vjp kernels (``reduce``):
     ``Up^T(out)[l] = below[l] + above[l - 1]``, the last row also getting its own ``above``
-    (added into ``below``, which is returned), and with ``potts`` its Potts transpose (else None)."""
-    transposed = np.empty_like(below) if potts else _dummies(below.dtype.str)["a5"]
-    _k.rows_transposed(below, above, potts, transposed)
-    return below, (transposed if potts else None)
+    (added into ``below``, which is returned)."""
+    below[:, :, :, 1:] += above[:, :, :, :-1]
+    below[:, :, :, -1] += above[:, :, :, -1]
+    return below
 
 
 def _normaliser_gradients(setup, grads, q):
@@ -899,9 +895,7 @@ def compatibility_backward(grad, msg, compat):
     """vjp of ``logits = a U - mu M``: ``(grad_msg, grad_compat)``, the first lazy for a :class:`CoarseMessage`."""
     if isinstance(grad, LogitsGradient):
         coarse = (grad.coarse,)
-        transposed = None if grad.transposed is None or compat is not None else (grad.transposed,)
-        gc = _class_products(list(zip(coarse, msg.m)), msg.setup.weights)
-        return MessageGradient(None, compat, coarse, msg, transposed), gc
+        return MessageGradient(None, compat, coarse, msg), _class_products(list(zip(coarse, msg.m)), msg.setup.weights)
     known = _logits_coarse.pop(id(grad), None)
     if known is not None and known[0]() is grad and isinstance(msg, CoarseMessage) and msg.setup is known[1]():
         coarse = (known[2],)  # made by the softmax's vjp that made grad
@@ -927,7 +921,7 @@ def full_message_backward(setup: FastSetup, q, grad_msg, config, grads):
     msg = None
     if isinstance(grad_msg, MessageGradient):
         msg = grad_msg.msg
-        coarse = grad_msg.transposed or tuple(_compat_transpose(lc, grad_msg.compat) for lc in grad_msg.coarse)
+        coarse = tuple(_compat_transpose(lc, grad_msg.compat) for lc in grad_msg.coarse)
     else:
         grad_msg = _c(np.asarray(grad_msg).astype(setup.dtype, copy=False))
         coarse = _upsample_backward(setup, _v5(grad_msg), setup.normalisers)

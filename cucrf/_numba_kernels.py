@@ -1191,39 +1191,6 @@ def softmax_backward(q, g, r0, r1, n0, n1, gn0, gn1, mode, accumulate, write, zc
         _restore(mode_fp)
 
 
-@numba.njit(**_SERIAL)
-def rows_transposed(below, above, potts, transposed):
-    """``Up^T`` along y from the split sums of the softmax vjp kernels (``reduce``), in place in
-    ``below`` (B, C, 1, h, w): ``below[l] += above[l - 1]``, and the last row its own ``above``
-    too; with ``potts`` also the Potts compatibility's transpose of the result, ``transposed =
-    below - sum_c below`` (classes added in order). One thread: a pass over a coarse array costs
-    less than handing it to others."""
-    B, C, _, h, w = below.shape
-    total = np.empty(w, below.dtype)
-    for b in range(B):
-        for l in range(h):
-            total[:] = 0
-            for c in range(C):
-                row = below[b, c, 0, l]
-                if l > 0:
-                    prev = above[b, c, 0, l - 1]
-                    for x in range(w):
-                        row[x] += prev[x]
-                if l == h - 1:
-                    own = above[b, c, 0, l]
-                    for x in range(w):
-                        row[x] += own[x]
-                if potts:
-                    for x in range(w):
-                        total[x] += row[x]
-            if potts:
-                for c in range(C):
-                    row = below[b, c, 0, l]
-                    out = transposed[b, c, 0, l]
-                    for x in range(w):
-                        out[x] = row[x] - total[x]
-
-
 @numba.njit(**_PIECES)
 def softmax_backward_reduced(q, g, lstart, yf, xlo, xhi, xf, out, below, above, part, parts):
     """:func:`softmax_backward` with ``G = g`` (``mode`` 0, the same ``out`` bit for bit) on images,
