@@ -55,15 +55,24 @@ def time_call(fn, repeat, warmup=2):
     """Median wall time of ``fn()`` in seconds over ``repeat`` runs after ``warmup`` runs (the least
     CPU time of this process, all threads, with :data:`CPU_TIME`; the least wall time with
     :data:`LEAST`)."""
+    return time_calls([fn], repeat, warmup)[0]
+
+
+def time_calls(fns, repeat, warmup=2):
+    """:func:`time_call` of several callables, run in turn (each once, then each again), so that a
+    machine whose speed drifts during the runs slows them alike: their ratios stay fair. Returns
+    one time per callable."""
     for _ in range(warmup):
-        fn()
+        for fn in fns:
+            fn()
     clock = time.process_time if CPU_TIME else time.perf_counter
-    times = []
+    times = [[] for _ in fns]
     for _ in range(repeat):
-        t = clock()
-        fn()
-        times.append(clock() - t)
-    return min(times) if CPU_TIME or LEAST else statistics.median(times)
+        for fn, spent in zip(fns, times):
+            t = clock()
+            fn()
+            spent.append(clock() - t)
+    return [min(spent) if CPU_TIME or LEAST else statistics.median(spent) for spent in times]
 
 
 def peak_extra_bytes(fn):
@@ -213,7 +222,7 @@ def run_backward(repeat=5, iterations=5, problem=None, filter_size=5, blur=4, pr
     :func:`cucrf.infer_vjp` alone (the same input checks, then mean-field inference recording
     every iteration's marginals and messages for the backward pass, which inference alone does
     not keep). ``backward``: :func:`cucrf.infer_vjp` minus the taped forward; the last column is
-    infer_vjp minus infer, over infer.
+    infer_vjp minus infer, over infer. The three are run in turn (:func:`time_calls`).
     """
     from . import _api, _meanfield
 
@@ -235,7 +244,7 @@ def run_backward(repeat=5, iterations=5, problem=None, filter_size=5, blur=4, pr
     for name, ctx in paths:
         with ctx() if ctx is not None else contextlib.nullcontext():
             vjp()  # every call warm before any is timed (the allocator settles on the largest)
-            f, t, v = time_call(fwd, repeat), time_call(taped, repeat), time_call(vjp, repeat)
+            f, t, v = time_calls([fwd, taped, vjp], repeat)  # in turn: the ratios survive drift
         row = dict(path=name, forward_s=f, taped_forward_s=t, vjp_s=v, backward_s=v - t)
         rows.append(row)
         print_fn(f"| {name} | {f:.3f} | {t:.3f} | {v:.3f} | {v - t:.3f} | {(v - t) / t:.2f} | {(v - f) / f:.2f} |")

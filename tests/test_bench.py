@@ -79,8 +79,8 @@ def test_run_backward_small_problem_reports_every_column():
     problem = bench.make_problem(20, 24, 3)
     rows = bench.run_backward(repeat=1, iterations=2, problem=problem, filter_size=3, blur=2, print_fn=lines.append)
     assert [r["path"] for r in rows][-1] == "NumPy" and len(lines) == len(rows)
-    for row, line in zip(rows, lines):
-        assert 0 < row["taped_forward_s"] < row["vjp_s"] and row["forward_s"] > 0
+    for row, line in zip(rows, lines):  # (no comparison of times: one run each on a busy machine)
+        assert row["taped_forward_s"] > 0 and row["vjp_s"] > 0 and row["forward_s"] > 0
         assert abs(row["backward_s"] - (row["vjp_s"] - row["taped_forward_s"])) < 1e-12
         assert line.startswith(f"| {row['path']} |") and line.count("|") == 8
     assert bench.BACKWARD_HEADER.splitlines()[0].count("|") == 8
@@ -97,3 +97,24 @@ def test_time_call_reports_the_median_or_with_least_the_least_wall_time(monkeypa
     assert bench.time_call(run, repeat=3) == 3.0
     monkeypatch.setattr(bench, "LEAST", True)
     assert bench.time_call(run, repeat=3) == 1.0
+
+
+def test_time_calls_runs_the_callables_in_turn_and_reports_one_time_each(monkeypatch):
+    """Each callable once, then each again (a drifting machine slows them alike), two warm-up
+    rounds first; the median of each, or with LEAST the least."""
+    order = []
+    now = [0.0]
+    costs = {"a": iter([1.0, 1.0, 4.0, 2.0, 6.0]), "b": iter([1.0, 1.0, 3.0, 9.0, 5.0])}
+
+    def runner(name):
+        def run():
+            order.append(name)
+            now[0] += next(costs[name])
+        return run
+
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
+    assert bench.time_calls([runner("a"), runner("b")], repeat=3) == [4.0, 5.0]
+    assert order == ["a", "b"] * 5
+    costs = {"a": iter([1.0, 1.0, 4.0, 2.0, 6.0]), "b": iter([1.0, 1.0, 3.0, 9.0, 5.0])}
+    monkeypatch.setattr(bench, "LEAST", True)
+    assert bench.time_calls([runner("a"), runner("b")], repeat=3) == [2.0, 3.0]
