@@ -58,10 +58,10 @@ def time_call(fn, repeat, warmup=2):
     return time_calls([fn], repeat, warmup)[0]
 
 
-def time_calls(fns, repeat, warmup=2):
+def time_calls(fns, repeat, warmup=2, every=False):
     """:func:`time_call` of several callables, run in turn (each once, then each again), so that a
     machine whose speed drifts during the runs slows them alike: their ratios stay fair. Returns
-    one time per callable."""
+    one time per callable (``every``: the list of all its times)."""
     for _ in range(warmup):
         for fn in fns:
             fn()
@@ -72,7 +72,13 @@ def time_calls(fns, repeat, warmup=2):
             t = clock()
             fn()
             spent.append(clock() - t)
-    return [min(spent) if CPU_TIME or LEAST else statistics.median(spent) for spent in times]
+    if every:
+        return times
+    return [_statistic(spent) for spent in times]
+
+
+def _statistic(times):
+    return min(times) if CPU_TIME or LEAST else statistics.median(times)
 
 
 def peak_extra_bytes(fn):
@@ -149,7 +155,8 @@ def real_problem(data_dir, image_id="2007_000129", network="espnet2_384"):
     return unary, np.ascontiguousarray(image, dtype=np.uint8)
 
 
-def run_cpu(repeat=5, iterations=5, cases=CPU_CASES, print_fn=print, problem=None, convcrf=None, threads=None):
+def run_cpu(repeat=5, iterations=5, cases=CPU_CASES, print_fn=print, problem=None, convcrf=None, threads=None,
+            floor=False):
     """Time cucrf and its peers side by side on each case; return rows of dicts.
 
     cucrf on the fused CPU path (when active) and on the NumPy backend; pydensecrf2 when
@@ -157,8 +164,12 @@ def run_cpu(repeat=5, iterations=5, cases=CPU_CASES, print_fn=print, problem=Non
     checkout of its repository. ``problem`` is a (unary (C, H, W), image (H, W, 3) uint8) pair
     used for every case (its size replaces the case's), e.g. :func:`real_problem`.
 
-    Every cucrf case is timed before any peer runs: PyTorch's worker threads keep spinning for
-    a while after each of its calls, which would slow whatever runs next on the same cores.
+    The cases are timed in turn (:func:`time_calls`: one run of each, then again), and with
+    ``floor`` the two measurements of :func:`measure_floor` take their turns among them, so that
+    each case's ratio to the floor compares times taken under the same conditions; each row then
+    also holds ``floor`` (the measured machine) and ``floor_s`` (:func:`floor_seconds`). Every
+    cucrf case is timed before any peer runs: PyTorch's worker threads keep spinning for a while
+    after each of its calls, which would slow whatever runs next on the same cores.
     """
     from . import _parallel, _peers
 
@@ -166,16 +177,26 @@ def run_cpu(repeat=5, iterations=5, cases=CPU_CASES, print_fn=print, problem=Non
     threads = _parallel.num_threads() if threads is None else threads
     rows = []
     problems = [make_problem(H, W, C) if problem is None else problem for H, W, C, _, _ in cases]
-    for (unary, image), (_, _, _, k, blur) in zip(problems, cases):
+    runs = [functools.partial(cucrf.infer, unary, image, filter_size=k, blur=blur, iterations=iterations)
+            for (unary, image), (_, _, _, k, blur) in zip(problems, cases)]
+    probes = floor_probes() if floor else None
+    times = time_calls(runs + ([probes["copy"], probes["exps"]] if floor else []), repeat, every=True)
+    measured = None
+    if floor:  # (the floor is a least time whatever the statistic: the machine at its best)
+        measured = dict(bandwidth=probes["bytes"] / min(times[-2]), exp_rate=probes["exps_done"] / min(times[-1]),
+                        threads=probes["threads"])
+    numpy_times = [None] * len(runs)
+    if fast:
+        with _numpy_only():
+            numpy_times = time_calls(runs, repeat)
+    for (unary, image), run, spent, numpy_s in zip(problems, runs, times, numpy_times):
         C, H, W = unary.shape
-        run = lambda: cucrf.infer(unary, image, filter_size=k, blur=blur, iterations=iterations)  # noqa: E731
-        seconds = time_call(run, repeat)
-        extra = peak_extra_bytes(run)
-        row = dict(case=f"{H}x{W}x{C} filter {k} blur {blur}", cucrf_s=seconds, fast=fast,
-                   extra_memory_x_unary=extra / unary.nbytes, densecrf_s=None, numpy_s=None, convcrf_s=None)
-        if fast:
-            with _numpy_only():
-                row["numpy_s"] = time_call(run, repeat)
+        k, blur = run.keywords["filter_size"], run.keywords["blur"]
+        row = dict(case=f"{H}x{W}x{C} filter {k} blur {blur}", cucrf_s=_statistic(spent), fast=fast,
+                   extra_memory_x_unary=peak_extra_bytes(run) / unary.nbytes, densecrf_s=None, numpy_s=numpy_s,
+                   convcrf_s=None)
+        if floor:
+            row["floor"], row["floor_s"] = measured, floor_seconds(C, H * W, iterations, measured)
         rows.append(row)
     densecrf_cache = {}
     have_densecrf = _peers.densecrf_available()
@@ -261,8 +282,16 @@ def measure_floor(megabytes=64):
     Bandwidth: bytes read + written per second by a copy of ``megabytes`` split over the threads
     (NumPy copies release the GIL). Exp throughput: exps per second of the fused path's
     vectorised exp (NumPy's ``exp`` without it) on rows that stay in each core's cache, so that
-    memory traffic is not counted twice. Least wall time of 7 runs each.
+    memory traffic is not counted twice. Least wall time of 7 runs each (:func:`floor_probes`).
     """
+    probes = floor_probes(megabytes)
+    return dict(bandwidth=probes["bytes"] / _least_wall_time(probes["copy"], 7),
+                exp_rate=probes["exps_done"] / _least_wall_time(probes["exps"], 7), threads=probes["threads"])
+
+
+def floor_probes(megabytes=64):
+    """The two runs :func:`measure_floor` times: ``copy`` (moves ``bytes``, read + written) and
+    ``exps`` (takes ``exps_done`` exps), with ``threads``, the thread count they use."""
     from . import _parallel
 
     n = megabytes * (1 << 20) // 4
@@ -275,7 +304,6 @@ def measure_floor(megabytes=64):
             a, b = i * n // pieces, (i + 1) * n // pieces
             np.copyto(dst[a:b], src[a:b])
 
-    bandwidth = 2 * src.nbytes / _least_wall_time(lambda: _parallel.for_chunks(pieces, copy, n), 7)
     # 64 rows of 4096 per thread (1 MB: they stay in the core's cache), exp'd 64 times in place
     # by one call (with NumPy, 64 calls of np.exp over the rows, split over the threads)
     rows = np.ascontiguousarray(src[: 64 * 4096 * pieces].reshape(-1, 4096))
@@ -290,8 +318,8 @@ def measure_floor(megabytes=64):
         def exps():
             for _ in range(repeats):
                 _parallel.for_chunks(work.shape[0], lambda a, b: np.exp(rows[a:b], out=work[a:b]), work.size)
-    exp_rate = repeats * work.size / _least_wall_time(exps, 7)
-    return dict(bandwidth=bandwidth, exp_rate=exp_rate, threads=pieces)
+    return dict(copy=lambda: _parallel.for_chunks(pieces, copy, n), bytes=2 * src.nbytes, exps=exps,
+                exps_done=repeats * work.size, threads=pieces)
 
 
 def _least_wall_time(fn, repeat):
@@ -431,8 +459,8 @@ def main(argv=None):
                         help="report the least wall time of the timed runs instead of the median (a shared "
                              "machine whose speed drifts; the floor is a least wall time too)")
     parser.add_argument("--floor", action="store_true",
-                        help="also measure this machine's streaming bandwidth and exp throughput, and the "
-                             "floor time of each case")
+                        help="also measure this machine's streaming bandwidth and exp throughput (in turn "
+                             "with the cucrf cases), and the floor time of each case")
     args = parser.parse_args(argv)
     global CPU_TIME, LEAST
     CPU_TIME = args.cpu_time
@@ -469,21 +497,20 @@ def main(argv=None):
     print(f"times: {statistic} of {repeat} timed runs after 2 warm-up runs")
     print(TABLE_HEADER)
     sys.stdout.flush()
-    # cucrf's backward pass and the floor first: the peers in run_cpu leave threads spinning
-    backward_lines, floor = [], None
+    # cucrf's backward pass first (and the floor within run_cpu): the peers leave threads spinning
+    backward_lines = []
     if args.backward:
         run_backward(repeat=repeat, iterations=args.iterations, problem=problem, print_fn=backward_lines.append)
+    rows = run_cpu(repeat=repeat, iterations=args.iterations, cases=cases, problem=problem, convcrf=args.convcrf,
+                   floor=args.floor)
     if args.floor:
-        floor = measure_floor()
-    rows = run_cpu(repeat=repeat, iterations=args.iterations, cases=cases, problem=problem, convcrf=args.convcrf)
-    if floor is not None:
+        floor = rows[0]["floor"]
         print(f"\nfloor: streaming {floor['bandwidth'] / 1e9:.1f} GB/s (read + write) and exp "
-              f"{floor['exp_rate'] / 1e9:.2f} G/s with {floor['threads']} thread(s) (least wall time)")
+              f"{floor['exp_rate'] / 1e9:.2f} G/s with {floor['threads']} thread(s) (least wall time of "
+              f"{repeat} runs each, in turn with the cucrf cases)")
         print("| case | cucrf [s] | floor [s] | cucrf / floor |\n|---|---|---|---|")
-        for row, (H, W, C, _, _) in zip(rows, cases):
-            c, h, w = problem[0].shape if problem is not None else (C, H, W)
-            f = floor_seconds(c, h * w, args.iterations, floor)
-            print(f"| {row['case']} | {row['cucrf_s']:.3f} | {f:.3f} | {row['cucrf_s'] / f:.2f} |")
+        for row in rows:
+            print(f"| {row['case']} | {row['cucrf_s']:.3f} | {row['floor_s']:.3f} | {row['cucrf_s'] / row['floor_s']:.2f} |")
     if args.backward:
         print("\n" + BACKWARD_HEADER)
         print("\n".join(backward_lines))

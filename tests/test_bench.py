@@ -15,6 +15,26 @@ def test_run_cpu_small_case_reports_rows():
     assert row["cucrf_s"] > 0 and row["extra_memory_x_unary"] > 0
 
 
+def test_run_cpu_with_the_floor_times_it_in_turn_with_the_cases(monkeypatch):
+    """With floor=True the floor's two measurements join the cases' turns, and each row holds the
+    measured machine and its case's floor time (floor_seconds of that case)."""
+    turns = []
+    real = bench.time_calls
+
+    def recorded(fns, repeat, warmup=2, every=False):
+        turns.append(len(fns))
+        return real(fns, repeat, warmup, every)
+
+    monkeypatch.setattr(bench, "time_calls", recorded)
+    cases = [(24, 31, 3, 5, 2), (20, 22, 4, 3, 1)]
+    rows = bench.run_cpu(repeat=1, iterations=2, cases=cases, print_fn=lambda *_: None, floor=True)
+    assert turns[0] == len(cases) + 2  # the cases and the floor's copy and exps, in turn
+    for row, (H, W, C, _, _) in zip(rows, cases):
+        floor = row["floor"]
+        assert floor is rows[0]["floor"] and floor["bandwidth"] > 0 and floor["exp_rate"] > 0
+        assert row["floor_s"] == bench.floor_seconds(C, H * W, 2, floor)
+
+
 def test_run_volumes_small_case_reports_rows():
     lines = []
     rows = bench.run_volumes(repeat=1, iterations=1, cases=[(12, 14, 10, 3)], print_fn=lines.append)
