@@ -28,7 +28,7 @@ def test_run_cpu_with_the_floor_times_it_in_turn_with_the_cases(monkeypatch):
     monkeypatch.setattr(bench, "time_calls", recorded)
     cases = [(24, 31, 3, 5, 2), (20, 22, 4, 3, 1)]
     rows = bench.run_cpu(repeat=1, iterations=2, cases=cases, print_fn=lambda *_: None, floor=True)
-    assert turns[0] == len(cases) + 2  # the cases and the floor's copy and exps, in turn
+    assert turns[0] == len(cases) + 3  # the cases, the floor's copy and exps, the first case again
     for row, (H, W, C, _, _) in zip(rows, cases):
         floor = row["floor"]
         assert floor is rows[0]["floor"] and floor["bandwidth"] > 0 and floor["exp_rate"] > 0
