@@ -41,8 +41,8 @@ stores_kernels = True
 _owned = weakref.WeakValueDictionary()  # id -> class maps this backend allocated (safe to overwrite)
 _finite = weakref.WeakValueDictionary()  # id -> outputs whose every value the update found finite
 _dots = {}  # id(sums) -> (weak sums, weak logits, sum(sums * logits)) from the last softmax vjp
-_taped_output = {}  # id(Q) -> (weak Q, weak setup): the last taped iteration's output, if an image's
-_logits_coarse = {}  # id(grad_logits) -> (weak grad_logits, weak setup, its Up^T) (one of each kept)
+_taped_outputs = {}  # id(Q) -> (weak Q, weak setup): outputs of taped iterations on images, while alive
+_logits_coarse = {}  # id(grad_logits) -> (weak grad_logits, weak setup, its Up^T), until read or freed
 
 #: The most pieces a kernel call is split into: two per thread, so that a thread starting late
 #: still gets a share (each piece costs a few microseconds of dispatch under the GIL).
@@ -625,10 +625,16 @@ def _iterate(U5, su, msg, transient, taped):
 def _keep_taped_output(target, setup):
     """Remember ``target``, the output of a taped iteration on an image with one merged kernel and
     pooling, so that the softmax's vjp at it also makes its transposed upsampling
-    (:func:`softmax_backward`), which :func:`compatibility_backward` reads next."""
-    _taped_output.clear()
+    (:func:`softmax_backward`), which :func:`compatibility_backward` reads next. Every backward
+    pass at it (and every thread's) then takes that same path: the same bits each time."""
     if setup.nd == 2 and not setup.separate and not setup.tables.trivial:
-        _taped_output[id(target)] = (weakref.ref(target), weakref.ref(setup))
+        _remember(_taped_outputs, target, weakref.ref(setup))
+
+
+def _remember(table, array, *values):
+    """``table[id(array)] = (weak array, *values)``, the entry removed when ``array`` is freed."""
+    key = id(array)
+    table[key] = (weakref.ref(array, lambda _, key=key: table.pop(key, None)),) + values
 
 
 def _materialise(q):
@@ -760,7 +766,7 @@ def softmax_backward(q, grad, into=None):
              *_spread(tab), _v5(out), *_into(into, d))
     else:
         g5 = _v5(np.asarray(grad).astype(dt, copy=False))
-        made = _taped_output.pop(id(q), None) if into is None else None
+        made = _taped_outputs.get(id(q)) if into is None else None
         setup = made[1]() if made is not None and made[0]() is qc else None
         if setup is not None:
             # the last iteration's vjp: its transposed upsampling too, in the same pass
@@ -769,8 +775,7 @@ def softmax_backward(q, grad, into=None):
             below, above = (np.empty((B, C) + tab.coarse, dt) for _ in range(2))
             _run(_k.softmax_backward_reduced, q5, g5, tab.lo_starts[1], tab.frac[1], tab.lo[2], tab.hi[2],
                  tab.frac[2], _v5(out), below, above)
-            _logits_coarse.clear()
-            _logits_coarse[id(out)] = (weakref.ref(out), weakref.ref(setup), _rows_transposed(below, above))
+            _remember(_logits_coarse, out, weakref.ref(setup), _rows_transposed(below, above))
             return out
         _run(_k.softmax_backward, q5, g5, d["a5"], d["a5"], d["a5"], d["a5"], d["a5"], d["a5"], 0, False, True,
              d["u"], d["u"], d["i"], _v5(out), *_into(into, d))

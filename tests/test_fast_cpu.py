@@ -301,6 +301,32 @@ def test_the_last_iterations_vjp_makes_its_transposed_upsampling_in_the_same_pas
         assert "softmax_backward_reduced" in kernels and "upsample_backward" not in kernels, kernels
 
 
+def test_the_reduced_last_vjp_gives_the_same_bits_for_every_backward_pass_and_open_tape(monkeypatch):
+    """Two tapes open at once and a backward pass run twice on one of them: every backward pass
+    at a taped output takes the reduced pass, so each gives the bits of a lone tape's."""
+    rng = np.random.default_rng(29)
+    config = _meanfield.CRFConfig(5, 4, 3)
+    problems = [(rng.normal(scale=2.0, size=(1, 5, 29, 41)).astype(np.float32),
+                 rng.uniform(0, 255, size=(1, 3, 29, 41)).astype(np.float32)) for _ in range(2)]
+    go = rng.normal(size=(1, 5, 29, 41)).astype(np.float32)
+    alone = [_taped(fb, u, f, CRFParams(), config, go, False)[1] for u, f in problems]
+    kernels = []
+    real = fb._run
+    monkeypatch.setattr(fb, "_run", lambda kernel, *a: kernels.append(kernel.__name__) or real(kernel, *a))
+    tapes = []
+    for u, f in problems:
+        tapes.append(_meanfield.Tape())
+        _meanfield.mean_field(fb, u, f, CRFParams(), config, tape=tapes[-1])
+    got = [_meanfield.mean_field_backward(fb, tapes[1], go), _meanfield.mean_field_backward(fb, tapes[0], go),
+           _meanfield.mean_field_backward(fb, tapes[0], go)]
+    assert kernels.count("softmax_backward_reduced") == 3 and "upsample_backward" not in kernels
+    for (gu, gf, gp), want in zip(got, [alone[1], alone[0], alone[0]]):
+        np.testing.assert_array_equal(gu, want[0])
+        np.testing.assert_array_equal(gf, want[1])
+        for name in want[2]:
+            np.testing.assert_array_equal(gp[name], want[2][name])
+
+
 @pytest.mark.parametrize("shape,filter_size", [((2, 5, 1, 13, 11), (1, 5, 5)), ((1, 21, 1, 20, 17), (1, 7, 3)),
                                                ((2, 3, 3, 7, 9), (3, 3, 3)), ((1, 6, 4, 5, 6), (5, 3, 3)),
                                                ((1, 2, 1, 2, 3), (1, 7, 7))])
