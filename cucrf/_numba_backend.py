@@ -40,7 +40,7 @@ stores_kernels = True
 
 _owned = weakref.WeakValueDictionary()  # id -> class maps this backend allocated (safe to overwrite)
 _finite = weakref.WeakValueDictionary()  # id -> outputs whose every value the update found finite
-_dots = {}  # id(sums) -> (weak sums, weak logits, sum(sums * logits)) from the last softmax vjp
+_dots = {}  # id(sums) -> (weak sums, weak logits, sum(sums * logits)) from softmax vjps, until read or freed
 _taped_outputs = {}  # id(Q) -> (weak Q, weak setup): outputs of taped iterations on images, while alive
 _logits_coarse = {}  # id(grad_logits) -> (weak grad_logits, weak setup, its Up^T), until read or freed
 
@@ -841,8 +841,7 @@ def _softmax_backward_made_again(q: PooledQ, grad, into):
         total = 0.0
         for v in dots:  # in order: the same sum for any number of threads
             total += float(v)
-        _dots.clear()  # (at most one kept: sum_products reads it right after)
-        _dots[id(into)] = (weakref.ref(into), weakref.ref(q.logits), total)
+        _remember(_dots, into, weakref.ref(q.logits), total)  # (sum_products reads it right after)
     if not reduce:
         return out
     if final:
