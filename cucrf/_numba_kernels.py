@@ -1197,7 +1197,7 @@ def softmax_backward_reduced(q, g, lstart, yf, xlo, xhi, xf, out, below, above, 
     and in the same pass the transposed upsampling of ``out``, split by the rows it goes to as in
     :func:`softmax_backward_made_again` (``reduce``): ``below[b, c, 0, l]`` and ``above[b, c, 0, l]``
     over the rows ``lstart[l] .. lstart[l + 1] - 1`` (those whose lower tap along y is ``l``)."""
-    B, C, _, H, W = q.shape
+    B, C, _, _, W = q.shape
     h = lstart.shape[0] - 1
     dt = q.dtype
     groups = B * h

@@ -287,15 +287,21 @@ def test_the_last_iterations_vjp_makes_its_transposed_upsampling_in_the_same_pas
     still match NumPy, over blurs that do and do not divide the image and a blur of 1 along x."""
     rng = np.random.default_rng(23)
     assert fb.ready(dtype)
+    kernels = []
+    real = fb._run
+
+    def recorded(kernel, *args):
+        kernels.append(kernel.__name__)
+        return real(kernel, *args)
+
     for blur, size in ((4, (29, 41)), (3, (12, 12)), ((2, 1), (9, 7))):
         unary = rng.normal(scale=2.0, size=(2, 5) + size).astype(dtype)
         features = rng.uniform(0, 255, size=(2, 3) + size).astype(dtype)
         params = CRFParams() if compat is None else CRFParams(compatibility=rng.uniform(0, 1, (5, 5)))
         config = _meanfield.CRFConfig(5, blur, 3)
         go = rng.normal(size=unary.shape).astype(dtype)
-        kernels = []
-        real = fb._run
-        monkeypatch.setattr(fb, "_run", lambda kernel, *a: kernels.append(kernel.__name__) or real(kernel, *a))
+        kernels.clear()
+        monkeypatch.setattr(fb, "_run", recorded)
         _check_backward(unary, features, params, config, go, False)  # (NumPy's kernels are not fb's)
         monkeypatch.setattr(fb, "_run", real)
         assert "softmax_backward_reduced" in kernels and "upsample_backward" not in kernels, kernels
@@ -339,7 +345,7 @@ def test_pair_products_against_loops(shape, filter_size):
     rng = np.random.default_rng(sum(shape))
     nd = 2 if shape[2] == 1 else 3
     offsets = fb._offsets3(filter_size[3 - nd:], nd, False)
-    B, C, d, h, w = shape
+    B, _, d, h, w = shape
     pairs = [(rng.normal(size=shape).astype(np.float32), rng.normal(size=shape).astype(np.float32)) for _ in range(2)]
     want = np.zeros((B, len(offsets), d, h, w))
     for left, right in pairs:
