@@ -382,7 +382,8 @@ def _message_rows(kernels, offsets, q, b, c, z, y0, y1, rz, ry, rx, span, near, 
 @numba.njit(**_PIECES)
 def message(kernels, offsets, q, weight, scale, scaled, out, upsample, xlo, xhi, xf, up, part, parts):
     """``out[b, c, i] = weight * sum_o kernels[b, o, i] * q[b, c, i + offset_o]`` (0 outside the grid),
-    times ``scale[i]`` (d, h, w) where ``scaled`` (after the weight, as a second product).
+    times ``scale[i]`` (d, h, w) where ``scaled`` (a second product, after the first is rounded to
+    the dtype: the bits of multiplying ``out`` by ``scale`` afterwards).
 
     ``kernels`` (B, K, d, h * w) (rows flattened), zero where the neighbour lies outside the grid
     (as :func:`pairwise_kernels` makes them); ``offsets`` (K, 3) int64; ``q``, ``out`` (B, C, d, h, w).
@@ -410,8 +411,9 @@ def message(kernels, offsets, q, weight, scale, scaled, out, upsample, xlo, xhi,
     groups = B * d * blocks
     n_ch = _chunks(groups)
     i0, n4 = _fours(xlo, xhi, xf) if upsample else (0, 0)
-    acc = np.empty(rows * w, q.dtype)
-    near = np.zeros((2 * rz + 1) * span, q.dtype)
+    dt = q.dtype
+    acc = np.empty(rows * w, dt)
+    near = np.zeros((2 * rz + 1) * span, dt)
     for ch in range(part * n_ch // parts, (part + 1) * n_ch // parts):
         mode_fp = _flush_denormals()
         for g in range(ch * groups // n_ch, (ch + 1) * groups // n_ch):
@@ -430,7 +432,7 @@ def message(kernels, offsets, q, weight, scale, scaled, out, upsample, xlo, xhi,
                     if scaled:
                         sr = scale[z, y0 + r]
                         for i in range(w):
-                            orow[i] = (ar[i] * weight) * sr[i]
+                            orow[i] = dt.type(ar[i] * weight) * sr[i]  # (rounded as orow, then scaled)
                     else:
                         for i in range(w):
                             orow[i] = ar[i] * weight
@@ -1060,7 +1062,9 @@ def _pool_transpose_row_fours(r, b, cz, cy, xs, k0, n4, G):
 @numba.njit(**_CONTRACT)
 def _softmax_dot_rows(logits, top, total, G, dot):
     """:func:`_softmax_rows`, and ``dot = sum_c q G`` per column of the (C, W) row buffers in the
-    same pass (``q = logits * total`` afterwards): ``dot = total * sum_c exp(...) G``."""
+    same pass (``q = logits * total`` afterwards): ``dot = total * sum_c exp(...) G``. Where that
+    sum overflows (``|G|`` near the dtype's largest value over C) though ``sum_c q G`` may not,
+    the row's ``dot`` is taken again from ``q``, as NumPy takes it."""
     C, W = logits.shape
     one = logits.dtype.type(1)
     total[:] = 0
@@ -1080,10 +1084,20 @@ def _softmax_dot_rows(logits, top, total, G, dot):
                 lr[i] = e
                 total[i] += e
                 dot[i] += e * gr[i]
+    spread = logits.dtype.type(0)  # inf or NaN where a dot is not finite
     for i in range(W):
         t = one / total[i]
         total[i] = t
-        dot[i] *= t
+        d = dot[i] * t
+        dot[i] = d
+        spread += d - d
+    if spread != 0 or spread != spread:
+        dot[:] = 0
+        for c in range(C):
+            lr = logits[c]
+            gr = G[c]
+            for i in range(W):
+                dot[i] += (lr[i] * total[i]) * gr[i]
 
 
 @numba.njit(**_PIECES)
@@ -1783,9 +1797,11 @@ def kernel_gradients(scaled, feats, ib, ib2, ibf, pz, py, px, offsets, ia2, ig2,
     (S, B, 1, d, h, w) the row-sum gradients (``has_rows``). Writes ``g_feat`` (B, F, d, h, w)
     (each cell owns its gradient: the neighbour terms are recomputed from the pair (i - o, i)),
     and per piece of rows the float64 sums ``partial[piece]``: ``pair_dot[s]``, ``weights[s, 0..1]``
-    (at ``S + 2 s``), ``inv_theta_alpha2``, ``inv_theta_gamma2`` and ``inv_theta_beta[f]``. The
-    sums may be reassociated (vectorised: in order, each addition would wait for the last), which
-    changes nothing between runs or thread counts (the pieces are fixed).
+    (at ``S + 2 s``), ``inv_theta_alpha2``, ``inv_theta_gamma2`` and ``inv_theta_beta[f]``.
+    Compiled with reassociation allowed, so that the float64 sums vectorise (in order, each
+    addition would wait for the last): the kernel values it makes again may then differ from the
+    forward pass's in the last bit, and the sums' order is the compiler's; nothing changes between
+    runs or thread counts (the pieces are fixed).
     """
     B, F, d, h, w = scaled.shape
     K = offsets.shape[0]

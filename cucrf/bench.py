@@ -165,9 +165,10 @@ def run_cpu(repeat=5, iterations=5, cases=CPU_CASES, print_fn=print, problem=Non
     used for every case (its size replaces the case's), e.g. :func:`real_problem`.
 
     The cases are timed in turn (:func:`time_calls`: one run of each, then again), and with
-    ``floor`` the two measurements of :func:`measure_floor` take their turns among them, so that
-    each case's ratio to the floor compares times taken under the same conditions; each row then
-    also holds ``floor`` (the measured machine) and ``floor_s`` (:func:`floor_seconds`). Every
+    ``floor`` the two measurements of :func:`measure_floor` take their turns among them (wall
+    times; with :data:`CPU_TIME` the floor is measured on its own), so that each case's ratio to
+    the floor compares times taken under the same conditions; each row then also holds ``floor``
+    (the measured machine) and ``floor_s`` (:func:`floor_seconds`). Every
     cucrf case is timed before any peer runs: PyTorch's worker threads keep spinning for a while
     after each of its calls, which would slow whatever runs next on the same cores.
     """
@@ -179,13 +180,16 @@ def run_cpu(repeat=5, iterations=5, cases=CPU_CASES, print_fn=print, problem=Non
     problems = [make_problem(H, W, C) if problem is None else problem for H, W, C, _, _ in cases]
     runs = [functools.partial(cucrf.infer, unary, image, filter_size=k, blur=blur, iterations=iterations)
             for (unary, image), (_, _, _, k, blur) in zip(problems, cases)]
-    probes = floor_probes() if floor else None
-    # (after the floor's copy, which leaves nothing of the problem in the caches, an untimed run
-    # of the first case: every case is then timed as it runs again and again, peers included)
-    extra = [probes["copy"], probes["exps"], runs[0]] if floor else []
-    times = time_calls(runs + extra, repeat, every=True)[:len(runs) + (2 if floor else 0)]
-    measured = None
-    if floor:  # (the floor is a least time whatever the statistic: the machine at its best)
+    # The floor is a least wall time: with CPU_TIME (CPU times in turn) it is measured on its own.
+    in_turn = floor and not CPU_TIME
+    probes = floor_probes() if in_turn else None
+    # (after the floor's copy, which leaves nothing of the problem in the caches, a run of the
+    # first case whose time is dropped: every case is then timed as it runs again and again,
+    # as the peers are)
+    extra = [probes["copy"], probes["exps"], runs[0]] if in_turn else []
+    times = time_calls(runs + extra, repeat, every=True)[:len(runs) + (2 if in_turn else 0)]
+    measured = measure_floor() if floor and not in_turn else None
+    if in_turn:  # (a least time whatever the statistic: the machine at its best)
         measured = dict(bandwidth=probes["bytes"] / min(times[-2]), exp_rate=probes["exps_done"] / min(times[-1]),
                         threads=probes["threads"])
     numpy_times = [None] * len(runs)
@@ -508,9 +512,10 @@ def main(argv=None):
                    floor=args.floor)
     if args.floor:
         floor = rows[0]["floor"]
+        how = "least wall time of 7 runs each" if CPU_TIME else f"least wall time of {repeat} runs each, in turn " \
+                                                                 "with the cucrf cases"
         print(f"\nfloor: streaming {floor['bandwidth'] / 1e9:.1f} GB/s (read + write) and exp "
-              f"{floor['exp_rate'] / 1e9:.2f} G/s with {floor['threads']} thread(s) (least wall time of "
-              f"{repeat} runs each, in turn with the cucrf cases)")
+              f"{floor['exp_rate'] / 1e9:.2f} G/s with {floor['threads']} thread(s) ({how})")
         print("| case | cucrf [s] | floor [s] | cucrf / floor |\n|---|---|---|---|")
         for row in rows:
             print(f"| {row['case']} | {row['cucrf_s']:.3f} | {row['floor_s']:.3f} | {row['cucrf_s'] / row['floor_s']:.2f} |")

@@ -35,6 +35,18 @@ def test_run_cpu_with_the_floor_times_it_in_turn_with_the_cases(monkeypatch):
         assert row["floor_s"] == bench.floor_seconds(C, H * W, 2, floor)
 
 
+def test_run_cpu_with_cpu_times_measures_the_floor_on_its_own_in_wall_time(monkeypatch):
+    """--cpu-time reports CPU times, but the floor is a wall time: then it is not in the turns."""
+    turns, floors = [], []
+    real_calls, real_floor = bench.time_calls, bench.measure_floor
+    monkeypatch.setattr(bench, "time_calls", lambda fns, *a, **k: turns.append(len(fns)) or real_calls(fns, *a, **k))
+    monkeypatch.setattr(bench, "measure_floor", lambda *a: floors.append(1) or real_floor(*a))
+    monkeypatch.setattr(bench, "CPU_TIME", True)
+    rows = bench.run_cpu(repeat=1, iterations=1, cases=[(24, 31, 3, 5, 2)], print_fn=lambda *_: None, floor=True)
+    assert turns[0] == 1 and floors == [1]
+    assert rows[0]["floor"]["bandwidth"] > 0 and rows[0]["floor_s"] > 0
+
+
 def test_run_volumes_small_case_reports_rows():
     lines = []
     rows = bench.run_volumes(repeat=1, iterations=1, cases=[(12, 14, 10, 3)], print_fn=lines.append)

@@ -333,6 +333,34 @@ def test_the_reduced_last_vjp_gives_the_same_bits_for_every_backward_pass_and_op
             np.testing.assert_array_equal(gp[name], want[2][name])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_softmax_and_its_dot_in_one_pass_against_numpy_also_where_the_sum_of_exps_overflows(dtype):
+    """The vjps' one-pass softmax and sum_c q G against NumPy (float64 oracle), on ordinary values
+    and where sum_c exp(...) G overflows though sum_c q G does not (|G| near the largest value
+    over C): that row's dot is then taken from q, finite as NumPy's."""
+    from cucrf import _numba_kernels as kernels
+
+    rng = np.random.default_rng(31)
+    C, W, Wp = 21, 37, 48
+    big = np.finfo(dtype).max / 4
+    for scale_g in (1.0, big):
+        logits = np.zeros((C, Wp), dtype)
+        logits[:, :W] = rng.normal(scale=3.0, size=(C, W))
+        logits[:, 5] = 0.0  # equal logits: every e is 1, their sum C
+        G = np.zeros((C, Wp), dtype)
+        G[:, :W] = rng.uniform(0.5, 1.0, size=(C, W)) * dtype(scale_g)
+        top = logits.max(axis=0)
+        x = logits[:, :W].astype(np.float64)
+        q = np.exp(x - x.max(axis=0))
+        q /= q.sum(axis=0)
+        want = (q * G[:, :W]).sum(axis=0)
+        total, dot = np.empty(Wp, dtype), np.empty(Wp, dtype)
+        kernels._softmax_dot_rows(logits, top, total, G, dot)
+        assert np.isfinite(dot[:W]).all()
+        np.testing.assert_allclose(dot[:W], want, rtol=RTOL[dtype] * 10)
+        np.testing.assert_allclose(logits[:, :W] * total[:W], q, rtol=RTOL[dtype] * 10, atol=1e-7)
+
+
 @pytest.mark.parametrize("shape,filter_size", [((2, 5, 1, 13, 11), (1, 5, 5)), ((1, 21, 1, 20, 17), (1, 7, 3)),
                                                ((2, 3, 3, 7, 9), (3, 3, 3)), ((1, 6, 4, 5, 6), (5, 3, 3)),
                                                ((1, 2, 1, 2, 3), (1, 7, 7))])
