@@ -897,13 +897,12 @@ def sum_products(a, b):
 
 def compatibility_backward(grad, msg, compat):
     """vjp of ``logits = a U - mu M``: ``(grad_msg, grad_compat)``, the first lazy for a :class:`CoarseMessage`."""
+    known = _logits_coarse.pop(id(grad), None)
+    if known is not None and known[0]() is grad and isinstance(msg, CoarseMessage) and msg.setup is known[1]():
+        grad = LogitsGradient(msg.setup, known[2])  # made by the softmax's vjp that made grad
     if isinstance(grad, LogitsGradient):
         coarse = (grad.coarse,)
         return MessageGradient(None, compat, coarse, msg), _class_products(list(zip(coarse, msg.m)), msg.setup.weights)
-    known = _logits_coarse.pop(id(grad), None)
-    if known is not None and known[0]() is grad and isinstance(msg, CoarseMessage) and msg.setup is known[1]():
-        coarse = (known[2],)  # made by the softmax's vjp that made grad
-        return MessageGradient(grad, compat, coarse, msg), _class_products(list(zip(coarse, msg.m)), msg.setup.weights)
     if not isinstance(msg, CoarseMessage):
         return _reference.compatibility_backward(grad, msg, compat)
     setup = msg.setup

@@ -1091,7 +1091,7 @@ def _softmax_dot_rows(logits, top, total, G, dot):
         d = dot[i] * t
         dot[i] = d
         spread += d - d
-    if spread != 0 or spread != spread:
+    if spread != 0:  # (NaN too)
         dot[:] = 0
         for c in range(C):
             lr = logits[c]
