@@ -254,18 +254,54 @@ def extremes(x, out, part, parts):
 
 
 # -- pooling ----------------------------------------------------------------------------------------
+@numba.njit(**_SERIAL)
+def _cell_fours(xs):
+    """``(k0, n)``: the longest run of cells ``k0 .. k0 + n - 1`` of four pixels each (cells
+    ``xs``: first pixel of each cell, then the end); ``n = 0`` when there is none."""
+    best, best_n, k = 0, 0, 0
+    cells = xs.shape[0] - 1
+    while k < cells:
+        if xs[k + 1] - xs[k] != 4:
+            k += 1
+            continue
+        k1 = k
+        while k1 < cells and xs[k1 + 1] - xs[k1] == 4:
+            k1 += 1
+        if k1 - k > best_n:
+            best, best_n = k, k1 - k
+        k = k1
+    return best, best_n
+
+
 @numba.njit(inline="always", **_SERIAL)
-def _reduce_cells(acc, xs, inv, out):
+def _reduce_cells(acc, xs, inv, out, k0, n4):
     """``out[xc] = inv[xc] * sum(acc[xs[xc]:xs[xc + 1]])`` for every cell ``xc`` (cells are not
-    empty). Unsigned indices and no slices: this runs once per class and row of cells, on a few
-    values each time, and a slice's bounds handling cost more than the sums."""
-    for xc in range(out.shape[0]):
-        a0 = np.uint64(xs[xc])
-        a1 = np.uint64(xs[xc + 1])
-        a = acc[a0]
-        for i in range(a0 + np.uint64(1), a1):
-            a += acc[i]
-        out[xc] = a * inv[xc]
+    empty); the run of cells of four pixels ``(k0, n4)`` of :func:`_cell_fours` four pixels at a
+    time, which vectorises (the same sums in the same order). Unsigned indices and no slices
+    elsewhere: the cells at the edges are few, and a slice's bounds handling cost more than
+    their sums."""
+    for xc in range(k0):
+        _reduce_cell(acc, xs, inv, out, xc)
+    if n4 > 0:
+        base = xs[k0]
+        run = acc[base:base + 4 * n4]
+        dst = out[k0:k0 + n4]
+        scale = inv[k0:k0 + n4]
+        for j in range(n4):
+            dst[j] = (((run[4 * j] + run[4 * j + 1]) + run[4 * j + 2]) + run[4 * j + 3]) * scale[j]
+    for xc in range(k0 + n4, out.shape[0]):
+        _reduce_cell(acc, xs, inv, out, xc)
+
+
+@numba.njit(inline="always", **_SERIAL)
+def _reduce_cell(acc, xs, inv, out, xc):
+    """``out[xc] = inv[xc] * sum(acc[xs[xc]:xs[xc + 1]])``, one cell of :func:`_reduce_cells`."""
+    a0 = np.uint64(xs[xc])
+    a1 = np.uint64(xs[xc + 1])
+    a = acc[a0]
+    for i in range(a0 + np.uint64(1), a1):
+        a += acc[i]
+    out[xc] = a * inv[xc]
 
 
 @numba.njit(**_PIECES)
@@ -279,6 +315,7 @@ def pool(x, s0, s1, nscale, zs, ys, xs, inv, out0, out1, part, parts):
     d, h, w = inv.shape
     groups = B * C * d * h
     n_ch = _chunks(groups)
+    k0, nk = _cell_fours(xs)
     for ch in range(part * n_ch // parts, (part + 1) * n_ch // parts):
         mode_fp = _flush_denormals()
         acc0 = np.empty(W, x.dtype)
@@ -304,9 +341,9 @@ def pool(x, s0, s1, nscale, zs, ys, xs, inv, out0, out1, part, parts):
                             sr1 = s1[b, 0, z, y]
                             for i in range(W):
                                 acc1[i] += row[i] * sr1[i]
-            _reduce_cells(acc0, xs, inv[zc, yc], out0[b, c, zc, yc])
+            _reduce_cells(acc0, xs, inv[zc, yc], out0[b, c, zc, yc], k0, nk)
             if nscale == 2:
-                _reduce_cells(acc1, xs, inv[zc, yc], out1[b, c, zc, yc])
+                _reduce_cells(acc1, xs, inv[zc, yc], out1[b, c, zc, yc], k0, nk)
         _restore(mode_fp)
 
 
@@ -617,15 +654,16 @@ def _reduce_row_fours(v, xlo, xhi, xf, out, i0, n4):
         base = xlo[i0]
         run = v[i0:i1]
         dst = out[base:base + n4 + 1]
-        carry = dst[0]
-        for j in range(n4):
-            a0 = run[4 * j]
-            a1 = run[4 * j + 1]
-            a2 = run[4 * j + 2]
-            a3 = run[4 * j + 3]
-            dst[j] = carry + (g0 * a0 + g1 * a1 + g2 * a2 + g3 * a3)
-            carry = dst[j + 1] + (f0 * a0 + f1 * a1 + f2 * a2 + f3 * a3)
-        dst[n4] = carry
+        # dst[j] = (dst[j] + upper taps of group j - 1) + lower taps of group j: no value
+        # depends on another, so the loop vectorises (the sums of a running carry, in its order)
+        dst[0] = dst[0] + (g0 * run[0] + g1 * run[1] + g2 * run[2] + g3 * run[3])
+        nxt = run[4:]
+        for j in range(n4 - 1):
+            hi = f0 * run[4 * j] + f1 * run[4 * j + 1] + f2 * run[4 * j + 2] + f3 * run[4 * j + 3]
+            lo = g0 * nxt[4 * j] + g1 * nxt[4 * j + 1] + g2 * nxt[4 * j + 2] + g3 * nxt[4 * j + 3]
+            dst[j + 1] = (dst[j + 1] + hi) + lo
+        last = run[4 * (n4 - 1):]
+        dst[n4] = dst[n4] + (f0 * last[0] + f1 * last[1] + f2 * last[2] + f3 * last[3])
     for i in range(i1, v.shape[0]):
         out[xlo[i]] += (one - xf[i]) * v[i]
         out[xhi[i]] += xf[i] * v[i]
@@ -725,6 +763,7 @@ def update(U, m0, m1, n0, n1, mode, w0, w1, compat, use_compat, phi, return_logi
     direct = mode == 1 and not use_compat and (phi or not return_logits)
     Wp = _padded(W)
     n_ch = _chunks(groups)
+    k0, nk = _cell_fours(xs)
     # Row buffers, made once per piece. The softmax and pooling buffers are padded to whole
     # vectors: their loops then have no scalar remainder (an exp in scalar code costs as much as
     # a vector of eight).
@@ -891,9 +930,9 @@ def update(U, m0, m1, n0, n1, mode, w0, w1, compat, use_compat, phi, return_logi
                                 ar1[i] += o * nr1[i]
             if pool_mode >= 1 and not return_logits:
                 for c in range(C):
-                    _reduce_cells(acc0[c], xs, inv[zc, yc], p0[b, c, zc, yc])
+                    _reduce_cells(acc0[c], xs, inv[zc, yc], p0[b, c, zc, yc], k0, nk)
                     if pool_mode == 2:
-                        _reduce_cells(acc1[c], xs, inv[zc, yc], p1[b, c, zc, yc])
+                        _reduce_cells(acc1[c], xs, inv[zc, yc], p1[b, c, zc, yc], k0, nk)
         _restore(mode_fp)
     flag = fin[0]
     for i in range(Wp):
@@ -943,6 +982,7 @@ def iterate(kernels, offsets, q, U, xlo, xhi, xf, ylo, yhi, yf, ys, xs, inv, p0,
     groups = B * blocks
     n_ch = _chunks(groups)
     i0, n4 = _fours(xlo, xhi, xf)
+    k0, nk = _cell_fours(xs)
     Wp = _padded(W)
     near = np.zeros(span, dt)
     macc = np.empty(most * w, dt)
@@ -1004,7 +1044,7 @@ def iterate(kernels, offsets, q, U, xlo, xhi, xf, ylo, yhi, yf, ys, xs, inv, p0,
                             for i in range(Wp):
                                 ar0[i] += lr[i] * total[i]
                 for c in range(C):
-                    _reduce_cells(acc0[c], xs, inv[0, yc], p0[b, c, 0, yc])
+                    _reduce_cells(acc0[c], xs, inv[0, yc], p0[b, c, 0, yc], k0, nk)
         _restore(mode_fp)
     flag = fin[0]
     for i in range(Wp):
@@ -1013,25 +1053,6 @@ def iterate(kernels, offsets, q, U, xlo, xhi, xf, ylo, yhi, yf, ys, xs, inv, p0,
 
 
 # -- backward ----------------------------------------------------------------------------------------
-@numba.njit(**_SERIAL)
-def _cell_fours(xs):
-    """``(k0, n)``: the longest run of cells ``k0 .. k0 + n - 1`` of four pixels each (cells
-    ``xs``: first pixel of each cell, then the end); ``n = 0`` when there is none."""
-    best, best_n, k = 0, 0, 0
-    cells = xs.shape[0] - 1
-    while k < cells:
-        if xs[k + 1] - xs[k] != 4:
-            k += 1
-            continue
-        k1 = k
-        while k1 < cells and xs[k1 + 1] - xs[k1] == 4:
-            k1 += 1
-        if k1 - k > best_n:
-            best, best_n = k, k1 - k
-        k = k1
-    return best, best_n
-
-
 @numba.njit(inline="always", **_SERIAL)
 def _pool_transpose_row_fours(r, b, cz, cy, xs, k0, n4, G):
     """``G[c, x] = r[b, c, cz, cy, cell(x)]`` from the cells ``xs``, the run of :func:`_cell_fours`
