@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import numbers
 from typing import Optional
@@ -678,9 +679,19 @@ def infer_vjp(unary, image, params=None, *, grad_output, filter_size=DEFAULT_FIL
         check_same_device("unary", prepared.unary, "grad_output", grad_output)
         check_float_array("grad_output", grad_output, xp, ndims=(prepared.unary.ndim - (0 if prepared.batched else 1),),
                           finite=False)
-        # scanned in one pass by the backend's scan where it has one, as the unary is
-        check_finite("grad_output", grad_output, xp,
-                     value_range=extremes(grad_output, xp, scan=getattr(backend, "extremes", None)))
+
+        def check_grad_output_finite():
+            # scanned in one pass by the backend's scan where it has one, as the unary is
+            check_finite("grad_output", grad_output, xp,
+                         value_range=extremes(grad_output, xp, scan=getattr(backend, "extremes", None)))
+
+        # A backend that can vouch for the unary's gradient as it makes it (the fused CPU path)
+        # spares the scan: a NaN or infinity in grad_output reaches that gradient at its pixel
+        # (the last softmax's vjp spreads it over the pixel's classes, and sums keep it), so a
+        # finite gradient means a finite grad_output; otherwise grad_output is scanned afterwards.
+        vouches = hasattr(backend, "known_finite")
+        if not vouches:
+            check_grad_output_finite()
         g4 = grad_output if prepared.batched else grad_output[None]
         if tuple(g4.shape) != tuple(prepared.unary.shape):
             want = prepared.unary.shape if prepared.batched else prepared.unary.shape[1:]
@@ -689,7 +700,13 @@ def infer_vjp(unary, image, params=None, *, grad_output, filter_size=DEFAULT_FIL
         tape = _meanfield.Tape()
         result = _meanfield.mean_field(backend, prepared.unary, prepared.features, prepared.params, prepared.config,
                                        return_logits=output == "logits", tape=tape)
-        g_unary, g_features, grads = _meanfield.mean_field_backward(backend, tape, g4.astype(prepared.unary.dtype, copy=False))
+        # (a grad_output not scanned yet may hold NaN or infinity: refused below, without NumPy's warnings)
+        with np.errstate(all="ignore") if vouches else contextlib.nullcontext():
+            g_unary, g_features, grads = _meanfield.mean_field_backward(backend, tape,
+                                                                        g4.astype(prepared.unary.dtype, copy=False))
+        unary_finite = vouches and isinstance(g_unary, xp.ndarray) and _known_finite(backend, g_unary)
+        if vouches and not unary_finite:
+            check_grad_output_finite()
         g_transform = None
         if prepared.transform is not None:
             g_features, g_transform = _feature_transform_backward(xp, prepared.image_features, g_features,
@@ -701,6 +718,8 @@ def infer_vjp(unary, image, params=None, *, grad_output, filter_size=DEFAULT_FIL
         computed += [(f"the gradient with respect to {k}", v) for k, v in param_grads.items()]
         computed += [(f"the gradient with respect to feature_transform {k}", v) for k, v in (g_transform or {}).items()]
         for what, value in computed:
+            if value is g_unary and unary_finite:
+                continue
             if isinstance(value, xp.ndarray) and _known_finite(backend, value):
                 continue
             check_result_finite(f"{what} (cucrf.infer_vjp)", value, prepared.unary.dtype,

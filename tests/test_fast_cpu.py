@@ -451,7 +451,10 @@ def test_pooling_vjp_equals_numpy_bit_for_bit(dtype, lead, size, blur):
     np.testing.assert_array_equal(fb.pool_backward(grad, blur, size), nb.pool_backward(grad, blur, size))
 
 
-def test_grad_output_is_scanned_in_one_pass_and_non_finite_values_are_still_refused(monkeypatch):
+def test_a_finite_grad_output_needs_no_scan_of_its_own_and_non_finite_values_are_still_refused(monkeypatch):
+    """The fused path vouches for the unary's gradient, which a NaN or infinity in grad_output
+    always reaches: a finite grad_output is then not scanned; a unary weight other than 1 (the
+    gradient is a scaled copy) scans it after the backward pass."""
     rng = np.random.default_rng(13)
     unary = rng.normal(size=(3, 200, 450)).astype(np.float32)  # 270,000 values: the threaded scans
     image = rng.uniform(0, 255, (200, 450, 3)).astype(np.float32)
@@ -460,6 +463,8 @@ def test_grad_output_is_scanned_in_one_pass_and_non_finite_values_are_still_refu
     real = fb.extremes
     monkeypatch.setattr(fb, "extremes", lambda a: scanned.append(a) or real(a))
     cucrf.infer_vjp(unary, image, grad_output=grad, iterations=1)
+    assert not any(a is grad for a in scanned)
+    cucrf.infer_vjp(unary, image, cucrf.CRFParams(unary_weight=0.5), grad_output=grad, iterations=1)
     assert any(a is grad for a in scanned)
     for bad in (np.nan, np.inf, -np.inf):
         g = grad.copy()
@@ -470,6 +475,31 @@ def test_grad_output_is_scanned_in_one_pass_and_non_finite_values_are_still_refu
     strided[0, 0, 0] = np.nan
     with pytest.raises(ValueError, match=r"^grad_output contains 1 NaN"):
         cucrf.infer_vjp(unary, image, grad_output=strided, iterations=1)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(output="logits"), dict(normalization="symmetric"), dict(blur=1),
+                                dict(iterations=3, filter_size=3), dict(iterations=0), dict(dtype=np.float64),
+                                dict(params=cucrf.CRFParams(compatibility=np.array([[0.0, 1, 2], [1, 0, 1], [2, 1, 0]])))])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_any_non_finite_grad_output_value_is_refused_by_name(kw, bad, monkeypatch):
+    """Wherever the NaN or infinity lies (every class, corners, the middle; beside the largest
+    and the smallest marginal), the fused path refuses grad_output, as the NumPy backend does
+    before any work: its unary gradient is never finite then."""
+    rng = np.random.default_rng(7)
+    unary = (4 * rng.normal(size=(3, 40, 52))).astype(np.float32)
+    unary[1, 20, 26] = 60.0  # class 1 near certain there: the others' marginals underflow
+    image = rng.uniform(0, 255, (40, 52, 3)).astype(np.float32)
+    grad = rng.normal(size=unary.shape).astype(np.float32)
+    for where in [(0, 0, 0), (2, 39, 51), (1, 20, 26), (0, 20, 26), (2, 17, 3)]:
+        g = grad.copy()
+        g[where] = bad
+        with pytest.raises(ValueError, match=r"^grad_output contains 1 NaN or infinite value\(s\)"):
+            cucrf.infer_vjp(unary, image, grad_output=g, **kw)
+        if where == (0, 0, 0):
+            monkeypatch.setenv("CUCRF_FAST", "0")  # the NumPy backend: scanned before any work
+            with pytest.raises(ValueError, match=r"^grad_output contains 1 NaN or infinite value\(s\)"):
+                cucrf.infer_vjp(unary, image, grad_output=g, **kw)
+            monkeypatch.delenv("CUCRF_FAST")
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
