@@ -685,18 +685,19 @@ def infer_vjp(unary, image, params=None, *, grad_output, filter_size=DEFAULT_FIL
             check_finite("grad_output", grad_output, xp,
                          value_range=extremes(grad_output, xp, scan=getattr(backend, "extremes", None)))
 
-        # A backend that can vouch for the unary's gradient as it makes it (the fused CPU path)
-        # spares the scan: a NaN or infinity in grad_output reaches that gradient at its pixel
-        # (the last softmax's vjp spreads it over the pixel's classes, and sums keep it), so a
-        # finite gradient means a finite grad_output; otherwise grad_output is scanned afterwards.
-        vouches = hasattr(backend, "known_finite")
-        if not vouches:
-            check_grad_output_finite()
         g4 = grad_output if prepared.batched else grad_output[None]
         if tuple(g4.shape) != tuple(prepared.unary.shape):
             want = prepared.unary.shape if prepared.batched else prepared.unary.shape[1:]
             raise ValueError(f"grad_output must have the shape of the output {tuple(want)}, got shape "
                              f"{tuple(grad_output.shape)}")
+        # A backend that can vouch for the unary's gradient as it makes it (the fused CPU path)
+        # spares the scan: a NaN or infinity in grad_output reaches that gradient at its pixel
+        # (the last softmax's vjp spreads it over the pixel's classes, and sums keep it), so a
+        # finite gradient means a finite grad_output; otherwise grad_output is scanned afterwards
+        # (the backward pass reads grad_output and never writes to it).
+        vouches = hasattr(backend, "known_finite")
+        if not vouches:
+            check_grad_output_finite()
         tape = _meanfield.Tape()
         result = _meanfield.mean_field(backend, prepared.unary, prepared.features, prepared.params, prepared.config,
                                        return_logits=output == "logits", tape=tape)

@@ -502,6 +502,21 @@ def test_any_non_finite_grad_output_value_is_refused_by_name(kw, bad, monkeypatc
             monkeypatch.delenv("CUCRF_FAST")
 
 
+@pytest.mark.parametrize("fast", ["1", "0"])
+def test_grad_output_shape_is_checked_before_its_values_on_both_cpu_backends(fast, monkeypatch):
+    """The same first error with and without the fused path: the shape, then NaN or infinity."""
+    monkeypatch.setenv("CUCRF_FAST", fast)
+    rng = np.random.default_rng(3)
+    unary = rng.normal(size=(3, 12, 16)).astype(np.float32)
+    image = rng.uniform(0, 255, (12, 16, 3)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"^grad_output must have the shape of the output \(3, 12, 16\)"):
+        cucrf.infer_vjp(unary, image, grad_output=np.full((3, 12, 15), np.nan, np.float32))
+    grad = np.zeros((3, 12, 16), np.float32)
+    grad[:, :, :4] = np.inf
+    with pytest.raises(ValueError, match=r"^grad_output contains 144 NaN or infinite value\(s\)"):
+        cucrf.infer_vjp(unary, image, grad_output=grad)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("blur,normalization,logits", [(2, None, False), (1, None, False), (3, "symmetric", False),
                                                        (2, None, True)])
