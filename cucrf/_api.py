@@ -705,7 +705,7 @@ def infer_vjp(unary, image, params=None, *, grad_output, filter_size=DEFAULT_FIL
         with np.errstate(all="ignore") if vouches else contextlib.nullcontext():
             g_unary, g_features, grads = _meanfield.mean_field_backward(backend, tape,
                                                                         g4.astype(prepared.unary.dtype, copy=False))
-        unary_finite = vouches and isinstance(g_unary, xp.ndarray) and _known_finite(backend, g_unary)
+        unary_finite = vouches and _known_finite(backend, g_unary)
         if vouches and not unary_finite:
             check_grad_output_finite()
         g_transform = None

@@ -250,6 +250,14 @@ def test_training_keeps_no_full_resolution_q_and_matches_numpy(monkeypatch, nd, 
     _check_backward(unary, features, params, config, rng.normal(size=unary.shape), False)
 
 
+def _recording_kernels(monkeypatch):
+    """The list into which the names of the kernels the fused backend runs (``fb._run``) go, from now on."""
+    names = []
+    real = fb._run
+    monkeypatch.setattr(fb, "_run", lambda kernel, *a: names.append(kernel.__name__) or real(kernel, *a))
+    return names
+
+
 def test_the_last_softmax_vjp_vouches_for_the_unary_gradient_and_sums_its_products(monkeypatch):
     """The first softmax's vjp makes the last addition into the unary's gradient: it tells
     whether every value is finite (infer_vjp then skips its scan) and gives the unary weight's
@@ -259,9 +267,7 @@ def test_the_last_softmax_vjp_vouches_for_the_unary_gradient_and_sums_its_produc
     features = rng.uniform(0, 255, size=(2, 3, 30, 41)).astype(np.float32)
     config = _meanfield.CRFConfig(5, 4, 3)
     assert fb.ready(np.float32)
-    kernels = []
-    real = fb._run
-    monkeypatch.setattr(fb, "_run", lambda kernel, *a: kernels.append(kernel.__name__) or real(kernel, *a))
+    kernels = _recording_kernels(monkeypatch)
     tape = _meanfield.Tape()
     _meanfield.mean_field(fb, unary, features, CRFParams(), config, tape=tape)
     go = rng.normal(size=unary.shape).astype(np.float32)
@@ -274,7 +280,6 @@ def test_the_last_softmax_vjp_vouches_for_the_unary_gradient_and_sums_its_produc
     _meanfield.mean_field(fb, unary, features, CRFParams(), config, tape=tape)
     gu = _meanfield.mean_field_backward(fb, tape, go * np.float32(3e38))[0]
     assert not np.isfinite(gu).all() and not fb.known_finite(gu)
-    monkeypatch.setattr(fb, "_run", real)
     with pytest.raises(ValueError, match=r"^the gradient with respect to the unary \(cucrf.infer_vjp\) holds"):
         cucrf.infer_vjp(unary[0], np.moveaxis(features[0], 0, -1), grad_output=np.sign(go[0]) * np.float32(3e38))
 
@@ -287,13 +292,7 @@ def test_the_last_iterations_vjp_makes_its_transposed_upsampling_in_the_same_pas
     still match NumPy, over blurs that do and do not divide the image and a blur of 1 along x."""
     rng = np.random.default_rng(23)
     assert fb.ready(dtype)
-    kernels = []
-    real = fb._run
-
-    def recorded(kernel, *args):
-        kernels.append(kernel.__name__)
-        return real(kernel, *args)
-
+    kernels = _recording_kernels(monkeypatch)
     for blur, size in ((4, (29, 41)), (3, (12, 12)), ((2, 1), (9, 7))):
         unary = rng.normal(scale=2.0, size=(2, 5) + size).astype(dtype)
         features = rng.uniform(0, 255, size=(2, 3) + size).astype(dtype)
@@ -301,9 +300,7 @@ def test_the_last_iterations_vjp_makes_its_transposed_upsampling_in_the_same_pas
         config = _meanfield.CRFConfig(5, blur, 3)
         go = rng.normal(size=unary.shape).astype(dtype)
         kernels.clear()
-        monkeypatch.setattr(fb, "_run", recorded)
         _check_backward(unary, features, params, config, go, False)  # (NumPy's kernels are not fb's)
-        monkeypatch.setattr(fb, "_run", real)
         assert "softmax_backward_reduced" in kernels and "upsample_backward" not in kernels, kernels
 
 
@@ -316,9 +313,7 @@ def test_the_reduced_last_vjp_gives_the_same_bits_for_every_backward_pass_and_op
                  rng.uniform(0, 255, size=(1, 3, 29, 41)).astype(np.float32)) for _ in range(2)]
     go = rng.normal(size=(1, 5, 29, 41)).astype(np.float32)
     alone = [_taped(fb, u, f, CRFParams(), config, go, False)[1] for u, f in problems]
-    kernels = []
-    real = fb._run
-    monkeypatch.setattr(fb, "_run", lambda kernel, *a: kernels.append(kernel.__name__) or real(kernel, *a))
+    kernels = _recording_kernels(monkeypatch)
     tapes = []
     for u, f in problems:
         tapes.append(_meanfield.Tape())
